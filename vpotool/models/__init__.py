@@ -1,0 +1,59 @@
+"""Model registry: a plain dict from ``--model`` name to a loader ``(path, device, dtype) -> Backend``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vpotool.errors import VpoError
+from vpotool.models.base import Backend
+
+
+def _tiny(path, device, dtype):
+    from vpotool.models.tiny import load_tiny
+
+    return load_tiny(path, device, dtype)
+
+
+def _wan(path, device, dtype):
+    from vpotool.models.wan import load_wan
+
+    return load_wan(path, device, dtype)
+
+
+MODELS: dict[str, Callable[..., Backend]] = {
+    "tiny": _tiny,
+    "wan": _wan,
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``--dtype`` value to a torch dtype."""
+    if name not in DTYPES:
+        raise VpoError(f"unknown --dtype '{name}'; choose from: float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODELS:
+        raise VpoError(f"unknown model '{name}'; choose from: {', '.join(sorted(MODELS))}")
+
+
+def load_backend(
+    name: str, path: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32"
+) -> Backend:
+    """Load the backend registered under ``name``, weights from ``path`` (a local folder or hub id)."""
+    check_model_name(name)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    return MODELS[name](path, device, dtype)

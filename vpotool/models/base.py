@@ -1,0 +1,129 @@
+"""The model-backend protocol: one video model family behind the handful of calls vpotool's sampler and trainers need.
+
+Conventions shared by every backend:
+- latents are ``[B, C, F, h, w]`` (channels before frames), whatever the family uses inside;
+- pixel frames are float in [0, 1], ``[B, T, C, H, W]``;
+- the forward process is ``x_t = alpha_t * x0 + sigma_t * noise``; a backend reports its own
+  ``(alpha, sigma)`` at its native timesteps, and what its denoiser predicts (``prediction``):
+  ``"flow"`` (velocity ``noise - x0``), ``"epsilon"`` (the noise) or ``"v"`` (``alpha * noise - sigma * x0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Conditioning = dict[str, torch.Tensor]
+"""Text conditioning for a batch: the tensors the denoiser takes, every one batch-first."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A family's usual generation settings; stage flags override them."""
+
+    frames: int
+    height: int
+    width: int
+    fps: int
+    steps: int
+    guidance: float
+
+
+@dataclass
+class NoiseSchedule:
+    """The sampling grid for a number of steps, noisiest first.
+
+    ``timesteps[i]`` is the model-native timestep of step i; ``alphas[i], sigmas[i]`` its
+    coefficients. The grids have one more entry than ``timesteps``: the final, clean point
+    (usually alpha = 1, sigma = 0) that the last step lands on.
+    """
+
+    timesteps: torch.Tensor  # [S] float32
+    alphas: torch.Tensor  # [S + 1] float32
+    sigmas: torch.Tensor  # [S + 1] float32
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass
+class ModelInfo:
+    """What a manifest records about the model that made a sample."""
+
+    name: str
+    path: str
+    adapter: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One model family. vpotool's own sampler (``vpotool.sampling``) runs over these calls."""
+
+    info: ModelInfo
+    prediction: str  # "flow" | "epsilon" | "v"
+    denoiser: torch.nn.Module  # the module LoRA adapters wrap and trainers optimise
+    lora_target_modules: list[str]
+    defaults: SamplingDefaults
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for ``prompts`` (no grad)."""
+
+    def encode_negative(self, n: int) -> Conditioning:
+        """The unconditional (empty or negative prompt) conditioning for a batch of ``n``, for guidance."""
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(C, F, h, w)`` of the latent for a video of ``frames`` x ``height`` x ``width`` pixels."""
+
+    def schedule(self, steps: int) -> NoiseSchedule:
+        """The sampling grid for ``steps`` denoising steps."""
+
+    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> NoiseSchedule:
+        """``n`` random training timesteps: ``timesteps [n]``, ``alphas [n]``, ``sigmas [n]`` (no clean point)."""
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Denoiser output in the backend's ``prediction`` space; ``x_t [B, C, F, h, w]``, ``timesteps [B]``."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, F, h, w]`` to frames ``[B, T, 3, H, W]`` in [0, 1]; differentiable under grad."""
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames ``[B, T, 3, H, W]`` in [0, 1] to latents ``[B, C, F, h, w]`` (deterministic: the mean)."""
+
+
+def cond_cat(*conds: Conditioning) -> Conditioning:
+    """Concatenate conditionings along the batch; keys must match."""
+    keys = conds[0].keys()
+    return {k: torch.cat([c[k] for c in conds]) for k in keys}
+
+
+def cond_repeat(cond: Conditioning, k: int) -> Conditioning:
+    """Repeat each batch entry ``k`` times in place: ``[a, b] -> [a, a, b, b]`` for k = 2."""
+    return {key: v.repeat_interleave(k, dim=0) for key, v in cond.items()}
+
+
+def cond_index(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
+    """Select batch entries of a conditioning."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def flow_schedule(steps: int, shift: float = 1.0) -> NoiseSchedule:
+    """Rectified-flow grid: sigmas from 1 to 0 in ``steps`` steps, shifted as diffusers' flow schedulers do.
+
+    ``sigma' = shift * s / (1 + (shift - 1) * s)``; model timesteps are ``sigma * 1000``; alpha = 1 - sigma.
+    """
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    s = shift * s / (1 + (shift - 1) * s)
+    sigmas = s.float()
+    return NoiseSchedule(timesteps=sigmas[:-1] * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+
+
+def flow_training_timesteps(n: int, shift: float = 1.0, generator: torch.Generator | None = None) -> NoiseSchedule:
+    """``n`` flow-matching training points: sigma uniform in (0, 1), then shifted like the sampling grid."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+    sigmas = (shift * u / (1 + (shift - 1) * u)).float()
+    return NoiseSchedule(timesteps=sigmas * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)

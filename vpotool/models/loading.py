@@ -1,0 +1,44 @@
+"""Loading model components with ``from_pretrained`` and turning loader failures into one clear line."""
+
+from __future__ import annotations
+
+import os
+
+from vpotool.errors import VpoError
+
+
+def load_component(cls, path: str, subfolder: str | None, family: str, dtype=None, **kwargs):
+    """``cls.from_pretrained(path, subfolder=...)``; a missing folder or bad checkpoint becomes a ``VpoError``.
+
+    ``dtype`` is passed under the keyword each library expects (diffusers: ``torch_dtype``, transformers: ``dtype``).
+    """
+    if not path:
+        raise VpoError(f"--model {family} needs --model-path (a local diffusers folder or a hub id)")
+    looks_local = os.path.sep in str(path) or str(path).startswith(".") or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise VpoError(f"model folder not found: {path} (pass --model-path with a {family} checkpoint folder)")
+    if looks_local and subfolder and not os.path.isdir(os.path.join(path, subfolder)):
+        raise VpoError(
+            f"{path} has no '{subfolder}/' folder; --model {family} expects the diffusers layout "
+            f"(transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    sub = {"subfolder": subfolder} if subfolder else {}
+    if dtype is not None:
+        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
+    try:
+        return cls.from_pretrained(path, **sub, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"{path}/{subfolder}" if subfolder else path
+        raise VpoError(f"could not load the {family} {subfolder or 'model'} from {where}: {first}") from e
+
+
+def scheduler_shift(path: str, default: float) -> float:
+    """The flow shift recorded in a checkpoint's ``scheduler/scheduler_config.json`` (``flow_shift`` or ``shift``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        cfg = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
+    except (OSError, ValueError):
+        return default
+    return float(cfg.get("flow_shift") or cfg.get("shift") or default)
