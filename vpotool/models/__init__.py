@@ -57,3 +57,12 @@ def load_backend(
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     return MODELS[name](path, device, dtype)
+
+
+def resolve_device(name: str) -> str:
+    """``--device auto`` -> cuda when available, else cpu; a CUDA device asked for without CUDA is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VpoError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name

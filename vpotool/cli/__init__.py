@@ -1,0 +1,53 @@
+"""The ``vpotool`` command line: one module per subcommand, registered here. Heavy imports (torch, diffusers)
+happen inside command bodies, so ``vpotool --help`` answers instantly."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vpotool import __version__
+from vpotool.cli import merge, pair, sample, score, unavailable
+from vpotool.errors import VpoError
+
+app = typer.Typer(
+    name="vpotool",
+    help="Align text-to-video diffusion models with preference and reward feedback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+COMMANDS = [
+    ("sample", sample.command),
+    ("score", score.command),
+    ("pair", pair.command),
+    ("merge", merge.command),
+]
+for name, fn in COMMANDS:
+    app.command(name)(fn)
+unavailable.register(app)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"vpotool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show version.")):
+    """Align text-to-video diffusion models with preference and reward feedback."""
+
+
+def main() -> None:
+    """Console entry point: user errors become one red line and exit status 2, never a traceback."""
+    try:
+        app()
+    except VpoError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
+        sys.exit(130)

@@ -1,0 +1,159 @@
+"""Typed stage configs: defaults < ``--config FILE.yaml`` < flags. Unknown keys are errors; the resolved config
+is written next to a stage's outputs. This module imports no torch, so ``vpotool --help`` stays instant."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpotool.errors import VpoError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a default and the one-line help the CLI shows for its flag."""
+    return field(default=default, metadata={"help": help})
+
+
+def doc(cls, name: str) -> str:
+    """The help text of a config field (the CLI's option help)."""
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) -> ``(i, n)``."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise VpoError(f"--shard takes i/n, e.g. 0/4 (got {spec!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise VpoError(f"--shard {spec}: need 0 <= i < n (shards are numbered from 0, e.g. 0/4 ... 3/4)")
+    return i, n
+
+
+class StageConfig:
+    """Shared behaviour of the stage configs (each is a dataclass)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def _check(self, ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise VpoError(f"{flag(name)} {why} (got {getattr(self, name)!r})")
+
+
+@dataclass
+class SampleConfig(StageConfig):
+    prompts: str = opt("", "Prompts: a .txt file (one per line) or a prompts .parquet.")
+    out: str = opt("", "Run folder for samples.parquet, videos/ and latents/.")
+    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
+    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    adapter: str | None = opt(None, "A LoRA checkpoint folder (checkpoints/step-N) to sample with.")
+    candidates: int = opt(4, "Videos per prompt (K).")
+    frames: int | None = opt(None, "Frames per video (default: the model's).")
+    height: int | None = opt(None, "Height in pixels (default: the model's).")
+    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    fps: int | None = opt(None, "Frames per second of the written mp4 (default: the model's).")
+    steps: int | None = opt(None, "Denoising steps (default: the model's).")
+    guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
+    noise_level: float = opt(0.0, "0: deterministic ODE/DDIM sampling; > 0: stochastic SDE steps of this level.")
+    seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and candidate index.")
+    batch_size: int = opt(8, "Videos per denoiser call (a prompt's K candidates always go together).")
+    device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
+    dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
+    shard: str = opt("0/1", "i/n: sample only the i-th of n slices of the prompts (SLURM arrays).")
+    crf: int = opt(12, "H.264 quality of the written mp4 (lower is closer to the pixels).")
+
+    def __post_init__(self):
+        self._check(bool(self.prompts), "prompts", "is required")
+        self._check(bool(self.out), "out", "is required")
+        self._check(self.candidates >= 1, "candidates", "must be at least 1")
+        for name in ("frames", "height", "width", "fps", "steps"):
+            self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")
+        self._check(self.noise_level >= 0, "noise_level", "must be >= 0")
+        self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        self._check(0 <= self.crf <= 51, "crf", "must be in 0..51")
+        parse_shard(self.shard)
+
+
+@dataclass
+class ScoreConfig(StageConfig):
+    samples: str = opt("", "samples.parquet written by `vpotool sample`.")
+    out: str = opt("", "Output scores.parquet.")
+    reward: str = opt("temporal", "Reward name(s), comma-separated (e.g. flicker,temporal).")
+    reward_path: str | None = opt(None, "Weights for a model-based reward: a local folder or hub id.")
+    batch_size: int = opt(8, "Videos per reward call.")
+    device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
+    dtype: str = opt("float32", "Reward model dtype: float32, bfloat16 or float16.")
+    shard: str = opt("0/1", "i/n: score only the i-th of n slices of the samples.")
+
+    def __post_init__(self):
+        self._check(bool(self.samples), "samples", "is required")
+        self._check(bool(self.out), "out", "is required")
+        self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        parse_shard(self.shard)
+
+
+@dataclass
+class PairConfig(StageConfig):
+    samples: str = opt("", "samples.parquet written by `vpotool sample`.")
+    scores: str = opt("", "scores.parquet written by `vpotool score`.")
+    out: str = opt("", "Output pairs.parquet.")
+    reward: str | None = opt(None, "Which reward's scores to rank by (default: the only one in --scores).")
+    dimension: str = opt("overall", "Which score dimension to rank by.")
+    strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every ordered pair above the margin.")
+    min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
+
+    def __post_init__(self):
+        self._check(bool(self.samples), "samples", "is required")
+        self._check(bool(self.scores), "scores", "is required")
+        self._check(bool(self.out), "out", "is required")
+        self._check(self.strategy in ("best-worst", "all"), "strategy", "must be best-worst or all")
+        self._check(self.min_margin >= 0, "min_margin", "must be >= 0")
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise VpoError(f"config file not found: {path} (pass --config with a YAML file)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VpoError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise VpoError(f"{path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, config_file: str | None = None, **flags):
+    """Resolve a stage config: dataclass defaults, then the YAML file, then flags that were given (not None)."""
+    data = load_yaml(config_file) if config_file else {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise VpoError(f"{config_file}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise VpoError(f"bad config: {e}") from e
+
+
+def save_config(cfg: StageConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) next to the stage's outputs."""
+    import os
+
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,257 @@
+"""Parquet manifests: versioned schemas, atomic writes, validated reads, and a resumable row writer.
+
+Every file carries key-value metadata: ``vpotool.schema`` and ``vpotool.schema_version``, ``vpotool.version``
+and ``vpotool.config`` (the resolved stage config as JSON). Paths stored in a manifest are relative to the
+manifest's own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vpotool import __version__
+from vpotool.errors import VpoError
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A manifest kind: required columns, the stage that writes it, and whether extra float columns may follow."""
+
+    name: str
+    version: int
+    fields: tuple[pa.Field, ...]
+    written_by: str
+    extra_floats: bool = False
+    key: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+
+def _f(name, type_):
+    return pa.field(name, type_)
+
+
+S, INT, F = pa.string(), pa.int64(), pa.float64()
+
+SCHEMAS: dict[str, Schema] = {
+    s.name: s
+    for s in [
+        Schema("prompts", 1, (_f("prompt_id", S), _f("prompt", S)), "you (or `vpotool eval`)", key=("prompt_id",)),
+        Schema(
+            "samples",
+            1,
+            (
+                _f("sample_id", S), _f("prompt_id", S), _f("prompt", S), _f("candidate", INT), _f("seed", INT),
+                _f("model", S), _f("model_path", S), _f("adapter", S), _f("steps", INT), _f("guidance", F),
+                _f("noise_level", F), _f("frames", INT), _f("height", INT), _f("width", INT), _f("fps", INT),
+                _f("video", S), _f("latent", S),
+            ),
+            "`vpotool sample`",
+            key=("sample_id",),
+        ),
+        Schema(
+            "scores",
+            1,
+            (_f("sample_id", S), _f("prompt_id", S), _f("reward", S), _f("overall", F)),
+            "`vpotool score`",
+            extra_floats=True,
+            key=("sample_id", "reward"),
+        ),
+        Schema(
+            "pairs",
+            1,
+            (
+                _f("pair_id", S), _f("prompt_id", S), _f("prompt", S), _f("chosen_id", S), _f("rejected_id", S),
+                _f("chosen_score", F), _f("rejected_score", F), _f("margin", F), _f("dimension", S), _f("source", S),
+                _f("chosen_video", S), _f("rejected_video", S), _f("chosen_latent", S), _f("rejected_latent", S),
+            ),
+            "`vpotool pair`",
+            key=("pair_id",),
+        ),
+        Schema("metrics", 1, (_f("step", INT),), "the trainers and `vpotool loop`", extra_floats=True, key=("step",)),
+        Schema(
+            "eval",
+            1,
+            (_f("checkpoint", S), _f("metric", S), _f("mean", F), _f("std", F), _f("n", INT), _f("win_rate", F)),
+            "`vpotool eval`",
+            key=("checkpoint", "metric"),
+        ),
+    ]
+}  # fmt: skip
+
+
+def _arrow_schema(schema: Schema, extra: Iterable[str] = (), config: dict | None = None) -> pa.Schema:
+    meta = {
+        "vpotool.schema": schema.name,
+        "vpotool.schema_version": str(schema.version),
+        "vpotool.version": __version__,
+        "vpotool.config": json.dumps(config or {}, sort_keys=True, default=str),
+    }
+    fields = list(schema.fields) + [pa.field(c, F) for c in extra]
+    return pa.schema(fields, metadata=meta)
+
+
+def to_table(rows: list[dict], schema_name: str, config: dict | None = None) -> pa.Table:
+    """Rows (dicts) -> a table with the manifest's schema; unknown keys become float columns where allowed."""
+    schema = SCHEMAS[schema_name]
+    known = set(schema.columns)
+    extra = sorted({k for r in rows for k in r} - known)
+    if extra and not schema.extra_floats:
+        raise ValueError(f"{schema_name} manifest has no columns {extra}")
+    missing = [c for c in schema.columns if rows and any(c not in r for r in rows)]
+    if missing:
+        raise ValueError(f"{schema_name} rows lack columns {missing}")
+    arrow = _arrow_schema(schema, extra, config)
+    cols = {f.name: [r.get(f.name) for r in rows] for f in arrow}
+    return pa.Table.from_pydict(cols, schema=arrow)
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Write a Parquet file atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_manifest(path: str | Path, rows: list[dict], schema_name: str, config: dict | None = None) -> None:
+    """Validate ``rows`` against the named schema and write them atomically to ``path``."""
+    write_table(to_table(rows, schema_name, config), path)
+
+
+def manifest_kind(path: str | Path) -> str | None:
+    """The schema name recorded in a Parquet file's metadata (None for foreign files)."""
+    meta = pq.read_schema(path).metadata or {}
+    kind = meta.get(b"vpotool.schema")
+    return kind.decode() if kind else None
+
+
+def read_manifest(path: str | Path, schema_name: str, flag: str = "") -> pa.Table:
+    """Read and check a manifest: it exists, parses, is of the expected kind and has the required columns.
+
+    ``flag`` names the option the path came from, for the error message (e.g. ``--samples``).
+    """
+    schema = SCHEMAS[schema_name]
+    path = Path(path)
+    via = f" (given to {flag})" if flag else ""
+    if not path.is_file():
+        raise VpoError(f"{schema_name} manifest not found: {path}{via}; it is written by {schema.written_by}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise VpoError(f"{path} is not a readable Parquet file ({e}); regenerate it with {schema.written_by}") from e
+    kind = (table.schema.metadata or {}).get(b"vpotool.schema", b"").decode() or None
+    if kind and kind != schema_name:
+        raise VpoError(
+            f"{path} is a {kind} manifest, but a {schema_name} manifest is expected{via}; "
+            f"{schema_name} manifests are written by {schema.written_by}"
+        )
+    missing = [c for c in schema.columns if c not in table.column_names]
+    if missing:
+        raise VpoError(
+            f"{path} lacks column(s) {', '.join(missing)} of a {schema_name} manifest{via}; "
+            f"{schema_name} manifests are written by {schema.written_by}"
+        )
+    version = int((table.schema.metadata or {}).get(b"vpotool.schema_version", b"1"))
+    if version > schema.version:
+        raise VpoError(f"{path} uses {schema_name} schema v{version}, newer than this vpotool reads; upgrade vpotool")
+    return table
+
+
+def manifest_config(table: pa.Table) -> dict:
+    """The resolved config a manifest was written with."""
+    raw = (table.schema.metadata or {}).get(b"vpotool.config")
+    return json.loads(raw) if raw else {}
+
+
+def resolve(manifest_path: str | Path, rel: str) -> Path:
+    """A path stored in a manifest, made absolute against the manifest's folder."""
+    p = Path(rel)
+    return p if p.is_absolute() else Path(manifest_path).resolve().parent / p
+
+
+class RowWriter:
+    """Collects rows of one manifest and rewrites the file atomically at each ``flush``, so an interrupted stage
+    keeps every row it flushed. Opening an existing file loads its rows for resuming: ``done`` holds their keys.
+
+    ``config`` is stored in the metadata; resuming a file written with a different ``compare`` subset of the
+    config is refused, since mixing rows made under different settings would corrupt the manifest.
+    """
+
+    def __init__(self, path: str | Path, schema_name: str, config: dict, compare: dict | None = None):
+        self.path = Path(path)
+        self.schema = SCHEMAS[schema_name]
+        self.config = config
+        self.rows: list[dict] = []
+        if self.path.exists():
+            table = read_manifest(self.path, schema_name)
+            old = manifest_config(table).get("_resume", {})
+            for k, v in (compare or {}).items():
+                if k in old and old[k] != v:
+                    raise VpoError(
+                        f"{self.path} was written with {k}={old[k]!r}, not {v!r}; rerun with the same settings "
+                        f"to resume, or choose a new --out"
+                    )
+            self.rows = table.to_pylist()
+        self.config = {**config, "_resume": compare or {}}
+        self.done = {self.key(r) for r in self.rows}
+
+    def key(self, row: dict) -> tuple:
+        return tuple(row[k] for k in self.schema.key)
+
+    def add(self, rows: Iterable[dict]) -> None:
+        for r in rows:
+            self.rows.append(r)
+            self.done.add(self.key(r))
+
+    def flush(self) -> None:
+        write_manifest(self.path, self.rows, self.schema.name, self.config)
+
+
+PATH_COLUMNS = {
+    "samples": ("video", "latent"),
+    "pairs": ("chosen_video", "rejected_video", "chosen_latent", "rejected_latent"),
+}
+
+
+def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int]:
+    """Combine manifests of one kind (e.g. shards) into ``out``: relative paths are rewritten against ``out``'s
+    folder and rows are deduplicated by the schema's key (a key with different contents is an error).
+    Returns ``(kind, rows written)``."""
+    if not inputs:
+        raise VpoError("merge needs at least one input manifest")
+    kinds = {str(p): manifest_kind(p) if Path(p).is_file() else None for p in inputs}
+    for p, k in kinds.items():
+        if k is None:
+            raise VpoError(f"{p} is not a vpotool manifest (missing, or no vpotool metadata)")
+    if len(set(kinds.values())) > 1:
+        found = ", ".join(f"{Path(p).name}: {k}" for p, k in kinds.items())
+        raise VpoError(f"merge takes manifests of one kind; got {found}")
+    kind = next(iter(kinds.values()))
+    schema = SCHEMAS[kind]
+    out = Path(out)
+    rows: dict[tuple, dict] = {}
+    config = {}
+    for p in inputs:
+        table = read_manifest(p, kind)
+        config = config or manifest_config(table)
+        for r in table.to_pylist():
+            for col in PATH_COLUMNS.get(kind, ()):
+                r[col] = os.path.relpath(resolve(p, r[col]), out.resolve().parent)
+            key = tuple(r[k] for k in schema.key)
+            if key in rows and rows[key] != r:
+                raise VpoError(f"{p}: row {key} differs from the same row in another input; merge runs of one job")
+            rows[key] = r
+    config = {**config, "merged_from": [str(p) for p in inputs]}
+    write_manifest(out, list(rows.values()), kind, config)
+    return kind, len(rows)

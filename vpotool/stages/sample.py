@@ -1,0 +1,122 @@
+"""The ``sample`` stage: K candidate videos per prompt from the current policy -> samples.parquet, mp4s, latents."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vpotool import __version__
+from vpotool.config import SampleConfig, save_config
+from vpotool.errors import VpoError
+from vpotool.manifest import RowWriter
+from vpotool.stages.common import load_prompts, progress_bar, shard_slice, shard_suffix, video_seed
+from vpotool.video import to_uint8, write_video
+
+
+def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
+    """One sample's final latent ``[C, F, h, w]`` as safetensors (key ``latents``), atomically, with metadata."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {"vpotool.schema": "latent", "vpotool.version": __version__, **{k: str(v) for k, v in metadata.items()}}
+    save_file({"latents": latent.detach().float().contiguous().cpu()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def resolved_settings(cfg: SampleConfig, backend) -> dict:
+    """The generation settings after filling unset flags from the backend's defaults."""
+    d = backend.defaults
+    return {
+        "frames": cfg.frames or d.frames,
+        "height": cfg.height or d.height,
+        "width": cfg.width or d.width,
+        "fps": cfg.fps or d.fps,
+        "steps": cfg.steps or d.steps,
+        "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
+        "noise_level": cfg.noise_level,
+    }
+
+
+@torch.no_grad()
+def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond=None):
+    """Sample one video per (prompt, seed) in a single batched sampler run.
+
+    Returns ``(latents [B, C, F, h, w], frames [B, T, 3, H, W] in [0, 1])``. ``cond`` may pass precomputed
+    conditioning for ``prompts``.
+    """
+    from vpotool.sampling import sample, seeded_noise
+
+    shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
+    noise = seeded_noise(shape, seeds, backend.device)
+    cond = cond if cond is not None else backend.encode_prompts(prompts)
+    uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
+    traj = sample(
+        backend,
+        cond,
+        noise,
+        steps=settings["steps"],
+        guidance=settings["guidance"],
+        uncond=uncond,
+        noise_level=settings["noise_level"],
+        step_seeds=seeds,
+    )
+    frames = backend.decode(traj.latents.to(backend.dtype))
+    return traj.latents, frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
+
+
+def run_sample(cfg: SampleConfig, backend=None) -> Path:
+    """Write ``cfg.out/samples.parquet`` (one row per video), ``videos/*.mp4`` and ``latents/*.safetensors``.
+
+    Rerunning on the same ``--out`` skips videos already recorded; rows are flushed after every batch.
+    ``backend`` may pass an already loaded model (``loop`` keeps one resident).
+    """
+    from vpotool.models import load_backend, resolve_device
+
+    prompts = shard_slice(load_prompts(cfg.prompts), cfg.shard)
+    out = Path(cfg.out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / "latents").mkdir(parents=True, exist_ok=True)
+    if backend is None:
+        if cfg.adapter:
+            raise VpoError("--adapter is not available yet: LoRA checkpoints arrive with the trainers")
+        backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype)
+    settings = resolved_settings(cfg, backend)
+    cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"
+    suffix = shard_suffix(cfg.shard)
+    save_config(cfg, out / f"sample{suffix}.yaml")
+    model_id = {"model": backend.info.name, "model_path": backend.info.path, "adapter": backend.info.adapter}
+    writer = RowWriter(
+        out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare={**settings, **model_id, "seed": cfg.seed}
+    )
+
+    jobs = [(pid, text, k) for pid, text in prompts for k in range(cfg.candidates)]
+    todo = [j for j in jobs if (f"{j[0]}-c{j[2]:02d}",) not in writer.done]
+    per_call = max(cfg.batch_size // cfg.candidates, 1) * cfg.candidates
+    with progress_bar(f"sample {backend.info.name}", total=len(jobs)) as advance:
+        advance(len(jobs) - len(todo))
+        for start in range(0, len(todo), per_call):
+            batch = todo[start : start + per_call]
+            seeds = [video_seed(cfg.seed, pid, k) for pid, _, k in batch]
+            latents, frames = generate(backend, [t for _, t, _ in batch], seeds, settings)
+            rows = []
+            for (pid, text, k), seed, lat, vid in zip(batch, seeds, latents, frames, strict=True):
+                sid = f"{pid}-c{k:02d}"
+                write_video(out / "videos" / f"{sid}.mp4", to_uint8(vid), settings["fps"], cfg.crf)
+                meta = {"sample_id": sid, "prompt": text, "seed": seed, "config": json.dumps(settings)}
+                save_latent(out / "latents" / f"{sid}.safetensors", lat, meta)
+                rows.append(
+                    dict(
+                        sample_id=sid, prompt_id=pid, prompt=text, candidate=k, seed=seed, **model_id, **settings,
+                        video=f"videos/{sid}.mp4", latent=f"latents/{sid}.safetensors",
+                    )
+                )  # fmt: skip
+            writer.add(rows)
+            writer.flush()
+            advance(len(batch))
+    if not writer.rows:
+        raise VpoError("nothing was sampled")
+    writer.flush()
+    return writer.path

@@ -1,0 +1,82 @@
+"""The ``score`` stage: run video reward models over a samples manifest -> scores.parquet."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from vpotool.config import ScoreConfig, save_config
+from vpotool.errors import VpoError
+from vpotool.manifest import RowWriter, read_manifest, resolve
+from vpotool.stages.common import progress_bar, shard_slice, shard_suffix
+from vpotool.video import frames_to_tensor, read_video
+
+
+def load_frames(manifest_path: Path, rows: list[dict]) -> torch.Tensor:
+    """Decode the videos of ``rows`` (same size) -> float ``[B, T, 3, H, W]`` in [0, 1]."""
+    clips = [frames_to_tensor(read_video(resolve(manifest_path, r["video"])), r["height"], r["width"]) for r in rows]
+    t = min(c.shape[0] for c in clips)
+    return torch.stack([c[:t] for c in clips])
+
+
+def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[dict]:
+    """Score one batch with every reward -> one row per (sample, reward) with each dimension as a column."""
+    prompts = [r["prompt"] for r in rows]
+    out = []
+    for name, reward in rewards.items():
+        with torch.no_grad():
+            dims = reward(frames.to(getattr(reward, "device", frames.device)), prompts)
+        values = {k: v.detach().double().cpu().tolist() for k, v in dims.items()}
+        for i, r in enumerate(rows):
+            row = {"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "reward": name}
+            row.update({k: v[i] for k, v in values.items()})
+            bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise VpoError(
+                    f"reward {name} gave a non-finite {', '.join(bad)} for sample {r['sample_id']} "
+                    f"({r['video']}); check that video, or drop its row from the samples manifest"
+                )
+            out.append(row)
+    return out
+
+
+def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
+    """Write ``cfg.out`` with one row per (sample, reward). Rerunning skips rows already scored."""
+    from vpotool.models import resolve_device
+    from vpotool.rewards import load_reward, reward_names
+
+    names = reward_names(cfg.reward)
+    samples_path = Path(cfg.samples)
+    samples = shard_slice(read_manifest(samples_path, "samples", "--samples").to_pylist(), cfg.shard)
+    if not samples:
+        raise VpoError(f"{samples_path} has no samples; run `vpotool sample` first")
+    if rewards is None:
+        device = resolve_device(cfg.device)
+        rewards = {n: load_reward(n, cfg.reward_path, device, cfg.dtype) for n in names}
+    out = Path(cfg.out)
+    if out.suffix != ".parquet":
+        raise VpoError(f"--out {out} should be a .parquet file path, e.g. RUN/scores.parquet")
+    suffix = shard_suffix(cfg.shard)
+    if suffix:
+        out = out.with_name(f"{out.stem}{suffix}.parquet")
+    save_config(cfg, out.with_name(f"score{suffix}.yaml"))
+    writer = RowWriter(out, "scores", cfg.to_dict())
+    todo = [r for r in samples if any((r["sample_id"], n) not in writer.done for n in names)]
+    with progress_bar("score " + ",".join(names), total=len(samples)) as advance:
+        advance(len(samples) - len(todo))
+        groups: dict[tuple, list[dict]] = {}
+        for r in todo:
+            groups.setdefault((r["frames"], r["height"], r["width"]), []).append(r)
+        for group in groups.values():
+            for start in range(0, len(group), cfg.batch_size):
+                batch = group[start : start + cfg.batch_size]
+                todo_rewards = {
+                    n: rw for n, rw in rewards.items() if any((r["sample_id"], n) not in writer.done for r in batch)
+                }
+                rows = score_rows(todo_rewards, load_frames(samples_path, batch), batch)
+                writer.add(r for r in rows if (r["sample_id"], r["reward"]) not in writer.done)
+                writer.flush()
+                advance(len(batch))
+    return writer.path
