@@ -43,11 +43,19 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def main() -> None:
     """Console entry point: user errors become one red line and exit status 2, never a traceback."""
+    import click
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except VpoError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click.ClickException as e:  # usage errors: click's own message and exit status
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
         typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
         sys.exit(130)
+    if code == 130:  # typer turns Ctrl-C inside a command into exit status 130
+        typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
