@@ -1,0 +1,35 @@
+"""Shared test helpers: run the CLI in-process, small prompt files, fast tiny-model settings."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+# Small and fast settings for the tiny model: 8 frames of 16x16, 3 denoising steps.
+FAST = ["--frames", "8", "--height", "16", "--width", "16", "--steps", "3", "--device", "cpu"]
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``cli(*args) -> (exit_code, stdout, stderr)``, through the real entry point (error handling included)."""
+    from vpotool.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["vpotool", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("a red circle moving left on a black background\n\n# a comment\na blue square moving up\n")
+    return p

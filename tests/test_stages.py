@@ -1,0 +1,221 @@
+"""The sample -> score -> pair chain on the tiny model: artifacts, determinism, resume, shards, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import FAST
+from safetensors.torch import load_file
+
+from vpotool.video import read_video
+
+
+def run_chain(cli, prompts_file, run, *extra):
+    assert cli("sample", "--prompts", prompts_file, "--candidates", 2, "--out", run, *FAST, *extra)[0] == 0
+    code, _, err = cli(
+        "score", "--samples", run / "samples.parquet", "--reward", "temporal", "--out", run / "scores.parquet"
+    )
+    assert code == 0, err
+    code, _, err = cli(
+        "pair",
+        "--samples",
+        run / "samples.parquet",
+        "--scores",
+        run / "scores.parquet",
+        "--out",
+        run / "pairs.parquet",
+    )
+    assert code == 0, err
+
+
+def test_chain_writes_readable_artifacts(cli, prompts_file, tmp_path):
+    run = tmp_path / "run"
+    run_chain(cli, prompts_file, run)
+    samples = pd.read_parquet(run / "samples.parquet")
+    assert len(samples) == 4 and set(samples.candidate) == {0, 1}
+    for row in samples.itertuples():
+        frames = read_video(run / row.video)
+        assert frames.shape[0] == row.frames == 8
+        assert frames.shape[1:3] == (16, 16)
+        assert load_file(run / row.latent)["latents"].shape == (48, 8, 4, 4)
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert len(scores) == 4 and {"flicker", "smoothness", "dynamic_degree", "overall"} <= set(scores.columns)
+    pairs = pd.read_parquet(run / "pairs.parquet")
+    assert len(pairs) == 2
+    assert (pairs.chosen_score > pairs.rejected_score).all()
+    by_id = scores.set_index("sample_id").overall
+    for p in pairs.itertuples():
+        assert by_id[p.chosen_id] == p.chosen_score > by_id[p.rejected_id] == p.rejected_score
+        assert (run / p.chosen_video).is_file() and (run / p.rejected_latent).is_file()
+    meta = pq.read_schema(run / "pairs.parquet").metadata
+    assert meta[b"vpotool.schema"] == b"pairs" and b"min_margin" in meta[b"vpotool.config"]
+    assert (run / "sample.yaml").is_file() and "frames: 8" in (run / "sample.yaml").read_text()
+
+
+def test_same_seed_same_latents_and_other_seed_differs(cli, prompts_file, tmp_path):
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        args = ("sample", "--prompts", prompts_file, "--candidates", 2, "--out", tmp_path / name, "--seed", seed)
+        assert cli(*args, *FAST, "--batch-size", 2 if name == "b" else 8)[0] == 0
+    lat = {n: load_file(tmp_path / n / "latents" / "p00001-c01.safetensors")["latents"] for n in "abc"}
+    assert torch.equal(lat["a"], lat["b"])  # batching differs, latents do not
+    assert not torch.allclose(lat["a"], lat["c"])
+    a = load_file(tmp_path / "a" / "latents" / "p00000-c00.safetensors")["latents"]
+    assert not torch.allclose(a, lat["a"])  # candidates differ
+
+
+def test_interrupted_sample_resumes_without_redoing_rows(cli, prompts_file, tmp_path, monkeypatch):
+    import vpotool.stages.sample as stage
+
+    real, calls = stage.generate, []
+
+    def flaky(backend, prompts, *a, **k):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(backend, prompts, *a, **k)
+
+    monkeypatch.setattr(stage, "generate", flaky)
+    run = tmp_path / "run"
+    code, _, err = cli("sample", "--prompts", prompts_file, "--candidates", 2, "--batch-size", 2, "--out", run, *FAST)
+    assert code == 130 and "resume" in err
+    assert list(pd.read_parquet(run / "samples.parquet").sample_id) == ["p00000-c00", "p00000-c01"]
+    first = (run / "videos" / "p00000-c00.mp4").stat().st_mtime_ns
+    calls.clear()
+    assert cli("sample", "--prompts", prompts_file, "--candidates", 2, "--batch-size", 2, "--out", run, *FAST)[0] == 0
+    assert calls == [2]  # only the unfinished prompt was sampled
+    assert len(pd.read_parquet(run / "samples.parquet")) == 4
+    assert (run / "videos" / "p00000-c00.mp4").stat().st_mtime_ns == first
+    # A finished run is a no-op; changed settings are refused rather than mixed in.
+    calls.clear()
+    assert cli("sample", "--prompts", prompts_file, "--candidates", 2, "--out", run, *FAST)[0] == 0 and calls == []
+    code, _, err = cli("sample", "--prompts", prompts_file, "--candidates", 2, "--out", run, *FAST[:-2], "--steps", 5)
+    assert code == 2 and "steps" in err
+
+
+def test_score_resumes_and_adds_a_second_reward(cli, prompts_file, tmp_path):
+    run = tmp_path / "run"
+    run_chain(cli, prompts_file, run)
+    code, _, _ = cli(
+        "score", "--samples", run / "samples.parquet", "--reward", "temporal,flicker", "--out", run / "scores.parquet"
+    )
+    assert code == 0
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert len(scores) == 8 and set(scores.reward) == {"temporal", "flicker"}
+    code, _, err = cli(
+        "pair", "--samples", run / "samples.parquet", "--scores", run / "scores.parquet", "--out", run / "p.parquet"
+    )
+    assert code == 2 and "--reward" in err
+    args = ("--samples", run / "samples.parquet", "--scores", run / "scores.parquet", "--out", run / "p.parquet")
+    assert cli("pair", *args, "--reward", "flicker", "--dimension", "flicker")[0] == 0
+
+
+def test_pair_strategy_all_and_margin(cli, prompts_file, tmp_path):
+    run = tmp_path / "run"
+    cli("sample", "--prompts", prompts_file, "--candidates", 3, "--out", run, *FAST)
+    cli("score", "--samples", run / "samples.parquet", "--out", run / "scores.parquet")
+    args = ("pair", "--samples", run / "samples.parquet", "--scores", run / "scores.parquet")
+    assert cli(*args, "--out", run / "all.parquet", "--strategy", "all")[0] == 0
+    allp = pd.read_parquet(run / "all.parquet")
+    assert len(allp) == 6 and (allp.margin > 0).all()  # 3 ordered pairs per prompt (ties aside)
+    cut = float(np.median(allp.margin))
+    assert cli(*args, "--out", run / "cut.parquet", "--strategy", "all", "--min-margin", cut)[0] == 0
+    assert (pd.read_parquet(run / "cut.parquet").margin >= cut).all()
+    code, _, err = cli(*args, "--out", run / "none.parquet", "--min-margin", 10)
+    assert code == 2 and "no pairs" in err
+
+
+def test_shards_merge_to_the_full_run(cli, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a red circle moving left {i}" for i in range(3)) + "\n")
+    for i in range(2):
+        out = tmp_path / f"shard{i}"
+        assert cli("sample", "--prompts", prompts, "--candidates", 1, "--out", out, "--shard", f"{i}/2", *FAST)[0] == 0
+    assert (tmp_path / "shard0" / "samples-00000-of-00002.parquet").is_file()
+    inputs = [
+        tmp_path / "shard0" / "samples-00000-of-00002.parquet",
+        tmp_path / "shard1" / "samples-00001-of-00002.parquet",
+    ]
+    assert cli("merge", *inputs, "--out", tmp_path / "merged" / "samples.parquet")[0] == 0
+    merged = pd.read_parquet(tmp_path / "merged" / "samples.parquet")
+    assert sorted(merged.sample_id) == ["p00000-c00", "p00001-c00", "p00002-c00"]
+    for v in merged.video:
+        assert read_video(tmp_path / "merged" / v).shape[0] == 8
+    assert cli("score", "--samples", tmp_path / "merged" / "samples.parquet", "--out", tmp_path / "s.parquet")[0] == 0
+
+
+def one_line_error(result, *words):
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_bad_input_gives_one_clear_line(cli, prompts_file, tmp_path):
+    run = tmp_path / "run"
+    one_line_error(cli("sample", "--prompts", tmp_path / "nope.txt", "--out", run), "prompts file not found")
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    one_line_error(cli("sample", "--prompts", tmp_path / "empty.txt", "--out", run), "no prompts")
+    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--model", "sora9"), "unknown model", "tiny")
+    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--shard", "3/2"), "--shard")
+    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--candidates", "0"), "--candidates")
+    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--model", "wan"), "--model-path")
+    one_line_error(
+        cli("sample", "--prompts", prompts_file, "--out", run, "--model", "wan", "--model-path", tmp_path / "x"),
+        "not found",
+    )
+
+    run_chain(cli, prompts_file, run)
+    samples, scores = run / "samples.parquet", run / "scores.parquet"
+    one_line_error(
+        cli("score", "--samples", samples, "--reward", "vibes", "--out", scores), "unknown reward", "temporal"
+    )
+    one_line_error(
+        cli("score", "--samples", scores, "--out", tmp_path / "s.parquet"), "is a scores manifest", "vpotool sample"
+    )
+    one_line_error(
+        cli("pair", "--samples", samples, "--scores", samples, "--out", tmp_path / "p.parquet"),
+        "is a samples manifest",
+    )
+    one_line_error(
+        cli("pair", "--samples", samples, "--scores", scores, "--out", tmp_path / "p.parquet", "--dimension", "x"),
+        "dimension",
+    )
+
+    (run / "videos" / "p00001-c00.mp4").write_bytes(b"\x00not an mp4" * 50)
+    one_line_error(
+        cli("score", "--samples", samples, "--reward", "flicker", "--batch-size", 2, "--out", tmp_path / "s2.parquet"),
+        "corrupt",
+        "p00001-c00",
+    )
+    assert len(pd.read_parquet(tmp_path / "s2.parquet")) == 2  # the first prompt's rows survive the failure
+
+    table = pd.read_parquet(scores)
+    table.loc[0, "overall"] = math.nan
+    from vpotool.manifest import write_manifest
+
+    write_manifest(tmp_path / "nan.parquet", table.to_dict("records"), "scores")
+    one_line_error(
+        cli("pair", "--samples", samples, "--scores", tmp_path / "nan.parquet", "--out", tmp_path / "p.parquet"),
+        "non-finite",
+    )
+
+
+@pytest.mark.parametrize("bad", ["yaml", "unknown-key"])
+def test_config_file_errors(cli, prompts_file, tmp_path, bad):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("candidates: [1\n" if bad == "yaml" else "candidatez: 2\n")
+    one_line_error(cli("sample", "--config", cfg, "--prompts", prompts_file, "--out", tmp_path / "r"), str(cfg))
+
+
+def test_config_file_sets_options_and_flags_override(cli, prompts_file, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"prompts: {prompts_file}\ncandidates: 3\nframes: 8\nheight: 16\nwidth: 16\nsteps: 2\n")
+    assert cli("sample", "--config", cfg, "--candidates", 1, "--out", tmp_path / "r")[0] == 0
+    samples = pd.read_parquet(tmp_path / "r" / "samples.parquet")
+    assert len(samples) == 2 and set(samples.steps) == {2}
