@@ -22,9 +22,23 @@ def _wan(path, device, dtype):
     return load_wan(path, device, dtype)
 
 
+def _cogvideox(path, device, dtype):
+    from vpotool.models.cogvideox import load_cogvideox
+
+    return load_cogvideox(path, device, dtype)
+
+
+def _ltx(path, device, dtype):
+    from vpotool.models.ltx import load_ltx
+
+    return load_ltx(path, device, dtype)
+
+
 MODELS: dict[str, Callable[..., Backend]] = {
     "tiny": _tiny,
     "wan": _wan,
+    "cogvideox": _cogvideox,
+    "ltx": _ltx,
 }
 
 DTYPES = {
