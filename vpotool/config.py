@@ -28,7 +28,7 @@ def flag(name: str) -> str:
 def parse_shard(spec: str) -> tuple[int, int]:
     """``"i/n"`` (0 <= i < n) -> ``(i, n)``."""
     try:
-        i, n = (int(x) for x in spec.split("/"))
+        i, n = (int(x) for x in str(spec).split("/"))
     except ValueError:
         raise VpoError(f"--shard takes i/n, e.g. 0/4 (got {spec!r})") from None
     if n < 1 or not 0 <= i < n:
@@ -129,21 +129,38 @@ def load_yaml(path: str) -> dict:
         raise VpoError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise VpoError(f"{path} must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def build_config(cls, config_file: str | None = None, **flags):
     """Resolve a stage config: dataclass defaults, then the YAML file, then flags that were given (not None)."""
     data = load_yaml(config_file) if config_file else {}
+    data.update({k: v for k, v in flags.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise VpoError(f"{config_file}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    data.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise VpoError(f"bad config: {e}") from e
+        where = config_file or "flags"
+        raise VpoError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return cls(**{k: _typed(k, v, types[k]) for k, v in data.items()})
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _typed(name: str, value: Any, annotation: str) -> Any:
+    """Check a value against its field annotation (``"int"``, ``"float | None"``, ...); ints pass as floats."""
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if value is None and "None" in parts:
+        return None
+    for p in parts:
+        t = _TYPES.get(p)
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t is not None and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    wanted = " or ".join(p for p in parts if p != "None")
+    raise VpoError(f"{flag(name)} must be {wanted} (got {value!r})")
 
 
 def save_config(cfg: StageConfig, path: str | Path) -> None:
@@ -154,6 +171,6 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, path)

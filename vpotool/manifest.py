@@ -120,8 +120,11 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(path: str | Path, rows: list[dict], schema_name: str, config: dict | None = None) -> None:
@@ -247,7 +250,8 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
         config = config or manifest_config(table)
         for r in table.to_pylist():
             for col in PATH_COLUMNS.get(kind, ()):
-                r[col] = os.path.relpath(resolve(p, r[col]), out.resolve().parent)
+                if r[col]:  # empty means "none" (e.g. a pair without latents), not the manifest's folder
+                    r[col] = os.path.relpath(resolve(p, r[col]), out.resolve().parent)
             key = tuple(r[k] for k in schema.key)
             if key in rows and rows[key] != r:
                 raise VpoError(f"{p}: row {key} differs from the same row in another input; merge runs of one job")

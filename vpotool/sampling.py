@@ -105,6 +105,10 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device, dtype=torch
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
+def _step_stream(seed: int) -> int:
+    return (int(seed) * 0x9E3779B97F4A7C15 + 0x5EED) % (2**63 - 1)
+
+
 @dataclass
 class Trajectory:
     """What one sampling run produced. ``latents [B, C, F, h, w]``; ``logps [B, S]`` (stochastic runs only);
@@ -148,7 +152,8 @@ def sample(
     sched = schedule or backend.schedule(steps)
     x = noise.float()
     stochastic = noise_level > 0
-    gens = [torch.Generator().manual_seed(int(s) + 1) for s in step_seeds] if stochastic and step_seeds else None
+    # Step noise gets its own stream per seed, apart from the initial noise drawn from the same seed.
+    gens = [torch.Generator().manual_seed(_step_stream(s)) for s in step_seeds] if stochastic and step_seeds else None
     logps, states = [], [x.detach()] if keep_states else None
     grad_steps = set(grad_steps)
     for i in range(len(sched)):

@@ -29,10 +29,19 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, crf: int = 12) -
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
+    try:
+        _encode(tmp, frames, fps, crf)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _encode(tmp: Path, frames: np.ndarray, fps: int, crf: int) -> None:
     import av
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     with av.open(str(tmp), mode="w") as out:
         stream = out.add_stream("libx264", rate=int(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -42,7 +51,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, crf: int = 12) -
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode(None))
-    os.replace(tmp, path)
 
 
 def read_video(path: str | Path) -> np.ndarray:
