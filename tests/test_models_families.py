@@ -110,15 +110,15 @@ def test_stochastic_sample_logps(backend, family):
 
 
 def test_schedule_convention_and_clean_end(backend, family):
-    backend.latent_shape(*FAMILY_SIZES[family])  # LTX shifts its schedule for the latent size last asked for
-    for sched in (backend.schedule(4), backend.training_timesteps(16, torch.Generator().manual_seed(0))):
+    shape = backend.latent_shape(*FAMILY_SIZES[family])  # LTX shifts its schedule by the latent's token count
+    for sched in (backend.schedule(4, shape), backend.training_timesteps(16, torch.Generator().manual_seed(0), shape)):
         a, s = sched.alphas.double(), sched.sigmas.double()
         if backend.prediction == "flow":
             assert torch.allclose(a, 1 - s, atol=1e-6)
         else:
             assert torch.allclose(a**2 + s**2, torch.ones_like(a), atol=1e-5)
         assert ((s >= 0) & (s <= 1)).all()
-    sched = backend.schedule(4)
+    sched = backend.schedule(4, shape)
     assert len(sched) == 4 and sched.alphas.shape == sched.sigmas.shape == (5,)
     assert (sched.timesteps[1:] < sched.timesteps[:-1]).all()
     assert sched.alphas[-1] == 1 and sched.sigmas[-1] == 0
@@ -279,13 +279,14 @@ def test_ltx_sigmas_match_scheduler():
             assert ours[-2] == pytest.approx(LTX_SCHEDULER["shift_terminal"])
 
 
-def test_ltx_schedule_follows_sampling_shape(checkpoints):
+def test_ltx_schedule_follows_the_latent_shape(checkpoints):
     backend = load_backend("ltx", checkpoints("ltx"))
-    backend.latent_shape(9, 16, 16)
-    small = backend.schedule(4)
-    assert backend.sampling_shape == (8, 3, 4, 4)
-    backend.latent_shape(9, 64, 64)
-    large = backend.schedule(4)
+    small_shape = backend.latent_shape(9, 16, 16)
+    assert small_shape == (8, 3, 4, 4)
+    small = backend.schedule(4, small_shape)
+    large = backend.schedule(4, backend.latent_shape(9, 64, 64))
+    trained = backend.training_timesteps(64, torch.Generator().manual_seed(0), small_shape)
+    assert torch.allclose(trained.alphas, 1 - trained.sigmas)
     assert (large.sigmas[1:-2] > small.sigmas[1:-2]).all()  # more tokens, more shift towards noise
     assert large.sigmas[-2] == small.sigmas[-2] == pytest.approx(0.1)  # both stretched to shift_terminal
     assert torch.allclose(large.timesteps, large.sigmas[:-1] * 1000)

@@ -235,7 +235,7 @@ class FlowOracle:
     def __init__(self, x0, shift=1.0):
         self.x0, self.shift, self.calls = x0, shift, []
 
-    def schedule(self, steps):
+    def schedule(self, steps, shape=None):
         return flow_schedule(steps, self.shift)
 
     def predict(self, x_t, timesteps, cond):
@@ -265,7 +265,7 @@ class CondEcho:
     def __init__(self):
         self.calls = []
 
-    def schedule(self, steps):
+    def schedule(self, steps, shape=None):
         return flow_schedule(steps)
 
     def predict(self, x_t, timesteps, cond):
@@ -291,7 +291,7 @@ class VPOracle:
     def __init__(self, x0, prediction):
         self.x0, self.prediction = x0, prediction
 
-    def schedule(self, steps):
+    def schedule(self, steps, shape=None):
         return vp_schedule(steps)
 
     def predict(self, x_t, timesteps, cond):

@@ -219,3 +219,47 @@ def test_config_file_sets_options_and_flags_override(cli, prompts_file, tmp_path
     assert cli("sample", "--config", cfg, "--candidates", 1, "--out", tmp_path / "r")[0] == 0
     samples = pd.read_parquet(tmp_path / "r" / "samples.parquet")
     assert len(samples) == 2 and set(samples.steps) == {2}
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "ltx"])
+def test_chain_on_saved_diffusers_checkpoints(cli, prompts_file, tmp_path, family):
+    from families import FAMILY_SIZES, make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(family, tmp_path / family)
+    frames, height, width = FAMILY_SIZES[family]
+    size = ["--frames", frames, "--height", height, "--width", width, "--steps", 2, "--device", "cpu"]
+    run = tmp_path / "run"
+    code, _, err = cli(
+        "sample",
+        "--model",
+        family,
+        "--model-path",
+        folder,
+        "--prompts",
+        prompts_file,
+        "--candidates",
+        2,
+        "--out",
+        run,
+        *size,
+    )
+    assert code == 0, err
+    samples = pd.read_parquet(run / "samples.parquet")
+    assert set(samples.model) == {family} and len(samples) == 4
+    for row in samples.itertuples():
+        assert read_video(run / row.video).shape[:3] == (row.frames, height, width)
+    assert cli("score", "--samples", run / "samples.parquet", "--out", run / "scores.parquet")[0] == 0
+    assert (
+        cli(
+            "pair",
+            "--samples",
+            run / "samples.parquet",
+            "--scores",
+            run / "scores.parquet",
+            "--out",
+            run / "pairs.parquet",
+        )[0]
+        == 0
+    )
+    pairs = pd.read_parquet(run / "pairs.parquet")
+    assert len(pairs) == 2 and (pairs.chosen_score > pairs.rejected_score).all()

@@ -149,7 +149,7 @@ def sample(
     records per-step log-probabilities; ``step_seeds`` (one per sample) make that noise reproducible.
     Steps whose index is in ``grad_steps`` keep the autograd graph; every other step runs under no_grad.
     """
-    sched = schedule or backend.schedule(steps)
+    sched = schedule or backend.schedule(steps, tuple(noise.shape[1:]))
     x = noise.float()
     stochastic = noise_level > 0
     # Step noise gets its own stream per seed, apart from the initial noise drawn from the same seed.

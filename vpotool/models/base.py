@@ -79,11 +79,15 @@ class Backend(Protocol):
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, F, h, w)`` of the latent for a video of ``frames`` x ``height`` x ``width`` pixels."""
 
-    def schedule(self, steps: int) -> NoiseSchedule:
-        """The sampling grid for ``steps`` denoising steps."""
+    def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
+        """The sampling grid for ``steps`` denoising steps on latents of ``shape`` ``(C, F, h, w)``
+        (families whose shift depends on the token count use it; None means the family's default size)."""
 
-    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> NoiseSchedule:
-        """``n`` random training timesteps: ``timesteps [n]``, ``alphas [n]``, ``sigmas [n]`` (no clean point)."""
+    def training_timesteps(
+        self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
+    ) -> NoiseSchedule:
+        """``n`` random training timesteps for latents of ``shape``: ``timesteps [n]``, ``alphas [n]``,
+        ``sigmas [n]`` (no clean point)."""
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Denoiser output in the backend's ``prediction`` space; ``x_t [B, C, F, h, w]``, ``timesteps [B]``."""

@@ -128,7 +128,7 @@ class CogVideoXBackend:
             timesteps=timesteps.float(), alphas=abar.sqrt().float(), sigmas=(1 - abar).clamp_min(0).sqrt().float()
         )
 
-    def schedule(self, steps: int) -> NoiseSchedule:
+    def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
         """The scheduler's own timesteps for ``steps`` (e.g. 999, 979, ..., 19 for 50 trailing steps), then the
         clean point ``final_alpha_cumprod`` (1 with ``set_alpha_to_one``)."""
         try:
@@ -137,7 +137,9 @@ class CogVideoXBackend:
             raise VpoError(f"--steps {steps} does not fit the CogVideoX scheduler: {e}") from e
         return self._grid(self.scheduler.timesteps.cpu(), with_clean_point=True)
 
-    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> NoiseSchedule:
+    def training_timesteps(
+        self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
+    ) -> NoiseSchedule:
         t = torch.randint(0, len(self.alphas_cumprod), (n,), generator=generator)
         return self._grid(t, with_clean_point=False)
 

@@ -1,7 +1,7 @@
 """LTX-Video text-to-video backend (diffusers): flow-matching transformer on packed tokens, T5 text encoder, LTX VAE.
 
-LTX shifts its flow schedule by the latent's token count, so the backend remembers the latent size it was last
-asked for (``sampling_shape``, set by ``latent_shape``) and shifts ``schedule`` and ``training_timesteps`` for it.
+LTX shifts its flow schedule by the latent's token count: ``schedule`` and ``training_timesteps`` take the latent
+shape they serve.
 """
 
 from __future__ import annotations
@@ -121,9 +121,8 @@ class LtxBackend:
     """An LTX-Video transformer behind the backend protocol (``x_t = (1 - sigma) x0 + sigma noise``, model
     timestep ``sigma * 1000``).
 
-    ``sampling_shape`` is the latent ``(C, F, h, w)`` last returned by ``latent_shape`` (the published default size
-    until then); ``schedule`` and ``training_timesteps`` shift for its token count ``F * h * w``, so call
-    ``latent_shape`` for the size you sample or train on first. ``frame_rate`` sets the rotary position scale.
+    ``schedule`` and ``training_timesteps`` shift for the token count ``F * h * w`` of the latent ``shape`` they are
+    given (the published default size when None). ``frame_rate`` sets the rotary position scale.
     """
 
     prediction = "flow"
@@ -155,7 +154,7 @@ class LtxBackend:
         self.lora_target_modules = list(LTX_LORA_TARGETS)
         self.frame_rate = float(defaults.fps)
         self._negative: Conditioning | None = None
-        self.sampling_shape = self.latent_shape(defaults.frames, defaults.height, defaults.width)
+        self.default_shape = self.latent_shape(defaults.frames, defaults.height, defaults.width)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -179,36 +178,35 @@ class LtxBackend:
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """``(C, F, h, w)`` for the video size; also remembered as ``sampling_shape`` for the schedule's shift."""
         c = self.codec
-        shape = (
+        return (
             c.latent_channels,
             (frames - 1) // c.temporal_factor + 1,
             height // c.spatial_factor,
             width // c.spatial_factor,
         )
-        self.sampling_shape = shape
-        return shape
 
-    def mu(self) -> float | None:
-        """The dynamic shift for ``sampling_shape``; None when the scheduler uses its static ``shift``."""
+    def mu(self, shape: tuple[int, ...] | None = None) -> float | None:
+        """The dynamic shift for latents of ``shape``; None when the scheduler uses its static ``shift``."""
         cfg = self.scheduler_config
         if not cfg["use_dynamic_shifting"]:
             return None
-        _, f, h, w = self.sampling_shape
+        _, f, h, w = shape or self.default_shape
         return calculate_shift(
             f * h * w, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
         )
 
-    def schedule(self, steps: int) -> NoiseSchedule:
+    def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
         cfg = self.scheduler_config
-        sigmas = ltx_sigmas(steps, self.mu(), cfg["shift"], cfg["shift_terminal"]).float()
+        sigmas = ltx_sigmas(steps, self.mu(shape), cfg["shift"], cfg["shift_terminal"]).float()
         return NoiseSchedule(timesteps=sigmas[:-1] * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
 
-    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> NoiseSchedule:
+    def training_timesteps(
+        self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
+    ) -> NoiseSchedule:
         """Sigma uniform in (0, 1), shifted like the sampling grid (the terminal stretch belongs to the grid only)."""
         u = torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
-        mu, shift = self.mu(), self.scheduler_config["shift"]
+        mu, shift = self.mu(shape), self.scheduler_config["shift"]
         sigmas = (time_shift(u, mu) if mu is not None else shift * u / (1 + (shift - 1) * u)).float()
         return NoiseSchedule(timesteps=sigmas * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
 

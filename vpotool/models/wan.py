@@ -127,10 +127,12 @@ class WanBackend:
             width // c.spatial_factor,
         )
 
-    def schedule(self, steps: int) -> NoiseSchedule:
+    def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
         return flow_schedule(steps, self.shift)
 
-    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> NoiseSchedule:
+    def training_timesteps(
+        self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
+    ) -> NoiseSchedule:
         return flow_training_timesteps(n, self.shift, generator)
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -109,7 +109,8 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
                 save_latent(out / "latents" / f"{sid}.safetensors", lat, meta)
                 rows.append(
                     dict(
-                        sample_id=sid, prompt_id=pid, prompt=text, candidate=k, seed=seed, **model_id, **settings,
+                        sample_id=sid, prompt_id=pid, prompt=text, candidate=k, seed=seed, **model_id,
+                        **{**settings, "frames": vid.shape[0]},  # what the VAE gave, e.g. 4k + 1 frames
                         video=f"videos/{sid}.mp4", latent=f"latents/{sid}.safetensors",
                     )
                 )  # fmt: skip
