@@ -115,6 +115,39 @@ def cond_index(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
     return {k: v[index] for k, v in cond.items()}
 
 
+def tokenize(tokenizer, prompts: list[str], max_len: int, device):
+    """Token ids and attention mask ``[B, max_len]`` on ``device``, padded to ``max_len`` as the video pipelines do."""
+    tok = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return tok.input_ids.to(device), tok.attention_mask.to(device)
+
+
+def video_latent_shape(codec, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """``(C, F, h, w)`` of a codec with ``latent_channels``, ``temporal_factor`` and ``spatial_factor``
+    (latent frames ``(T - 1) // factor + 1``, as the causal video VAEs compress)."""
+    f = (frames - 1) // codec.temporal_factor + 1
+    return (codec.latent_channels, f, height // codec.spatial_factor, width // codec.spatial_factor)
+
+
+class NegativeCache:
+    """The unconditional conditioning, encoded once and expanded to any batch size."""
+
+    def __init__(self, encode):
+        self._encode, self._cond = encode, None
+
+    def __call__(self, n: int) -> Conditioning:
+        if self._cond is None:
+            self._cond = self._encode([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._cond.items()}
+
+
 def flow_schedule(steps: int, shift: float = 1.0) -> NoiseSchedule:
     """Rectified-flow grid: sigmas from 1 to 0 in ``steps`` steps, shifted as diffusers' flow schedulers do.
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import Conditioning, ModelInfo, NoiseSchedule, SamplingDefaults
+from vpotool.models.base import (
+    Conditioning,
+    ModelInfo,
+    NegativeCache,
+    NoiseSchedule,
+    SamplingDefaults,
+    tokenize,
+    video_latent_shape,
+)
 
 COGVIDEOX_DEFAULTS = SamplingDefaults(frames=49, height=480, width=720, fps=8, steps=50, guidance=6.0)
 COGVIDEOX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -89,36 +97,21 @@ class CogVideoXBackend:
         self.prediction = PREDICTION_TYPES[kind]
         self.alphas_cumprod = scheduler.alphas_cumprod.double().cpu()  # [num_train_timesteps]
         self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
-        self._negative: Conditioning | None = None
+        self._negative = NegativeCache(self.encode_prompts)
         self._rotary_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """``{"encoder_hidden_states": [B, max_text_len, text_dim]}``."""
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_text_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        hidden = self.text_encoder(tok.input_ids.to(self.device))[0]
+        ids, _ = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
+        hidden = self.text_encoder(ids)[0]  # unmasked, as CogVideoX's pipeline encodes
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     def encode_negative(self, n: int) -> Conditioning:
-        if self._negative is None:
-            self._negative = self.encode_prompts([""])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+        return self._negative(n)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        c = self.codec
-        return (
-            c.latent_channels,
-            (frames - 1) // c.temporal_factor + 1,
-            height // c.spatial_factor,
-            width // c.spatial_factor,
-        )
+        return video_latent_shape(self.codec, frames, height, width)
 
     def _grid(self, timesteps: torch.Tensor, with_clean_point: bool) -> NoiseSchedule:
         abar = self.alphas_cumprod[timesteps.long()]
@@ -219,19 +212,19 @@ def load_scheduler(path: str):
 def load_cogvideox(path: str, device="cpu", dtype=torch.float32) -> CogVideoXBackend:
     """A CogVideoX text-to-video checkpoint in diffusers layout (local folder or hub id)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import T5EncoderModel
 
-    from vpotool.models.loading import load_component
+    from vpotool.models.loading import load_parts
 
-    transformer = load_component(CogVideoXTransformer3DModel, path, "transformer", "cogvideox", dtype=dtype)
-    vae = load_component(AutoencoderKLCogVideoX, path, "vae", "cogvideox", dtype=dtype)
-    text_encoder = load_component(T5EncoderModel, path, "text_encoder", "cogvideox", dtype=dtype)
-    tokenizer = load_component(AutoTokenizer, path, "tokenizer", "cogvideox")
+    parts = load_parts(
+        path, "cogvideox", CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5EncoderModel, device, dtype
+    )
+    transformer, vae, text_encoder, tokenizer = parts
     return CogVideoXBackend(
         info=ModelInfo(name="cogvideox", path=str(path)),
-        transformer=transformer.to(device).eval(),
-        codec=CogVideoXVaeCodec(vae.to(device).eval()),
-        text_encoder=text_encoder.to(device),
+        transformer=transformer,
+        codec=CogVideoXVaeCodec(vae),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=load_scheduler(path),
         device=device,

@@ -42,3 +42,15 @@ def scheduler_shift(path: str, default: float) -> float:
     except (OSError, ValueError):
         return default
     return float(cfg.get("flow_shift") or cfg.get("shift") or default)
+
+
+def load_parts(path: str, family: str, transformer_cls, vae_cls, text_encoder_cls, device, dtype):
+    """The four weighted parts of a diffusers-layout video checkpoint: ``(transformer, vae, text_encoder,
+    tokenizer)``, each on ``device`` in ``dtype``, the transformer and VAE in eval mode."""
+    from transformers import AutoTokenizer
+
+    transformer = load_component(transformer_cls, path, "transformer", family, dtype=dtype)
+    vae = load_component(vae_cls, path, "vae", family, dtype=dtype)
+    text_encoder = load_component(text_encoder_cls, path, "text_encoder", family, dtype=dtype)
+    tokenizer = load_component(AutoTokenizer, path, "tokenizer", family)
+    return transformer.to(device).eval(), vae.to(device).eval(), text_encoder.to(device).eval(), tokenizer

@@ -10,7 +10,15 @@ import math
 
 import torch
 
-from vpotool.models.base import Conditioning, ModelInfo, NoiseSchedule, SamplingDefaults
+from vpotool.models.base import (
+    Conditioning,
+    ModelInfo,
+    NegativeCache,
+    NoiseSchedule,
+    SamplingDefaults,
+    tokenize,
+    video_latent_shape,
+)
 
 LTX_DEFAULTS = SamplingDefaults(frames=161, height=512, width=704, fps=25, steps=50, guidance=3.0)
 LTX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -153,38 +161,22 @@ class LtxBackend:
         self.dtype = dtype
         self.lora_target_modules = list(LTX_LORA_TARGETS)
         self.frame_rate = float(defaults.fps)
-        self._negative: Conditioning | None = None
+        self._negative = NegativeCache(self.encode_prompts)
         self.default_shape = self.latent_shape(defaults.frames, defaults.height, defaults.width)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """``{"encoder_hidden_states": [B, L, text_dim], "encoder_attention_mask": [B, L]}`` (mask 1 on tokens)."""
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_text_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        hidden = self.text_encoder(tok.input_ids.to(self.device))[0]  # unmasked, as LTX's pipeline encodes
-        mask = tok.attention_mask.to(self.device, self.dtype)
+        ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
+        hidden = self.text_encoder(ids)[0]  # unmasked, as LTX's pipeline encodes
+        mask = mask.to(self.dtype)
         return {"encoder_hidden_states": hidden.to(self.dtype), "encoder_attention_mask": mask}
 
     def encode_negative(self, n: int) -> Conditioning:
-        if self._negative is None:
-            self._negative = self.encode_prompts([""])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+        return self._negative(n)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        c = self.codec
-        return (
-            c.latent_channels,
-            (frames - 1) // c.temporal_factor + 1,
-            height // c.spatial_factor,
-            width // c.spatial_factor,
-        )
+        return video_latent_shape(self.codec, frames, height, width)
 
     def mu(self, shape: tuple[int, ...] | None = None) -> float | None:
         """The dynamic shift for latents of ``shape``; None when the scheduler uses its static ``shift``."""
@@ -250,19 +242,17 @@ def load_scheduler_config(path: str) -> dict:
 def load_ltx(path: str, device="cpu", dtype=torch.float32) -> LtxBackend:
     """An LTX-Video text-to-video checkpoint in diffusers layout (local folder or hub id)."""
     from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import T5EncoderModel
 
-    from vpotool.models.loading import load_component
+    from vpotool.models.loading import load_parts
 
-    transformer = load_component(LTXVideoTransformer3DModel, path, "transformer", "ltx", dtype=dtype)
-    vae = load_component(AutoencoderKLLTXVideo, path, "vae", "ltx", dtype=dtype)
-    text_encoder = load_component(T5EncoderModel, path, "text_encoder", "ltx", dtype=dtype)
-    tokenizer = load_component(AutoTokenizer, path, "tokenizer", "ltx")
+    parts = load_parts(path, "ltx", LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5EncoderModel, device, dtype)
+    transformer, vae, text_encoder, tokenizer = parts
     return LtxBackend(
         info=ModelInfo(name="ltx", path=str(path)),
-        transformer=transformer.to(device).eval(),
-        codec=LtxVaeCodec(vae.to(device).eval()),
-        text_encoder=text_encoder.to(device),
+        transformer=transformer,
+        codec=LtxVaeCodec(vae),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler_config=load_scheduler_config(path),
         max_text_len=min(128, getattr(tokenizer, "model_max_length", 128) or 128),

@@ -12,10 +12,13 @@ import torch
 from vpotool.models.base import (
     Conditioning,
     ModelInfo,
+    NegativeCache,
     NoiseSchedule,
     SamplingDefaults,
     flow_schedule,
     flow_training_timesteps,
+    tokenize,
+    video_latent_shape,
 )
 
 WAN_DEFAULTS = SamplingDefaults(frames=33, height=480, width=832, fps=16, steps=30, guidance=5.0)
@@ -95,37 +98,20 @@ class WanBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.lora_target_modules = list(WAN_LORA_TARGETS)
-        self._negative: Conditioning | None = None
+        self._negative = NegativeCache(self.encode_prompts)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_text_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        mask = tok.attention_mask.to(self.device)
-        hidden = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask).last_hidden_state
+        ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # zero the padding, like Wan's trim-and-pad
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     def encode_negative(self, n: int) -> Conditioning:
-        if self._negative is None:
-            self._negative = self.encode_prompts([""])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+        return self._negative(n)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        c = self.codec
-        return (
-            c.latent_channels,
-            (frames - 1) // c.temporal_factor + 1,
-            height // c.spatial_factor,
-            width // c.spatial_factor,
-        )
+        return video_latent_shape(self.codec, frames, height, width)
 
     def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
         return flow_schedule(steps, self.shift)
@@ -154,19 +140,17 @@ class WanBackend:
 def load_wan(path: str, device="cpu", dtype=torch.float32) -> WanBackend:
     """A Wan text-to-video checkpoint in diffusers layout (local folder or hub id)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    from vpotool.models.loading import load_component, scheduler_shift
+    from vpotool.models.loading import load_parts, scheduler_shift
 
-    transformer = load_component(WanTransformer3DModel, path, "transformer", "wan", dtype=dtype)
-    vae = load_component(AutoencoderKLWan, path, "vae", "wan", dtype=dtype)
-    text_encoder = load_component(UMT5EncoderModel, path, "text_encoder", "wan", dtype=dtype)
-    tokenizer = load_component(AutoTokenizer, path, "tokenizer", "wan")
+    parts = load_parts(path, "wan", WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, device, dtype)
+    transformer, vae, text_encoder, tokenizer = parts
     return WanBackend(
         info=ModelInfo(name="wan", path=str(path)),
-        transformer=transformer.to(device).eval(),
-        codec=WanVaeCodec(vae.to(device).eval()),
-        text_encoder=text_encoder.to(device),
+        transformer=transformer,
+        codec=WanVaeCodec(vae),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         shift=scheduler_shift(path, default=3.0),
         defaults=WAN_DEFAULTS,
