@@ -164,6 +164,7 @@ def test_bad_input_gives_one_clear_line(cli, prompts_file, tmp_path):
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--model", "sora9"), "unknown model", "tiny")
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--shard", "3/2"), "--shard")
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--candidates", "0"), "--candidates")
+    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--height", "30"), "multiples of 4")
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--model", "wan"), "--model-path")
     one_line_error(
         cli("sample", "--prompts", prompts_file, "--out", run, "--model", "wan", "--model-path", tmp_path / "x"),

@@ -66,6 +66,7 @@ class Backend(Protocol):
     prediction: str  # "flow" | "epsilon" | "v"
     denoiser: torch.nn.Module  # the module LoRA adapters wrap and trainers optimise
     lora_target_modules: list[str]
+    size_multiple: int  # height and width must be multiples of this (VAE factor x patch size)
     defaults: SamplingDefaults
     device: torch.device
     dtype: torch.dtype

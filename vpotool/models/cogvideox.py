@@ -90,6 +90,7 @@ class CogVideoXBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.lora_target_modules = list(COGVIDEOX_LORA_TARGETS)
+        self.size_multiple = codec.spatial_factor * transformer.config.patch_size
         self.max_text_len = transformer.config.max_text_seq_length
         kind = scheduler.config.prediction_type
         if kind not in PREDICTION_TYPES:

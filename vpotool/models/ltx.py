@@ -160,6 +160,7 @@ class LtxBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.lora_target_modules = list(LTX_LORA_TARGETS)
+        self.size_multiple = codec.spatial_factor * transformer.config.patch_size
         self.frame_rate = float(defaults.fps)
         self._negative = NegativeCache(self.encode_prompts)
         self.default_shape = self.latent_shape(defaults.frames, defaults.height, defaults.width)

@@ -98,6 +98,7 @@ class WanBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.lora_target_modules = list(WAN_LORA_TARGETS)
+        self.size_multiple = codec.spatial_factor * transformer.config.patch_size[1]
         self._negative = NegativeCache(self.encode_prompts)
 
     @torch.no_grad()

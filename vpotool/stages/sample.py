@@ -84,6 +84,12 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
             raise VpoError("--adapter is not available yet: LoRA checkpoints arrive with the trainers")
         backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype)
     settings = resolved_settings(cfg, backend)
+    m = backend.size_multiple
+    if settings["height"] % m or settings["width"] % m:
+        raise VpoError(
+            f"--height and --width must be multiples of {m} for --model {backend.info.name} "
+            f"(got {settings['height']}x{settings['width']})"
+        )
     cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"
     suffix = shard_suffix(cfg.shard)
     save_config(cfg, out / f"sample{suffix}.yaml")
