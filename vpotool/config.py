@@ -117,6 +117,58 @@ class PairConfig(StageConfig):
         self._check(self.min_margin >= 0, "min_margin", "must be >= 0")
 
 
+@dataclass
+class TrainConfig(StageConfig):
+    """Options every trainer shares (the common flag names across train-dpo, train-refl and train-scst)."""
+
+    out: str = opt("", "Run folder for checkpoints/, metrics.parquet and the resolved config.")
+    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
+    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    max_steps: int = opt(100, "Optimizer steps to train for.")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
+    warmup_steps: int = opt(0, "Linear warm-up steps before the constant learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    batch_size: int = opt(4, "Examples per micro-batch and process.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    lora_rank: int = opt(16, "LoRA rank.")
+    lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1).")
+    lora_targets: str | None = opt(None, "Comma-separated module names to adapt (default: the model's attention).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate autocast).")
+    save_every: int = opt(0, "Write checkpoints/step-N every N steps (0: only at the end).")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    seed: int = opt(0, "Seed for data order, noise and timesteps.")
+    device: str = opt("auto", "cpu, cuda or auto (under accelerate launch, accelerate decides).")
+    dtype: str = opt("float32", "Frozen model weights dtype: float32, bfloat16 or float16.")
+    report_to: str | None = opt(None, "Also log to tensorboard or wandb (accelerate trackers).")
+
+    def __post_init__(self):
+        self._check(bool(self.out), "out", "is required")
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_rank"):
+            self._check(getattr(self, name) >= 1, name, "must be at least 1")
+        self._check(self.lr > 0, "lr", "must be positive")
+        self._check(self.warmup_steps >= 0 and self.save_every >= 0, "save_every", "must be >= 0")
+        self._check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "must be no, bf16 or fp16")
+
+
+@dataclass
+class DpoConfig(TrainConfig):
+    pairs: str = opt("", "pairs.parquet written by `vpotool pair` (or human labels).")
+    beta: float = opt(5000.0, "DPO temperature on the denoising-error difference (flow models often 100-2000).")
+    loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo.")
+    ipo_tau: float = opt(500.0, "IPO regularisation: the loss pulls the error margin to 1 / (2 tau).")
+    ref_update_interval: int = opt(0, "Copy the policy into the reference every N optimizer steps (0: never).")
+    ref_adapter: str | None = opt(None, "A checkpoint to use as the reference (default: the base model).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.pairs), "pairs", "is required")
+        self._check(self.beta > 0, "beta", "must be positive")
+        self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
+        self._check(self.ref_update_interval >= 0, "ref_update_interval", "must be >= 0")
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 

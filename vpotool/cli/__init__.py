@@ -8,7 +8,7 @@ import sys
 import typer
 
 from vpotool import __version__
-from vpotool.cli import merge, pair, sample, score, unavailable
+from vpotool.cli import merge, pair, sample, score, train_dpo, unavailable
 from vpotool.errors import VpoError
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ COMMANDS = [
     ("score", score.command),
     ("pair", pair.command),
     ("merge", merge.command),
+    ("train-dpo", train_dpo.command),
 ]
 for name, fn in COMMANDS:
     app.command(name)(fn)

@@ -80,9 +80,11 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     if backend is None:
-        if cfg.adapter:
-            raise VpoError("--adapter is not available yet: LoRA checkpoints arrive with the trainers")
         backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype)
+        if cfg.adapter:
+            from vpotool.training.lora import load_adapter
+
+            load_adapter(backend, cfg.adapter)
     settings = resolved_settings(cfg, backend)
     m = backend.size_multiple
     if settings["height"] % m or settings["width"] % m:

@@ -1,0 +1,252 @@
+"""train-dpo on the tiny model: the objective moves, weights change, the curriculum reference updates on time,
+an interrupted run resumes to the same adapter, and checkpoints load into diffusers and `sample --adapter`."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import FAST
+
+from vpotool.config import DpoConfig
+from vpotool.manifest import write_manifest
+from vpotool.stages.sample import save_latent
+from vpotool.training.dpo import train_dpo
+from vpotool.training.lora import adapter_state
+
+PROMPTS = ["a red circle moving left", "a blue square moving up", "a green ring moving down", "a yellow dot"]
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    """Four pairs on tiny latents (48 x 4 x 4 x 4): smooth ramps chosen over noise."""
+    (tmp_path / "latents").mkdir()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, p in enumerate(PROMPTS):
+        ramp = torch.linspace(-1, 1, 4).view(1, 4, 1, 1).expand(48, 4, 4, 4) * (0.5 + 0.1 * i)
+        save_latent(tmp_path / "latents" / f"w{i}.safetensors", ramp.clone(), {})
+        save_latent(tmp_path / "latents" / f"l{i}.safetensors", torch.randn(48, 4, 4, 4, generator=g), {})
+        rows.append(
+            dict(
+                pair_id=f"w{i}>l{i}", prompt_id=f"p{i}", prompt=p, chosen_id=f"w{i}", rejected_id=f"l{i}",
+                chosen_score=1.0, rejected_score=0.0, margin=1.0, dimension="overall", source="test",
+                chosen_video="", rejected_video="", chosen_latent=f"latents/w{i}.safetensors",
+                rejected_latent=f"latents/l{i}.safetensors",
+            )
+        )  # fmt: skip
+    write_manifest(tmp_path / "pairs.parquet", rows, "pairs")
+    return tmp_path / "pairs.parquet"
+
+
+def config(pairs, out, **kw) -> DpoConfig:
+    base = dict(pairs=str(pairs), out=str(out), max_steps=6, lr=1e-3, batch_size=4, lora_rank=4, beta=500.0)
+    return DpoConfig(**{**base, "device": "cpu", **kw})
+
+
+def held_out_accuracy(trainer, pairs_path, seed=123) -> float:
+    """Implicit accuracy of the current policy against the base model on the pairs, with noise and timesteps
+    the training never drew."""
+    from vpotool.manifest import read_manifest
+    from vpotool.training.dpo import load_pair_latents, pair_loss
+
+    rows = read_manifest(pairs_path, "pairs").to_pylist()
+    b = trainer.backend
+    lat_w, lat_l = load_pair_latents(pairs_path, rows, b)
+    cfg = DpoConfig(pairs="x", out="x", beta=500.0)
+    with torch.no_grad():
+        out = pair_loss(b, trainer.denoiser, lat_w, lat_l, b.encode_prompts([r["prompt"] for r in rows]),
+                        torch.Generator().manual_seed(seed), cfg, "base")  # fmt: skip
+    return out.implicit_acc.item(), out.loss.item()
+
+
+def test_dpo_changes_the_adapter_and_raises_implicit_accuracy(pairs, tmp_path):
+    seen = {}
+
+    def on_step(step, trainer):
+        if step == 1:
+            seen["first"] = {k: v.clone() for k, v in adapter_state(trainer.denoiser).items()}
+        seen["last"] = {k: v.clone() for k, v in adapter_state(trainer.denoiser).items()}
+        seen["acc"], seen["loss"] = held_out_accuracy(trainer, pairs)
+
+    train_dpo(config(pairs, tmp_path / "out", max_steps=8), on_step=on_step)
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(metrics.step) == list(range(1, 9))
+    assert metrics.loss[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the first step
+    assert metrics.implicit_acc[0] == 0.5
+    assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
+    assert seen["acc"] > 0.5 and seen["loss"] < math.log(2)
+    assert (tmp_path / "out" / "checkpoints" / "step-8" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "train-dpo.yaml").is_file()
+
+
+def reference_output(trainer, probe):
+    from vpotool.training.dpo import reference_mode
+
+    x, t, cond = probe
+    with torch.no_grad(), reference_mode(trainer.denoiser, "ref" if "ref" in trainer.denoiser.peft_config else "base"):
+        return trainer.backend.predict(x, t, cond).clone()
+
+
+@pytest.mark.parametrize("interval", [2, 0])
+def test_curriculum_reference_changes_exactly_every_interval(pairs, tmp_path, interval):
+    outputs = {}
+
+    def on_step(step, trainer):
+        if not outputs:
+            g = torch.Generator().manual_seed(5)
+            probe = (
+                torch.randn(1, 48, 4, 4, 4, generator=g),
+                torch.tensor([500.0]),
+                trainer.backend.encode_prompts(["a red circle"]),
+            )
+            outputs["probe"] = probe
+            outputs[0] = trainer.backend  # marker
+        outputs[step] = reference_output(trainer, outputs["probe"])
+
+    # The reference before any step equals the base model; record it from a fresh tiny backend.
+    from vpotool.models import load_backend
+
+    base = load_backend("tiny")
+    train_dpo(config(pairs, tmp_path / "out", max_steps=6, ref_update_interval=interval), on_step=on_step)
+    x, t, cond = outputs["probe"]
+    with torch.no_grad():
+        prev = base.predict(x, t, cond)
+    changed = []
+    for step in range(1, 7):
+        if not torch.allclose(outputs[step], prev, atol=1e-7):
+            changed.append(step)
+        prev = outputs[step]
+    assert changed == ([2, 4, 6] if interval else [])
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(metrics.step[metrics.ref_updated == 1]) == ([2, 4, 6] if interval else [])
+
+
+def test_interrupted_training_resumes_to_the_same_adapter(pairs, tmp_path):
+    train_dpo(config(pairs, tmp_path / "full", ref_update_interval=2))
+    full = adapter_state_of(tmp_path / "full" / "checkpoints" / "step-6")
+
+    def crash(step, trainer):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(config(pairs, tmp_path / "cut", ref_update_interval=2, save_every=2), on_step=crash)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    resumed_from = {}
+    train_dpo(
+        config(pairs, tmp_path / "cut", ref_update_interval=2, save_every=2, resume=True),
+        on_step=lambda step, tr: resumed_from.setdefault("step", step),
+    )
+    assert resumed_from["step"] == 5  # continued after the step-4 checkpoint
+    metrics = pd.read_parquet(tmp_path / "cut" / "metrics.parquet")
+    assert list(metrics.step) == [1, 2, 3, 4, 5, 6]
+    resumed = adapter_state_of(tmp_path / "cut" / "checkpoints" / "step-6")
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5)
+
+
+def adapter_state_of(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def test_sample_with_adapter_differs_and_records_it(cli, pairs, tmp_path, prompts_file):
+    train_dpo(config(pairs, tmp_path / "out", max_steps=3, lr=1e-2))
+    ckpt = tmp_path / "out" / "checkpoints" / "step-3"
+    assert cli("sample", "--prompts", prompts_file, "--candidates", 1, "--out", tmp_path / "base", *FAST)[0] == 0
+    code, _, err = cli(
+        "sample", "--prompts", prompts_file, "--candidates", 1, "--out", tmp_path / "tuned", "--adapter", ckpt, *FAST
+    )
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "base" / "latents" / "p00000-c00.safetensors"))["latents"]
+    b = load_file(str(tmp_path / "tuned" / "latents" / "p00000-c00.safetensors"))["latents"]
+    assert not torch.allclose(a, b)
+    assert set(pd.read_parquet(tmp_path / "tuned" / "samples.parquet").adapter) == {str(ckpt)}
+    code, _, err = cli(
+        "sample", "--prompts", prompts_file, "--out", tmp_path / "x", "--adapter", tmp_path / "nope", *FAST
+    )
+    assert code == 2 and "no LoRA adapter" in err
+
+
+def test_train_dpo_cli_and_wrong_manifest(cli, pairs, tmp_path):
+    out = tmp_path / "cli"
+    code, _, err = cli(
+        "train-dpo", "--pairs", pairs, "--out", out, "--max-steps", 2, "--lora-rank", 2, "--device", "cpu"
+    )
+    assert code == 0, err
+    assert len(pd.read_parquet(out / "metrics.parquet")) == 2
+    samples = tmp_path / "s.parquet"
+    from vpotool.manifest import write_manifest
+
+    write_manifest(samples, [], "samples")
+    code, _, err = cli("train-dpo", "--pairs", samples, "--out", out)
+    assert code == 2 and "is a samples manifest" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_loads_into_the_diffusers_wan_pipeline(cli, prompts_file, tmp_path):
+    from diffusers import WanPipeline
+    from families import FAMILY_SIZES, make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint("wan", tmp_path / "wan")
+    frames, h, w = FAMILY_SIZES["wan"]
+    size = ["--frames", frames, "--height", h, "--width", w, "--steps", 2, "--device", "cpu"]
+    run = tmp_path / "run"
+    assert (
+        cli(
+            "sample",
+            "--model",
+            "wan",
+            "--model-path",
+            folder,
+            "--prompts",
+            prompts_file,
+            "--candidates",
+            2,
+            "--out",
+            run,
+            *size,
+        )[0]
+        == 0
+    )
+    assert cli("score", "--samples", run / "samples.parquet", "--out", run / "scores.parquet")[0] == 0
+    assert (
+        cli(
+            "pair",
+            "--samples",
+            run / "samples.parquet",
+            "--scores",
+            run / "scores.parquet",
+            "--out",
+            run / "pairs.parquet",
+        )[0]
+        == 0
+    )
+    args = ("--model", "wan", "--model-path", folder, "--pairs", run / "pairs.parquet", "--out", run / "dpo")
+    code, _, err = cli(
+        "train-dpo", *args, "--max-steps", 2, "--lr", 0.05, "--lora-rank", 2, "--beta", 100, "--device", "cpu"
+    )
+    assert code == 0, err
+
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    pipe = WanPipeline(
+        transformer=WanTransformer3DModel.from_pretrained(folder, subfolder="transformer"),
+        vae=AutoencoderKLWan.from_pretrained(folder, subfolder="vae"),
+        text_encoder=UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        scheduler=UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+    kwargs = dict(
+        prompt="a red circle", num_frames=frames, height=h, width=w, num_inference_steps=2, output_type="latent"
+    )
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    pipe.load_lora_weights(str(run / "dpo" / "checkpoints" / "step-2"))
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    assert not torch.allclose(before, after)

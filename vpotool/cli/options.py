@@ -1,0 +1,43 @@
+"""Build a subcommand from a stage config dataclass: one ``--flag`` per field (help from the field), plus
+``--config FILE.yaml``; the body resolves the config and calls one library function, imported lazily."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+
+import typer
+
+from vpotool.config import build_config, flag
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _python_type(annotation: str):
+    parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
+    return _TYPES.get(parts[0], str)
+
+
+def config_command(cls, runner: str, summary: str, short: dict[str, str] | None = None):
+    """A typer command for config class ``cls`` that runs ``runner`` (``"module:function"``) on the resolved
+    config and prints the path it returns. ``short`` adds short flags, e.g. ``{"candidates": "-k"}``."""
+    short = short or {}
+
+    def command(**kwargs):
+        config_file = kwargs.pop("config")
+        cfg = build_config(cls, config_file, **kwargs)
+        module, fn = runner.split(":")
+        typer.echo(f"wrote {getattr(importlib.import_module(module), fn)(cfg)}")
+
+    params = []
+    for f in dataclasses.fields(cls):
+        names = [flag(f.name)] + ([short[f.name]] if f.name in short else [])
+        option = typer.Option(None, *names, help=f.metadata["help"])
+        kind = inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(f.name, kind, default=option, annotation=_python_type(f.type)))
+    config = typer.Option(None, "--config", help="YAML file of options; flags override it.")
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str))
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = summary
+    return command

@@ -1,0 +1,175 @@
+"""What every trainer shares: accelerate setup, LoRA on the backend, AdamW with warm-up, checkpoints
+(``OUT/checkpoints/step-N``: the adapter plus optimizer and scheduler state as safetensors) and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vpotool import __version__
+from vpotool.config import TrainConfig
+from vpotool.errors import VpoError
+from vpotool.manifest import RowWriter
+from vpotool.training.lora import adapter_state, add_lora, load_adapter_state, save_adapter
+
+STATE_FILE = "state/trainer_state.safetensors"  # in a subfolder, so diffusers sees one weights file per step
+
+
+@dataclass
+class Trainer:
+    """The pieces a training loop needs, built by :func:`setup`."""
+
+    accelerator: object
+    backend: object
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    metrics: RowWriter
+    start_step: int = 0
+
+    @property
+    def denoiser(self):
+        """The unwrapped denoiser (adapter switching works on it, not on a DDP wrapper)."""
+        return self.accelerator.unwrap_model(self.backend.denoiser)
+
+
+def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) -> Trainer:
+    """Accelerator, backend with a trainable LoRA adapter (plus frozen ``extra_adapters``), AdamW, warm-up
+    schedule and the metrics writer; resumes from the latest checkpoint when ``cfg.resume``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from vpotool.models import load_backend, resolve_device
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=cfg.report_to, project_dir=cfg.out
+    )
+    set_seed(cfg.seed)
+    if backend is None:
+        device = str(accelerator.device) if cfg.device == "auto" else resolve_device(cfg.device)
+        backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype)
+    targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
+    alpha = cfg.lora_alpha or cfg.lora_rank
+    params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)
+    for name in extra_adapters:
+        add_lora(backend.denoiser, cfg.lora_rank, alpha, targets, name=name, trainable=False)
+    backend.denoiser.set_adapter("default")
+    if cfg.gradient_checkpointing and getattr(backend.denoiser, "_supports_gradient_checkpointing", False):
+        backend.denoiser.enable_gradient_checkpointing()
+    backend.denoiser.train()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
+    if cfg.report_to:
+        accelerator.init_trackers("vpotool", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+    metrics = RowWriter(Path(cfg.out) / "metrics.parquet", "metrics", cfg.to_dict())
+    trainer = Trainer(accelerator, backend, params, optimizer, scheduler, metrics)
+    if cfg.resume:
+        latest = latest_checkpoint(cfg.out)
+        if latest is None:
+            accelerator.print(f"no checkpoint in {cfg.out}/checkpoints yet: starting from step 0")
+        else:
+            trainer.start_step = load_checkpoint(trainer, latest, extra_adapters)
+            metrics.rows = [r for r in metrics.rows if r["step"] <= trainer.start_step]
+            metrics.done = {metrics.key(r) for r in metrics.rows}
+    return trainer
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The ``checkpoints/step-N`` folder with the largest N that has its trainer state, or None."""
+    steps = []
+    for p in (Path(out) / "checkpoints").glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and (p / STATE_FILE).is_file():
+            steps.append((int(m.group(1)), p))
+    return max(steps)[1] if steps else None
+
+
+def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapters: tuple[str, ...] = ()) -> Path:
+    """``OUT/checkpoints/step-N``: the adapter (diffusers format) and ``state/trainer_state.safetensors`` with the
+    optimizer moments, extra adapters (e.g. the DPO reference) and, in its metadata, step, schedule and config."""
+    acc = trainer.accelerator
+    folder = Path(cfg.out) / "checkpoints" / f"step-{step}"
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return folder
+    b = trainer.backend
+    meta = {"base_model": b.info.name, "base_model_path": b.info.path, "step": step, "config": cfg.to_dict()}
+    save_adapter(trainer.denoiser, folder, meta)
+    opt = trainer.optimizer.state_dict()
+    tensors = {f"optim.{i}.{k}": torch.as_tensor(v).detach().cpu().contiguous() for i, s in opt["state"].items()
+               for k, v in s.items()}  # fmt: skip
+    for name in extra_adapters:
+        tensors.update(
+            {f"adapter.{name}.{k}": v.cpu().contiguous() for k, v in adapter_state(trainer.denoiser, name).items()}
+        )
+    sched = {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"}
+    state_meta = {
+        "vpotool.schema": "trainer_state",
+        "vpotool.version": __version__,
+        "step": str(step),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "scheduler": json.dumps(sched),
+        "config": json.dumps(cfg.to_dict(), default=str),
+    }
+    path = folder / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata=state_meta)
+        os.replace(tmp, path)  # written last: a step folder counts as a checkpoint only once this exists
+    finally:
+        tmp.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    return folder
+
+
+def load_checkpoint(trainer: Trainer, folder: Path, extra_adapters: tuple[str, ...] = ()) -> int:
+    """Restore adapter, extra adapters, optimizer and scheduler from ``folder``; returns its step."""
+    from safetensors.torch import load_file
+
+    from vpotool.training.lora import ADAPTER_FILE, PREFIX
+
+    try:
+        weights = load_file(str(folder / ADAPTER_FILE))
+        tensors = load_file(str(folder / STATE_FILE))
+        with safe_open(str(folder / STATE_FILE), "pt") as f:
+            meta = f.metadata()
+    except Exception as e:  # noqa: BLE001 (any damage means the same thing to the user)
+        raise VpoError(
+            f"checkpoint {folder} is damaged ({e}); delete that folder to resume from an earlier one"
+        ) from e
+    load_adapter_state(trainer.denoiser, {k.removeprefix(f"{PREFIX}."): v for k, v in weights.items()})
+    for name in extra_adapters:
+        prefix = f"adapter.{name}."
+        load_adapter_state(
+            trainer.denoiser, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, name
+        )
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    trainer.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    trainer.scheduler.load_state_dict({**json.loads(meta["scheduler"]), "lr_lambdas": [None]})
+    trainer.denoiser.set_adapter("default")
+    return int(meta["step"])
+
+
+def log_metrics(trainer: Trainer, step: int, values: dict) -> None:
+    """One row of ``metrics.parquet`` (flushed at once) and, when asked, the accelerate trackers."""
+    if not trainer.accelerator.is_main_process:
+        return
+    row = {"step": step, **{k: float(v) for k, v in values.items()}}
+    trainer.metrics.add([row])
+    trainer.metrics.flush()
+    trainer.accelerator.log(values, step=step)

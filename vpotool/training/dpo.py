@@ -1,0 +1,169 @@
+"""``train-dpo``: Diffusion-DPO on stored chosen/rejected latents, with the curriculum reference update of OnlineVPO.
+
+The reference is the base model (the adapter disabled, no second copy), or a frozen second LoRA adapter ``ref``
+when ``--ref-update-interval`` or ``--ref-adapter`` asks for one; either way it costs no extra denoiser weights.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vpotool.config import DpoConfig, save_config
+from vpotool.errors import VpoError
+from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
+from vpotool.manifest import read_manifest, resolve
+from vpotool.models.base import cond_cat
+from vpotool.sampling import training_target
+from vpotool.stages.common import progress_bar
+from vpotool.training.common import log_metrics, save_checkpoint, setup
+from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state
+from vpotool.video import frames_to_tensor, read_video
+
+
+def load_pair_latents(pairs_path: Path, rows: list[dict], backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected latents ``[N, C, F, h, w]`` (float32, CPU) for the pair rows.
+
+    A pair whose latent file is missing (human-labelled or external videos) is re-encoded from its mp4 through
+    the backend's VAE."""
+
+    def one(row: dict, side: str) -> torch.Tensor:
+        rel = row.get(f"{side}_latent") or ""
+        path = resolve(pairs_path, rel) if rel else None
+        if path is not None and path.is_file():
+            return load_file(str(path))["latents"].float()
+        video = resolve(pairs_path, row[f"{side}_video"])
+        frames = frames_to_tensor(read_video(video)).unsqueeze(0).to(backend.device, backend.dtype)
+        with torch.no_grad():
+            return backend.encode(frames)[0].float().cpu()
+
+    chosen = [one(r, "chosen") for r in rows]
+    rejected = [one(r, "rejected") for r in rows]
+    shapes = {tuple(x.shape) for x in chosen + rejected}
+    if len(shapes) != 1:
+        raise VpoError(
+            f"{pairs_path}: pairs have latents of different shapes {sorted(shapes)}; train one size at a time"
+        )
+    expected = backend.latent_shape(1, 1, 1)[0]
+    if next(iter(shapes))[0] != expected:
+        raise VpoError(f"{pairs_path}: latents have {next(iter(shapes))[0]} channels, --model {backend.info.name} "
+                       f"expects {expected}; were these pairs sampled with another model?")  # fmt: skip
+    return torch.stack(chosen), torch.stack(rejected)
+
+
+@contextmanager
+def reference_mode(denoiser, mode: str):
+    """Run the denoiser as the reference: ``"base"`` disables the adapter, ``"ref"`` activates the frozen one."""
+    if mode == "base":
+        denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            denoiser.enable_adapters()
+    else:
+        denoiser.set_adapter("ref")
+        try:
+            yield
+        finally:
+            denoiser.set_adapter("default")
+
+
+def pair_loss(backend, denoiser, x0_w, x0_l, cond, generator, cfg: DpoConfig, ref_mode: str) -> DpoOutput:
+    """The Diffusion-DPO loss on one batch: winner and loser share noise and timestep; policy and reference run
+    on the same inputs (policy with grad, reference without). ``x0_* [B, C, F, h, w]``; ``cond`` for B prompts."""
+    n = x0_w.shape[0]
+    sched = backend.training_timesteps(n, generator, tuple(x0_w.shape[1:]))
+    noise = torch.randn(x0_w.shape, generator=generator).to(x0_w.device)
+    a, s = (v.to(x0_w.device).view(-1, 1, 1, 1, 1) for v in (sched.alphas, sched.sigmas))
+    x_t = torch.cat([a * x0_w + s * noise, a * x0_l + s * noise]).to(backend.dtype)
+    t = torch.cat([sched.timesteps, sched.timesteps]).to(x0_w.device)
+    target = torch.cat([training_target(backend.prediction, x, noise, a, s) for x in (x0_w, x0_l)])
+    both = cond_cat(cond, cond)
+    policy_w, policy_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
+    with torch.no_grad(), reference_mode(denoiser, ref_mode):
+        ref_w, ref_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
+    return dpo_loss(policy_w, policy_l, ref_w, ref_l, cfg.beta, cfg.loss_type, cfg.ipo_tau)
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
+    """Indices of micro-batch ``slot`` in a seeded, per-epoch shuffled stream over ``n`` examples (resumable)."""
+    out = []
+    for p in range(slot * batch_size, (slot + 1) * batch_size):
+        epoch, i = divmod(p, n)
+        out.append(int(_permutation(n, seed, epoch)[i]))
+    return out
+
+
+def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
+    """Train a LoRA adapter with Diffusion-DPO on ``cfg.pairs``; writes checkpoints and metrics under ``cfg.out``.
+
+    ``on_step(step, trainer)`` is called after every optimizer step (for ``loop`` and tests)."""
+    # --- setup
+    pairs_path = Path(cfg.pairs)
+    rows = read_manifest(pairs_path, "pairs", "--pairs").to_pylist()
+    if not rows:
+        raise VpoError(f"{pairs_path} has no pairs; run `vpotool pair` first")
+    ref_mode = "ref" if (cfg.ref_update_interval or cfg.ref_adapter) else "base"
+    extra = ("ref",) if ref_mode == "ref" else ()
+    trainer = setup(cfg, backend, extra)
+    b, acc, den = trainer.backend, trainer.accelerator, trainer.denoiser
+    lat_w, lat_l = load_pair_latents(pairs_path, rows, b)
+    if ref_mode == "ref" and trainer.start_step == 0:
+        if cfg.ref_adapter:  # start the policy at the reference, so the loss starts at ln 2
+            weights = load_file(str(Path(cfg.ref_adapter) / ADAPTER_FILE))
+            state = {k.removeprefix(f"{PREFIX}."): v for k, v in weights.items()}
+            for name in ("default", "ref"):
+                load_adapter_state(den, state, name)
+        else:
+            copy_adapter(den, "default", "ref")
+    save_config(cfg, Path(cfg.out) / "train-dpo.yaml")
+    n, world, rank = len(rows), acc.num_processes, acc.process_index
+
+    # --- loop
+    step = trainer.start_step
+    with progress_bar("train-dpo", total=cfg.max_steps) as advance:
+        advance(step)
+        while step < cfg.max_steps:
+            t0, outs = time.perf_counter(), []
+            for micro in range(cfg.grad_accum):
+                slot = (step * cfg.grad_accum + micro) * world + rank
+                idx = batch_indices(n, cfg.batch_size, slot, cfg.seed)
+                gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
+                cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
+                out = pair_loss(b, den, lat_w[idx].to(b.device), lat_l[idx].to(b.device), cond, gen, cfg, ref_mode)
+                acc.backward(out.loss / cfg.grad_accum)
+                outs.append(out)
+            grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            ref_updated = bool(cfg.ref_update_interval) and step % cfg.ref_update_interval == 0
+            if ref_updated:
+                copy_adapter(den, "default", "ref")
+            values = {k: torch.stack([getattr(o, k) for o in outs]).mean().item() for k in DpoOutput._fields}
+            values.pop("inside")
+            values.update(lr=trainer.scheduler.get_last_lr()[0], ref_updated=float(ref_updated))
+            values.update(step_time=time.perf_counter() - t0)
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            log_metrics(trainer, step, values)
+            if on_step is not None:
+                on_step(step, trainer)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save_checkpoint(trainer, cfg, step, extra)
+            advance(1)
+
+    # --- save (the final checkpoint is written in the loop)
+    acc.end_training()
+    return Path(cfg.out)

@@ -1,0 +1,114 @@
+"""LoRA adapters on a backend's denoiser (peft through diffusers), saved in the format diffusers'
+``load_lora_weights`` reads: ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed keys and the
+adapter config in the ``lora_adapter_metadata`` entry, plus vpotool's own metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vpotool import __version__
+from vpotool.errors import VpoError
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+PREFIX = "transformer"  # the denoiser's name in every diffusers video pipeline
+
+
+def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = "default", trainable: bool = True):
+    """Freeze ``denoiser`` and add a LoRA adapter (B = 0, so it starts as the identity). Returns its parameters."""
+    from peft import LoraConfig
+
+    if name == "default":
+        denoiser.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+    try:
+        denoiser.add_adapter(config, adapter_name=name)
+    except ValueError as e:
+        raise VpoError(f"cannot add LoRA on modules {targets}: {str(e).splitlines()[0]} (check --lora-targets)") from e
+    params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
+    for p in params:
+        p.requires_grad_(trainable)
+    if name == "default":
+        denoiser.set_adapter("default")
+    return params
+
+
+def adapter_state(denoiser, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights keyed as peft saves them (no adapter name), e.g. ``blocks.0.attn1.to_q.lora_A.weight``."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(denoiser, adapter_name=name)
+
+
+def load_adapter_state(denoiser, state: dict[str, torch.Tensor], name: str = "default") -> None:
+    """Copy ``state`` (as from :func:`adapter_state`) into adapter ``name``."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        n = len(unexpected)
+        raise VpoError(f"adapter weights do not fit this model ({n} unexpected keys, e.g. {unexpected[0]})")
+
+
+def copy_adapter(denoiser, src: str = "default", dst: str = "ref") -> None:
+    """Make adapter ``dst`` a copy of ``src`` (the curriculum reference update)."""
+    with torch.no_grad():
+        load_adapter_state(denoiser, {k: v.detach().clone() for k, v in adapter_state(denoiser, src).items()}, dst)
+
+
+def save_adapter(denoiser, folder: str | Path, meta: dict, name: str = "default") -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` atomically; ``meta`` lands as ``vpotool.*`` metadata."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(denoiser, name)
+    weights = {f"{PREFIX}.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
+    config = denoiser.peft_config[name].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    metadata = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, default=str),
+        "vpotool.schema": "adapter",
+        "vpotool.version": __version__,
+        **{f"vpotool.{k}": v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()},
+    }
+    path = folder / ADAPTER_FILE
+    tmp = folder / f".{ADAPTER_FILE}.{os.getpid()}.tmp"
+    try:
+        save_file(weights, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def adapter_metadata(folder: str | Path) -> dict[str, str]:
+    """The metadata of a saved adapter; a missing or unreadable file raises ``VpoError``."""
+    path = Path(folder) / ADAPTER_FILE if Path(folder).is_dir() else Path(folder)
+    if not path.is_file():
+        raise VpoError(f"no LoRA adapter at {folder} (expected {ADAPTER_FILE}; pass a checkpoints/step-N folder)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 (a damaged file of any kind is the same user problem)
+        raise VpoError(f"unreadable LoRA adapter {path}: {e}") from e
+
+
+def load_adapter(backend, folder: str | Path, name: str = "default") -> None:
+    """Load a saved adapter into ``backend.denoiser`` as adapter ``name`` and record it in ``backend.info``."""
+    meta = adapter_metadata(folder)
+    base = meta.get("vpotool.base_model")
+    if base and base != backend.info.name:
+        raise VpoError(f"{folder} is an adapter for --model {base}, not {backend.info.name}")
+    path = Path(folder) / ADAPTER_FILE if Path(folder).is_dir() else Path(folder)
+    try:
+        backend.denoiser.load_lora_adapter(str(path), prefix=PREFIX, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise VpoError(f"adapter {folder} does not fit this model: {str(e).splitlines()[0]}") from e
+    backend.denoiser.set_adapter(name)
+    backend.info.adapter = str(folder)
