@@ -33,3 +33,24 @@ def prompts_file(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("a red circle moving left on a black background\n\n# a comment\na blue square moving up\n")
     return p
+
+
+def run_chain(cli, prompts_file, run, *sample_args):
+    """sample (2 candidates; tiny FAST settings unless ``sample_args`` say otherwise) -> score -> pair in ``run``."""
+    args = sample_args or FAST
+    code, _, err = cli("sample", "--prompts", prompts_file, "--candidates", 2, "--out", run, *args)
+    assert code == 0, err
+    samples, scores = run / "samples.parquet", run / "scores.parquet"
+    code, _, err = cli("score", "--samples", samples, "--reward", "temporal", "--out", scores)
+    assert code == 0, err
+    code, _, err = cli("pair", "--samples", samples, "--scores", scores, "--out", run / "pairs.parquet")
+    assert code == 0, err
+
+
+def family_args(family, folder):
+    """``sample`` flags for a tiny saved diffusers checkpoint of ``family`` (see tests/families.py)."""
+    from families import FAMILY_SIZES
+
+    frames, height, width = FAMILY_SIZES[family]
+    size = ["--frames", frames, "--height", height, "--width", width, "--steps", 2, "--device", "cpu"]
+    return ["--model", family, "--model-path", folder, *size]

@@ -9,28 +9,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, family_args, run_chain
 from safetensors.torch import load_file
 
 from vpotool.video import read_video
-
-
-def run_chain(cli, prompts_file, run, *extra):
-    assert cli("sample", "--prompts", prompts_file, "--candidates", 2, "--out", run, *FAST, *extra)[0] == 0
-    code, _, err = cli(
-        "score", "--samples", run / "samples.parquet", "--reward", "temporal", "--out", run / "scores.parquet"
-    )
-    assert code == 0, err
-    code, _, err = cli(
-        "pair",
-        "--samples",
-        run / "samples.parquet",
-        "--scores",
-        run / "scores.parquet",
-        "--out",
-        run / "pairs.parquet",
-    )
-    assert code == 0, err
 
 
 def test_chain_writes_readable_artifacts(cli, prompts_file, tmp_path):
@@ -226,41 +208,12 @@ def test_config_file_sets_options_and_flags_override(cli, prompts_file, tmp_path
 def test_chain_on_saved_diffusers_checkpoints(cli, prompts_file, tmp_path, family):
     from families import FAMILY_SIZES, make_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(family, tmp_path / family)
-    frames, height, width = FAMILY_SIZES[family]
-    size = ["--frames", frames, "--height", height, "--width", width, "--steps", 2, "--device", "cpu"]
     run = tmp_path / "run"
-    code, _, err = cli(
-        "sample",
-        "--model",
-        family,
-        "--model-path",
-        folder,
-        "--prompts",
-        prompts_file,
-        "--candidates",
-        2,
-        "--out",
-        run,
-        *size,
-    )
-    assert code == 0, err
+    run_chain(cli, prompts_file, run, *family_args(family, make_tiny_checkpoint(family, tmp_path / family)))
+    _, height, width = FAMILY_SIZES[family]
     samples = pd.read_parquet(run / "samples.parquet")
     assert set(samples.model) == {family} and len(samples) == 4
     for row in samples.itertuples():
         assert read_video(run / row.video).shape[:3] == (row.frames, height, width)
-    assert cli("score", "--samples", run / "samples.parquet", "--out", run / "scores.parquet")[0] == 0
-    assert (
-        cli(
-            "pair",
-            "--samples",
-            run / "samples.parquet",
-            "--scores",
-            run / "scores.parquet",
-            "--out",
-            run / "pairs.parquet",
-        )[0]
-        == 0
-    )
     pairs = pd.read_parquet(run / "pairs.parquet")
     assert len(pairs) == 2 and (pairs.chosen_score > pairs.rejected_score).all()

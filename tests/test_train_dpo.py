@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, family_args, run_chain
 
 from vpotool.config import DpoConfig
 from vpotool.manifest import write_manifest
@@ -195,38 +195,8 @@ def test_checkpoint_loads_into_the_diffusers_wan_pipeline(cli, prompts_file, tmp
 
     folder = make_tiny_checkpoint("wan", tmp_path / "wan")
     frames, h, w = FAMILY_SIZES["wan"]
-    size = ["--frames", frames, "--height", h, "--width", w, "--steps", 2, "--device", "cpu"]
     run = tmp_path / "run"
-    assert (
-        cli(
-            "sample",
-            "--model",
-            "wan",
-            "--model-path",
-            folder,
-            "--prompts",
-            prompts_file,
-            "--candidates",
-            2,
-            "--out",
-            run,
-            *size,
-        )[0]
-        == 0
-    )
-    assert cli("score", "--samples", run / "samples.parquet", "--out", run / "scores.parquet")[0] == 0
-    assert (
-        cli(
-            "pair",
-            "--samples",
-            run / "samples.parquet",
-            "--scores",
-            run / "scores.parquet",
-            "--out",
-            run / "pairs.parquet",
-        )[0]
-        == 0
-    )
+    run_chain(cli, prompts_file, run, *family_args("wan", folder))
     args = ("--model", "wan", "--model-path", folder, "--pairs", run / "pairs.parquet", "--out", run / "dpo")
     code, _, err = cli(
         "train-dpo", *args, "--max-steps", 2, "--lr", 0.05, "--lora-rank", 2, "--beta", 100, "--device", "cpu"
