@@ -169,6 +169,40 @@ class DpoConfig(TrainConfig):
         self._check(self.ref_update_interval >= 0, "ref_update_interval", "must be >= 0")
 
 
+@dataclass
+class RolloutOptions:
+    """Sampling options of trainers that generate their own videos (train-refl, train-scst)."""
+
+    prompts: str = opt("", "Training prompts: a .txt file (one per line) or a prompts .parquet.")
+    reward: str = opt("temporal", "Reward name (must be differentiable for train-refl).")
+    reward_path: str | None = opt(None, "Weights for a model-based reward: a local folder or hub id.")
+    reward_dimension: str = opt("overall", "Which reward dimension to optimise.")
+    frames: int | None = opt(None, "Frames per video (default: the model's).")
+    height: int | None = opt(None, "Height in pixels (default: the model's).")
+    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    steps: int | None = opt(None, "Denoising steps of each rollout (default: the model's).")
+    guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's).")
+
+
+@dataclass
+class ReflConfig(TrainConfig, RolloutOptions):
+    backprop_steps: int = opt(1, "K: keep gradients through this many denoising steps (VADER/DRaFT-K).")
+    backprop_mode: str = opt("last", "last: the last K steps; random: stop at a random late step and decode the "
+                             "model's x0 prediction there (ReFL).")  # fmt: skip
+    reward_frames: str = opt("all", "Frames the reward sees: all, N (evenly spaced) or first-middle-last.")
+    reward_target: float | None = opt(None, "Minimise |target - reward| instead of -reward.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.prompts), "prompts", "is required")
+        self._check(self.backprop_steps >= 1, "backprop_steps", "must be at least 1")
+        self._check(self.backprop_mode in ("last", "random"), "backprop_mode", "must be last or random")
+        ok = self.reward_frames in ("all", "first-middle-last") or (
+            self.reward_frames.isdigit() and int(self.reward_frames) > 0
+        )
+        self._check(ok, "reward_frames", "must be all, a positive number or first-middle-last")
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 

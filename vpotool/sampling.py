@@ -142,12 +142,14 @@ def sample(
     grad_steps: Sequence[int] = (),
     keep_states: bool = False,
     schedule: NoiseSchedule | None = None,
+    stop_at: int | None = None,
 ) -> Trajectory:
     """Denoise ``noise [B, C, F, h, w]`` in ``steps`` steps.
 
     ``noise_level > 0`` makes the steps stochastic (flow SDE for flow backends, DDIM eta for the others) and
     records per-step log-probabilities; ``step_seeds`` (one per sample) make that noise reproducible.
     Steps whose index is in ``grad_steps`` keep the autograd graph; every other step runs under no_grad.
+    ``stop_at = i`` ends at step i and returns the model's x0 prediction there as ``latents`` (ReFL).
     """
     sched = schedule or backend.schedule(steps, tuple(noise.shape[1:]))
     x = noise.float()
@@ -162,6 +164,9 @@ def sample(
                 x = x.detach()
             raw = guided_prediction(backend, x.to(backend.dtype), sched.timesteps[i], cond, uncond, guidance)
             a, s, a1, s1 = sched.alphas[i], sched.sigmas[i], sched.alphas[i + 1], sched.sigmas[i + 1]
+            if i == stop_at:
+                x0_hat, _ = split_prediction(raw, x, a, s, backend.prediction)
+                return Trajectory(latents=x0_hat, logps=torch.stack(logps, 1) if logps else None, states=states)
             z = None
             if stochastic:
                 z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]) if gens else torch.randn_like(x)

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from vpotool import __version__
-from vpotool.cli import merge, pair, sample, score, train_dpo, unavailable
+from vpotool.cli import merge, pair, sample, score, train_dpo, train_refl, unavailable
 from vpotool.errors import VpoError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ COMMANDS = [
     ("pair", pair.command),
     ("merge", merge.command),
     ("train-dpo", train_dpo.command),
+    ("train-refl", train_refl.command),
 ]
 for name, fn in COMMANDS:
     app.command(name)(fn)

@@ -8,6 +8,7 @@ import torch
 
 from vpotool.errors import VpoError
 from vpotool.rewards.base import Reward, check_frames
+from vpotool.rewards.simple import BrightnessReward
 from vpotool.rewards.temporal import DynamicsReward, FlickerReward, SmoothnessReward, TemporalReward
 
 RewardFactory = Callable[..., Reward]
@@ -17,6 +18,7 @@ REWARDS: dict[str, RewardFactory] = {
     "smoothness": lambda path=None, device="cpu", dtype=torch.float32, **kw: SmoothnessReward(**kw),
     "dynamics": lambda path=None, device="cpu", dtype=torch.float32, **kw: DynamicsReward(**kw),
     "temporal": lambda path=None, device="cpu", dtype=torch.float32, **kw: TemporalReward(**kw),
+    "brightness": lambda path=None, device="cpu", dtype=torch.float32, **kw: BrightnessReward(**kw),
 }
 
 

@@ -1,0 +1,101 @@
+"""train-refl on the tiny model: held-out reward rises, the adapter changes, gradient windows and frame
+selection behave, and a non-differentiable reward is refused."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from vpotool.config import ReflConfig
+from vpotool.training.refl import select_frames, train_refl
+
+SIZE = dict(frames=4, height=16, width=16, steps=4, guidance=1.0)
+
+
+def config(prompts, out, **kw) -> ReflConfig:
+    base = dict(prompts=str(prompts), out=str(out), reward="brightness", max_steps=8, lr=1e-2, batch_size=2)
+    return ReflConfig(**{**base, **SIZE, "lora_rank": 4, "device": "cpu", **kw})
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "train.txt"
+    p.write_text("a red circle moving left\na blue square moving up\n")
+    return p
+
+
+def held_out_brightness(backend) -> float:
+    """Mean brightness of deterministic samples for prompts and seeds the training never used."""
+    from vpotool.stages.sample import generate
+
+    prompts = ["a green ring moving down", "a yellow dot moving right"]
+    with torch.no_grad():
+        _, frames = generate(backend, prompts, [101, 202], {**SIZE, "noise_level": 0.0})
+    return frames.mean().item()
+
+
+@pytest.mark.parametrize("mode", ["last", "random"])
+def test_refl_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, mode):
+    from vpotool.models import load_backend
+    from vpotool.training.lora import adapter_state
+
+    backend = load_backend("tiny")
+    before = held_out_brightness(backend)
+    seen = {}
+
+    def on_step(step, trainer):
+        state = adapter_state(trainer.denoiser)
+        seen.setdefault("first", {k: v.clone() for k, v in state.items()})
+        seen["last"] = {k: v.clone() for k, v in state.items()}
+
+    train_refl(
+        config(prompts, tmp_path / "out", backprop_mode=mode, backprop_steps=2), backend=backend, on_step=on_step
+    )
+    backend.denoiser.eval()
+    after = held_out_brightness(backend)
+    assert after > before + 0.02, (before, after)
+    assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(metrics.step) == list(range(1, 9)) and metrics.reward.iloc[-1] > metrics.reward.iloc[0]
+    assert (tmp_path / "out" / "checkpoints" / "step-8" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_select_frames():
+    frames = torch.arange(8.0).view(1, 8, 1, 1, 1).expand(1, 8, 3, 2, 2)
+    assert select_frames(frames, "all").shape[1] == 8
+    assert select_frames(frames, "first-middle-last")[0, :, 0, 0, 0].tolist() == [0.0, 4.0, 7.0]
+    assert select_frames(frames, "3")[0, :, 0, 0, 0].tolist() == [0.0, 4.0, 7.0]  # 0, 3.5 -> 4, 7
+    assert select_frames(frames, "20").shape[1] == 8
+
+
+def test_gradient_reaches_only_through_the_window():
+    """With K = 1 the loss depends on the adapter only through the last step: the adapter still gets a gradient,
+    while the initial noise gets none (steps before the window ran without a graph)."""
+    from vpotool.models import load_backend
+    from vpotool.sampling import sample, seeded_noise
+    from vpotool.training.lora import add_lora
+
+    b = load_backend("tiny")
+    params = add_lora(b.denoiser, 2, 2, b.lora_target_modules)
+    for p in params:
+        p.data.normal_(0, 0.01)
+    noise = seeded_noise(b.latent_shape(4, 16, 16), [1], "cpu").requires_grad_(True)
+    traj = sample(b, b.encode_prompts(["a red dot"]), noise, steps=4, grad_steps=[3])
+    traj.latents.mean().backward()
+    assert noise.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_non_differentiable_reward_is_refused(cli, prompts, tmp_path, monkeypatch):
+    from vpotool import rewards
+    from vpotool.rewards.simple import BrightnessReward
+
+    class Frozen(BrightnessReward):
+        differentiable = False
+
+    monkeypatch.setitem(rewards.REWARDS, "frozen", lambda **kw: Frozen())
+    code, _, err = cli(
+        "train-refl", "--prompts", prompts, "--reward", "frozen", "--out", tmp_path / "o", "--device", "cpu"
+    )
+    assert code == 2 and "not differentiable" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,133 @@
+"""``train-refl``: reward-gradient fine-tuning (ReFL / DRaFT-K / VADER): sample, keep the graph only through the
+last K denoising steps (or stop at a random late step and take the model's x0 prediction, as ReFL does), decode
+to pixels, score with a differentiable reward and minimise ``-reward``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from vpotool.config import ReflConfig, save_config
+from vpotool.errors import VpoError
+from vpotool.losses import refl_loss
+from vpotool.sampling import sample, seeded_noise
+from vpotool.stages.common import load_prompts, progress_bar
+from vpotool.training.common import log_metrics, save_checkpoint, setup
+from vpotool.training.dpo import batch_indices
+
+
+def select_frames(frames: torch.Tensor, spec: str) -> torch.Tensor:
+    """The frames a reward sees: ``all``, ``N`` evenly spaced, or ``first-middle-last``; ``[B, T, C, H, W]``."""
+    t = frames.shape[1]
+    if spec == "all":
+        return frames
+    if spec == "first-middle-last":
+        idx = sorted({0, t // 2, t - 1})
+    else:
+        n = min(int(spec), t)
+        idx = torch.linspace(0, t - 1, n).round().long().tolist()
+    return frames[:, idx]
+
+
+def rollout_settings(cfg, backend) -> dict:
+    """Rollout size and sampler settings, unset ones from the backend's defaults."""
+    d = backend.defaults
+    return {
+        "frames": cfg.frames or d.frames,
+        "height": cfg.height or d.height,
+        "width": cfg.width or d.width,
+        "steps": cfg.steps or d.steps,
+        "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
+    }
+
+
+def load_rollout_reward(cfg, device, need_grad: bool):
+    """The training reward; reward-gradient training refuses a non-differentiable one."""
+    from vpotool.rewards import load_reward
+
+    reward = load_reward(cfg.reward, cfg.reward_path, device)
+    if need_grad and not reward.differentiable:
+        raise VpoError(f"reward '{cfg.reward}' is not differentiable; train-refl needs one (e.g. temporal, flicker)")
+    if cfg.reward_dimension not in reward.dimensions:
+        known = ", ".join(reward.dimensions)
+        raise VpoError(f"reward '{cfg.reward}' has no dimension '{cfg.reward_dimension}'; choose from: {known}")
+    return reward
+
+
+def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, cfg: ReflConfig, gen) -> torch.Tensor:
+    """Sample with the gradient window of ``cfg`` and decode -> frames ``[B, T, 3, H, W]`` with the graph."""
+    steps = settings["steps"]
+    shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
+    noise = seeded_noise(shape, seeds, backend.device)
+    cond = backend.encode_prompts(prompts)
+    uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
+    k = min(cfg.backprop_steps, steps)
+    if cfg.backprop_mode == "last":
+        window, stop = range(steps - k, steps), None
+    else:  # ReFL: stop at a random step of the last half and use the model's x0 prediction there
+        stop = int(torch.randint(steps // 2, steps, (1,), generator=gen))
+        window = range(max(stop - k + 1, 0), stop + 1)
+    traj = sample(
+        backend,
+        cond,
+        noise,
+        steps=steps,
+        guidance=settings["guidance"],
+        uncond=uncond,
+        grad_steps=window,
+        stop_at=stop,
+    )
+    frames = backend.decode(traj.latents.to(backend.dtype))
+    return frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
+
+
+def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
+    """Train a LoRA adapter to raise a differentiable reward; writes checkpoints and metrics under ``cfg.out``."""
+    # --- setup
+    prompts = [p for _, p in load_prompts(cfg.prompts)]
+    trainer = setup(cfg, backend)
+    b, acc = trainer.backend, trainer.accelerator
+    reward = load_rollout_reward(cfg, b.device, need_grad=True)
+    settings = rollout_settings(cfg, b)
+    save_config(cfg, Path(cfg.out) / "train-refl.yaml")
+    world, rank = acc.num_processes, acc.process_index
+
+    # --- loop
+    step = trainer.start_step
+    with progress_bar("train-refl", total=cfg.max_steps) as advance:
+        advance(step)
+        while step < cfg.max_steps:
+            t0, rewards, losses = time.perf_counter(), [], []
+            for micro in range(cfg.grad_accum):
+                slot = (step * cfg.grad_accum + micro) * world + rank
+                idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
+                seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
+                gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
+                batch = [prompts[i] for i in idx]
+                frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
+                value = reward(select_frames(frames, cfg.reward_frames).float(), batch)[cfg.reward_dimension]
+                loss = refl_loss(value, cfg.reward_target)
+                acc.backward(loss / cfg.grad_accum)
+                rewards.append(value.detach().mean())
+                losses.append(loss.detach())
+            grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            values = {"loss": torch.stack(losses).mean().item(), "reward": torch.stack(rewards).mean().item()}
+            values.update(lr=trainer.scheduler.get_last_lr()[0], step_time=time.perf_counter() - t0)
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            log_metrics(trainer, step, values)
+            if on_step is not None:
+                on_step(step, trainer)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save_checkpoint(trainer, cfg, step)
+            advance(1)
+
+    # --- save (the final checkpoint is written in the loop)
+    acc.end_training()
+    return Path(cfg.out)
