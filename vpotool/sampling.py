@@ -129,6 +129,27 @@ def guided_prediction(backend: Backend, x, t, cond: Conditioning, uncond: Condit
     return raw_u + guidance * (raw_c - raw_u)
 
 
+def step_moments(prediction: str, x, raw, sched: NoiseSchedule, i: int, noise_level: float):
+    """Mean and std of sampling step ``i`` from state ``x`` given the (guided) model output ``raw``: the flow SDE
+    for flow backends, DDIM with ``eta = noise_level`` for the others. ``std`` is clamped away from 0 so
+    log-densities stay finite at deterministic steps."""
+    a, s, a1, s1 = sched.alphas[i], sched.sigmas[i], sched.alphas[i + 1], sched.sigmas[i + 1]
+    if prediction == "flow":
+        _, mean, std = flow_sde_step(x, raw, s, s1, noise_level)
+    else:
+        x0_hat, n_hat = split_prediction(raw, x, a, s, prediction)
+        _, mean, std = ddim_step(x0_hat, n_hat, a, s, a1, s1, noise_level)
+    return mean, std.clamp_min(1e-6) if torch.is_tensor(std) else max(std, 1e-6)
+
+
+def step_logp(backend: Backend, sched: NoiseSchedule, i: int, x, x_next, cond, uncond, guidance, noise_level):
+    """Log-probability ``[B]`` (with the graph) of the recorded transition ``x -> x_next`` at step ``i`` under
+    the backend's current weights, plus the step's ``(mean, std)``; what policy-gradient training recomputes."""
+    raw = guided_prediction(backend, x.to(backend.dtype), sched.timesteps[i], cond, uncond, guidance)
+    mean, std = step_moments(backend.prediction, x.float(), raw, sched, i, noise_level)
+    return gaussian_logp(x_next, mean, std), mean, std
+
+
 def sample(
     backend: Backend,
     cond: Conditioning,
@@ -163,23 +184,16 @@ def sample(
             if i not in grad_steps:
                 x = x.detach()
             raw = guided_prediction(backend, x.to(backend.dtype), sched.timesteps[i], cond, uncond, guidance)
-            a, s, a1, s1 = sched.alphas[i], sched.sigmas[i], sched.alphas[i + 1], sched.sigmas[i + 1]
             if i == stop_at:
-                x0_hat, _ = split_prediction(raw, x, a, s, backend.prediction)
+                x0_hat, _ = split_prediction(raw, x, sched.alphas[i], sched.sigmas[i], backend.prediction)
                 return Trajectory(latents=x0_hat, logps=torch.stack(logps, 1) if logps else None, states=states)
-            z = None
+            mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
             if stochastic:
                 z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]) if gens else torch.randn_like(x)
-                z = z.to(x.device)
-            if backend.prediction == "flow":
-                x_next, mean, std = flow_sde_step(x, raw, s, s1, noise_level, z)
+                x = mean + std * z.to(x.device)
+                logps.append(gaussian_logp(x, mean, std))
             else:
-                x0_hat, n_hat = split_prediction(raw, x, a, s, backend.prediction)
-                x_next, mean, std = ddim_step(x0_hat, n_hat, a, s, a1, s1, noise_level, z)
-            if stochastic:
-                safe_std = std.clamp_min(1e-6) if torch.is_tensor(std) else max(std, 1e-6)
-                logps.append(gaussian_logp(x_next, mean, safe_std))
-            x = x_next
+                x = mean
         if keep_states:
             states.append(x.detach())
     return Trajectory(latents=x, logps=torch.stack(logps, 1) if logps else None, states=states)
