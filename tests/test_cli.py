@@ -27,7 +27,7 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("name", ["train-scst", "eval", "loop"])
+@pytest.mark.parametrize("name", ["eval", "loop"])
 def test_pending_commands_say_not_available(cli, name):
     code, _, err = cli(name, "--model", "tiny")
     assert code == 2

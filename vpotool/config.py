@@ -203,6 +203,28 @@ class ReflConfig(TrainConfig, RolloutOptions):
         self._check(ok, "reward_frames", "must be all, a positive number or first-middle-last")
 
 
+@dataclass
+class ScstConfig(TrainConfig, RolloutOptions):
+    noise_level: float = opt(0.7, "Noise of the stochastic rollout steps (flow SDE level, or DDIM eta).")
+    baseline: str = opt("greedy", "greedy: the deterministic sample from the same noise; group-mean: K samples.")
+    group_size: int = opt(4, "Samples per prompt for --baseline group-mean.")
+    normalize: bool = opt(False, "Scale advantages to unit RMS over the batch.")
+    adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables).")
+    ppo_epochs: int = opt(1, "Optimizer passes over each batch of rollouts (> 1 uses the clipped ratio).")
+    clip_eps: float = opt(1e-4, "PPO ratio clip for --ppo-epochs > 1.")
+    kl_beta: float = opt(0.0, "Weight of the KL to the base model on the step means (0: off).")
+    train_fraction: float = opt(1.0, "Fraction of each trajectory's steps to train on (chosen at random).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.prompts), "prompts", "is required")
+        self._check(self.noise_level > 0, "noise_level", "must be > 0 (policy gradients need stochastic steps)")
+        self._check(self.baseline in ("greedy", "group-mean"), "baseline", "must be greedy or group-mean")
+        self._check(self.group_size >= 2 or self.baseline == "greedy", "group_size", "must be at least 2")
+        self._check(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
+        self._check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 

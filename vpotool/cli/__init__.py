@@ -8,7 +8,7 @@ import sys
 import typer
 
 from vpotool import __version__
-from vpotool.cli import merge, pair, sample, score, train_dpo, train_refl, unavailable
+from vpotool.cli import merge, pair, sample, score, train_dpo, train_refl, train_scst, unavailable
 from vpotool.errors import VpoError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ COMMANDS = [
     ("merge", merge.command),
     ("train-dpo", train_dpo.command),
     ("train-refl", train_refl.command),
+    ("train-scst", train_scst.command),
 ]
 for name, fn in COMMANDS:
     app.command(name)(fn)

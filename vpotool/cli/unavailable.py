@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 PENDING = {
-    "train-scst": "self-critical policy-gradient training",
     "eval": "evaluation against the base model",
     "loop": "the online sample-score-pair-train loop",
 }
