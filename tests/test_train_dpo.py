@@ -58,7 +58,7 @@ def held_out_accuracy(trainer, pairs_path, seed=123) -> float:
     cfg = DpoConfig(pairs="x", out="x", beta=500.0)
     with torch.no_grad():
         out = pair_loss(b, trainer.denoiser, lat_w, lat_l, b.encode_prompts([r["prompt"] for r in rows]),
-                        torch.Generator().manual_seed(seed), cfg, "base")  # fmt: skip
+                        [seed + 2 * i for i in range(len(rows))], cfg, "base")  # fmt: skip
     return out.implicit_acc.item(), out.loss.item()
 
 
@@ -220,3 +220,30 @@ def test_checkpoint_loads_into_the_diffusers_wan_pipeline(cli, prompts_file, tmp
     pipe.load_lora_weights(str(run / "dpo" / "checkpoints" / "step-2"))
     after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     assert not torch.allclose(before, after)
+
+
+def test_two_processes_match_one_with_the_same_effective_batch(pairs, tmp_path):
+    """torchrun with 2 CPU processes (gloo DDP) and batch 2 each reaches the adapter one process reaches with
+    batch 4: data order, noise and timesteps follow each example's position, not the process layout."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["--pairs", str(pairs), "--max-steps", "3", "--lr", "1e-3", "--lora-rank", "4", "--beta", "500"]
+    common += ["--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "vpotool", "train-dpo", *common, "--batch-size", "4", "--out", str(tmp_path / "one")]
+    subprocess.run(one, check=True, capture_output=True, env=env)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    two = [*launcher, "-m", "vpotool", "train-dpo", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]
+    result = subprocess.run(two, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-3" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-3" / "pytorch_lora_weights.safetensors"))
+    assert max(a[k].abs().max().item() for k in a) > 1e-2  # training moved the adapter
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
+    m1, m2 = (pd.read_parquet(tmp_path / n / "metrics.parquet") for n in ("one", "two"))
+    torch.testing.assert_close(torch.tensor(m1.loss.values), torch.tensor(m2.loss.values), atol=1e-4, rtol=1e-4)

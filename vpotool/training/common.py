@@ -166,8 +166,14 @@ def load_checkpoint(trainer: Trainer, folder: Path, extra_adapters: tuple[str, .
 
 
 def log_metrics(trainer: Trainer, step: int, values: dict) -> None:
-    """One row of ``metrics.parquet`` (flushed at once) and, when asked, the accelerate trackers."""
-    if not trainer.accelerator.is_main_process:
+    """One row of ``metrics.parquet`` (flushed at once) and, when asked, the accelerate trackers. Under several
+    processes the values are averaged over them first (every process must call this)."""
+    acc = trainer.accelerator
+    if acc.num_processes > 1:
+        names = sorted(values)
+        mean = acc.reduce(torch.tensor([float(values[k]) for k in names], device=acc.device), reduction="mean")
+        values = dict(zip(names, mean.tolist(), strict=True))
+    if not acc.is_main_process:
         return
     row = {"step": step, **{k: float(v) for k, v in values.items()}}
     trainer.metrics.add([row])

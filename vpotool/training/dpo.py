@@ -18,8 +18,8 @@ from vpotool.config import DpoConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
 from vpotool.manifest import read_manifest, resolve
-from vpotool.models.base import cond_cat
-from vpotool.sampling import training_target
+from vpotool.models.base import NoiseSchedule, cond_cat
+from vpotool.sampling import seeded_noise, training_target
 from vpotool.stages.common import progress_bar
 from vpotool.training.common import log_metrics, save_checkpoint, setup
 from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state
@@ -73,12 +73,15 @@ def reference_mode(denoiser, mode: str):
             denoiser.set_adapter("default")
 
 
-def pair_loss(backend, denoiser, x0_w, x0_l, cond, generator, cfg: DpoConfig, ref_mode: str) -> DpoOutput:
+def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoConfig, ref_mode: str) -> DpoOutput:
     """The Diffusion-DPO loss on one batch: winner and loser share noise and timestep; policy and reference run
-    on the same inputs (policy with grad, reference without). ``x0_* [B, C, F, h, w]``; ``cond`` for B prompts."""
-    n = x0_w.shape[0]
-    sched = backend.training_timesteps(n, generator, tuple(x0_w.shape[1:]))
-    noise = torch.randn(x0_w.shape, generator=generator).to(x0_w.device)
+    on the same inputs (policy with grad, reference without). ``x0_* [B, C, F, h, w]``; ``cond`` for B prompts;
+    ``seeds`` one per example, so noise and timestep do not depend on how examples are batched or spread over
+    processes."""
+    shape = tuple(x0_w.shape[1:])
+    parts = [backend.training_timesteps(1, torch.Generator().manual_seed(s), shape) for s in seeds]
+    sched = NoiseSchedule(*(torch.cat([getattr(p, k) for p in parts]) for k in ("timesteps", "alphas", "sigmas")))
+    noise = seeded_noise(shape, [s + 1 for s in seeds], x0_w.device)
     a, s = (v.to(x0_w.device).view(-1, 1, 1, 1, 1) for v in (sched.alphas, sched.sigmas))
     x_t = torch.cat([a * x0_w + s * noise, a * x0_l + s * noise]).to(backend.dtype)
     t = torch.cat([sched.timesteps, sched.timesteps]).to(x0_w.device)
@@ -138,9 +141,9 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
             for micro in range(cfg.grad_accum):
                 slot = (step * cfg.grad_accum + micro) * world + rank
                 idx = batch_indices(n, cfg.batch_size, slot, cfg.seed)
-                gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
+                seeds = [cfg.seed * 7_919 + 2 * (slot * cfg.batch_size + j) for j in range(len(idx))]
                 cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
-                out = pair_loss(b, den, lat_w[idx].to(b.device), lat_l[idx].to(b.device), cond, gen, cfg, ref_mode)
+                out = pair_loss(b, den, lat_w[idx].to(b.device), lat_l[idx].to(b.device), cond, seeds, cfg, ref_mode)
                 acc.backward(out.loss / cfg.grad_accum)
                 outs.append(out)
             grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
