@@ -247,3 +247,45 @@ def test_two_processes_match_one_with_the_same_effective_batch(pairs, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
     m1, m2 = (pd.read_parquet(tmp_path / n / "metrics.parquet") for n in ("one", "two"))
     torch.testing.assert_close(torch.tensor(m1.loss.values), torch.tensor(m2.loss.values), atol=1e-4, rtol=1e-4)
+
+
+def test_pairs_without_latents_are_encoded_from_their_videos(cli, prompts_file, tmp_path):
+    """Human-labelled or external pairs may have only videos: train-dpo encodes them through the backend."""
+    from vpotool.manifest import read_manifest, write_manifest
+    from vpotool.models import load_backend
+    from vpotool.training.dpo import load_pair_latents
+
+    run = tmp_path / "run"
+    run_chain(cli, prompts_file, run)
+    rows = read_manifest(run / "pairs.parquet", "pairs").to_pylist()
+    for r in rows:
+        r["chosen_latent"] = r["rejected_latent"] = ""
+    write_manifest(run / "videos_only.parquet", rows, "pairs")
+    backend = load_backend("tiny")
+    lat_w, lat_l = load_pair_latents(run / "videos_only.parquet", rows, backend)
+    stored, _ = load_pair_latents(
+        run / "pairs.parquet", read_manifest(run / "pairs.parquet", "pairs").to_pylist(), backend
+    )
+    assert lat_w.shape == stored.shape == (2, 48, 8, 4, 4)
+    from vpotool.video import frames_to_tensor, read_video
+
+    def encoded(video):
+        return backend.encode(frames_to_tensor(read_video(run / video)).unsqueeze(0))[0]
+
+    for i, r in enumerate(rows):  # each side comes from its own video, not the other one
+        assert torch.equal(lat_w[i], encoded(r["chosen_video"])) and torch.equal(
+            lat_l[i], encoded(r["rejected_video"])
+        )
+        assert not torch.equal(lat_w[i], lat_l[i])
+    code, _, err = cli(
+        "train-dpo",
+        "--pairs",
+        run / "videos_only.parquet",
+        "--out",
+        tmp_path / "o",
+        "--max-steps",
+        1,
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
