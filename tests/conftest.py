@@ -54,3 +54,15 @@ def family_args(family, folder):
     frames, height, width = FAMILY_SIZES[family]
     size = ["--frames", frames, "--height", height, "--width", width, "--steps", 2, "--device", "cpu"]
     return ["--model", family, "--model-path", folder, *size]
+
+
+def held_out_brightness(backend, size: dict) -> float:
+    """Mean brightness of deterministic samples for prompts and seeds no trainer test trains on."""
+    import torch
+
+    from vpotool.stages.sample import generate
+
+    prompts = ["a green ring moving down", "a yellow dot moving right"]
+    with torch.no_grad():
+        _, frames = generate(backend, prompts, [101, 202], {**size, "noise_level": 0.0})
+    return frames.mean().item()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import held_out_brightness
 
 from vpotool.config import ReflConfig
 from vpotool.training.refl import select_frames, train_refl
@@ -25,23 +26,13 @@ def prompts(tmp_path):
     return p
 
 
-def held_out_brightness(backend) -> float:
-    """Mean brightness of deterministic samples for prompts and seeds the training never used."""
-    from vpotool.stages.sample import generate
-
-    prompts = ["a green ring moving down", "a yellow dot moving right"]
-    with torch.no_grad():
-        _, frames = generate(backend, prompts, [101, 202], {**SIZE, "noise_level": 0.0})
-    return frames.mean().item()
-
-
 @pytest.mark.parametrize("mode", ["last", "random"])
 def test_refl_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, mode):
     from vpotool.models import load_backend
     from vpotool.training.lora import adapter_state
 
     backend = load_backend("tiny")
-    before = held_out_brightness(backend)
+    before = held_out_brightness(backend, SIZE)
     seen = {}
 
     def on_step(step, trainer):
@@ -53,7 +44,7 @@ def test_refl_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, 
         config(prompts, tmp_path / "out", backprop_mode=mode, backprop_steps=2), backend=backend, on_step=on_step
     )
     backend.denoiser.eval()
-    after = held_out_brightness(backend)
+    after = held_out_brightness(backend, SIZE)
     assert after > before + 0.02, (before, after)
     assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
     metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import held_out_brightness
 
 from vpotool.config import ScstConfig
 from vpotool.training.scst import collect, train_scst
@@ -23,19 +24,6 @@ def prompts(tmp_path):
 def config(prompts, out, **kw) -> ScstConfig:
     base = dict(prompts=str(prompts), out=str(out), reward="brightness", max_steps=10, lr=5e-2, batch_size=2)
     return ScstConfig(**{**base, **SIZE, "lora_rank": 4, "normalize": True, "device": "cpu", **kw})
-
-
-def held_out_brightness(backend) -> float:
-    from vpotool.stages.sample import generate
-
-    with torch.no_grad():
-        _, frames = generate(
-            backend,
-            ["a green ring moving down", "a yellow dot moving right"],
-            [101, 202],
-            {**SIZE, "noise_level": 0.0},
-        )
-    return frames.mean().item()
 
 
 def test_recomputed_step_logps_match_the_rollout(prompts, tmp_path):
@@ -63,7 +51,7 @@ def test_scst_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, 
     from vpotool.training.lora import adapter_state
 
     backend = load_backend("tiny")
-    before = held_out_brightness(backend)
+    before = held_out_brightness(backend, SIZE)
     seen = {}
 
     def on_step(step, trainer):
@@ -73,7 +61,7 @@ def test_scst_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, 
 
     train_scst(config(prompts, tmp_path / "out", baseline=baseline), backend=backend, on_step=on_step)
     backend.denoiser.eval()
-    after = held_out_brightness(backend)
+    after = held_out_brightness(backend, SIZE)
     assert after > before + 0.02, (before, after)
     assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
     metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")

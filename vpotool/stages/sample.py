@@ -26,17 +26,18 @@ def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
-def resolved_settings(cfg: SampleConfig, backend) -> dict:
-    """The generation settings after filling unset flags from the backend's defaults."""
+def resolved_settings(cfg, backend) -> dict:
+    """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
+    ``guidance``, and ``fps``/``noise_level`` where the config has them) from the backend's defaults."""
     d = backend.defaults
     return {
         "frames": cfg.frames or d.frames,
         "height": cfg.height or d.height,
         "width": cfg.width or d.width,
-        "fps": cfg.fps or d.fps,
+        "fps": getattr(cfg, "fps", None) or d.fps,
         "steps": cfg.steps or d.steps,
         "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
-        "noise_level": cfg.noise_level,
+        "noise_level": getattr(cfg, "noise_level", 0.0),
     }
 
 

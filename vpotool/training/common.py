@@ -179,3 +179,26 @@ def log_metrics(trainer: Trainer, step: int, values: dict) -> None:
     trainer.metrics.add([row])
     trainer.metrics.flush()
     trainer.accelerator.log(values, step=step)
+
+
+def optimizer_step(trainer: Trainer, cfg: TrainConfig) -> float | None:
+    """Clip gradients (when ``cfg.max_grad_norm``), step the optimizer and the schedule, clear gradients.
+    Returns the gradient norm before clipping, or None."""
+    norm = trainer.accelerator.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return None if norm is None else float(norm)
+
+
+def finish_step(trainer: Trainer, cfg: TrainConfig, step: int, values: dict, grad_norm, on_step, extra=()) -> None:
+    """After an optimizer step: log ``values`` with the learning rate and gradient norm, call ``on_step`` and
+    write a checkpoint every ``cfg.save_every`` steps and at the last one."""
+    values = {**values, "lr": trainer.scheduler.get_last_lr()[0]}
+    if grad_norm is not None:
+        values["grad_norm"] = grad_norm
+    log_metrics(trainer, step, values)
+    if on_step is not None:
+        on_step(step, trainer)
+    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        save_checkpoint(trainer, cfg, step, extra)

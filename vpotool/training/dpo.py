@@ -21,7 +21,7 @@ from vpotool.manifest import read_manifest, resolve
 from vpotool.models.base import NoiseSchedule, cond_cat
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.stages.common import progress_bar
-from vpotool.training.common import log_metrics, save_checkpoint, setup
+from vpotool.training.common import finish_step, optimizer_step, setup
 from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state
 from vpotool.video import frames_to_tensor, read_video
 
@@ -146,25 +146,15 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
                 out = pair_loss(b, den, lat_w[idx].to(b.device), lat_l[idx].to(b.device), cond, seeds, cfg, ref_mode)
                 acc.backward(out.loss / cfg.grad_accum)
                 outs.append(out)
-            grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            trainer.optimizer.step()
-            trainer.scheduler.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(trainer, cfg)
             step += 1
             ref_updated = bool(cfg.ref_update_interval) and step % cfg.ref_update_interval == 0
             if ref_updated:
                 copy_adapter(den, "default", "ref")
             values = {k: torch.stack([getattr(o, k) for o in outs]).mean().item() for k in DpoOutput._fields}
             values.pop("inside")
-            values.update(lr=trainer.scheduler.get_last_lr()[0], ref_updated=float(ref_updated))
-            values.update(step_time=time.perf_counter() - t0)
-            if grad_norm is not None:
-                values["grad_norm"] = float(grad_norm)
-            log_metrics(trainer, step, values)
-            if on_step is not None:
-                on_step(step, trainer)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save_checkpoint(trainer, cfg, step, extra)
+            values.update(ref_updated=float(ref_updated), step_time=time.perf_counter() - t0)
+            finish_step(trainer, cfg, step, values, grad_norm, on_step, extra)
             advance(1)
 
     # --- save (the final checkpoint is written in the loop)

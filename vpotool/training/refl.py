@@ -14,7 +14,8 @@ from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
 from vpotool.sampling import sample, seeded_noise
 from vpotool.stages.common import load_prompts, progress_bar
-from vpotool.training.common import log_metrics, save_checkpoint, setup
+from vpotool.stages.sample import resolved_settings
+from vpotool.training.common import finish_step, optimizer_step, setup
 from vpotool.training.dpo import batch_indices
 
 
@@ -29,18 +30,6 @@ def select_frames(frames: torch.Tensor, spec: str) -> torch.Tensor:
         n = min(int(spec), t)
         idx = torch.linspace(0, t - 1, n).round().long().tolist()
     return frames[:, idx]
-
-
-def rollout_settings(cfg, backend) -> dict:
-    """Rollout size and sampler settings, unset ones from the backend's defaults."""
-    d = backend.defaults
-    return {
-        "frames": cfg.frames or d.frames,
-        "height": cfg.height or d.height,
-        "width": cfg.width or d.width,
-        "steps": cfg.steps or d.steps,
-        "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
-    }
 
 
 def load_rollout_reward(cfg, device, need_grad: bool):
@@ -90,7 +79,7 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
     trainer = setup(cfg, backend)
     b, acc = trainer.backend, trainer.accelerator
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
-    settings = rollout_settings(cfg, b)
+    settings = resolved_settings(cfg, b)
     save_config(cfg, Path(cfg.out) / "train-refl.yaml")
     world, rank = acc.num_processes, acc.process_index
 
@@ -112,20 +101,10 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
                 acc.backward(loss / cfg.grad_accum)
                 rewards.append(value.detach().mean())
                 losses.append(loss.detach())
-            grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            trainer.optimizer.step()
-            trainer.scheduler.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(trainer, cfg)
             step += 1
             values = {"loss": torch.stack(losses).mean().item(), "reward": torch.stack(rewards).mean().item()}
-            values.update(lr=trainer.scheduler.get_last_lr()[0], step_time=time.perf_counter() - t0)
-            if grad_norm is not None:
-                values["grad_norm"] = float(grad_norm)
-            log_metrics(trainer, step, values)
-            if on_step is not None:
-                on_step(step, trainer)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save_checkpoint(trainer, cfg, step)
+            finish_step(trainer, cfg, step, {**values, "step_time": time.perf_counter() - t0}, grad_norm, on_step)
             advance(1)
 
     # --- save (the final checkpoint is written in the loop)

@@ -15,9 +15,10 @@ from vpotool.config import ScstConfig, save_config
 from vpotool.losses import group_advantage, kl_to_reference, normalize_advantage, policy_gradient_loss, scst_advantage
 from vpotool.sampling import sample, seeded_noise, step_logp
 from vpotool.stages.common import load_prompts, progress_bar
-from vpotool.training.common import log_metrics, save_checkpoint, setup
+from vpotool.stages.sample import resolved_settings
+from vpotool.training.common import finish_step, optimizer_step, setup
 from vpotool.training.dpo import batch_indices, reference_mode
-from vpotool.training.refl import load_rollout_reward, rollout_settings
+from vpotool.training.refl import load_rollout_reward
 
 
 @dataclass
@@ -95,7 +96,7 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
     trainer = setup(cfg, backend)
     b, acc = trainer.backend, trainer.accelerator
     reward = load_rollout_reward(cfg, b.device, need_grad=False)
-    settings = rollout_settings(cfg, b)
+    settings = resolved_settings(cfg, b)
     shape = b.latent_shape(settings["frames"], settings["height"], settings["width"])
     sched = b.schedule(settings["steps"], shape)
     save_config(cfg, Path(cfg.out) / "train-scst.yaml")
@@ -119,26 +120,16 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
             for _ in range(cfg.ppo_epochs):
                 loss = sum(policy_step(b, trainer.denoiser, ro, sched, tr, cfg, settings, 1 / cfg.grad_accum)
                            for ro, tr in batches)  # fmt: skip
-                grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-                trainer.optimizer.step()
-                trainer.scheduler.step()
-                trainer.optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(trainer, cfg)
                 step += 1
                 values = {
                     "loss": loss / cfg.grad_accum,
                     "reward": torch.cat([ro.reward for ro, _ in batches]).mean().item(),
                     "baseline_reward": torch.cat([ro.baseline for ro, _ in batches]).mean().item(),
                     "advantage_abs": torch.cat([ro.advantage for ro, _ in batches]).abs().mean().item(),
-                    "lr": trainer.scheduler.get_last_lr()[0],
                     "step_time": time.perf_counter() - t0,
                 }
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                log_metrics(trainer, step, values)
-                if on_step is not None:
-                    on_step(step, trainer)
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                    save_checkpoint(trainer, cfg, step)
+                finish_step(trainer, cfg, step, values, grad_norm, on_step)
                 advance(1)
                 if step >= cfg.max_steps:
                     break
