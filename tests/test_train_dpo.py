@@ -54,7 +54,7 @@ def held_out_accuracy(trainer, pairs_path, seed=123) -> float:
 
     rows = read_manifest(pairs_path, "pairs").to_pylist()
     b = trainer.backend
-    lat_w, lat_l = load_pair_latents(pairs_path, rows, b)
+    lat_w, lat_l = load_pair_latents(pairs_path, rows, b, pairs_path.parent / "encoded")
     cfg = DpoConfig(pairs="x", out="x", beta=500.0)
     with torch.no_grad():
         out = pair_loss(b, trainer.denoiser, lat_w, lat_l, b.encode_prompts([r["prompt"] for r in rows]),
@@ -262,10 +262,11 @@ def test_pairs_without_latents_are_encoded_from_their_videos(cli, prompts_file, 
         r["chosen_latent"] = r["rejected_latent"] = ""
     write_manifest(run / "videos_only.parquet", rows, "pairs")
     backend = load_backend("tiny")
-    lat_w, lat_l = load_pair_latents(run / "videos_only.parquet", rows, backend)
-    stored, _ = load_pair_latents(
-        run / "pairs.parquet", read_manifest(run / "pairs.parquet", "pairs").to_pylist(), backend
-    )
+    lat_w, lat_l = load_pair_latents(run / "videos_only.parquet", rows, backend, tmp_path / "encoded")
+    assert len(list((tmp_path / "encoded").glob("*.safetensors"))) == 4  # encoded once, reused afterwards
+    stored_rows = read_manifest(run / "pairs.parquet", "pairs").to_pylist()
+    stored, _ = load_pair_latents(run / "pairs.parquet", stored_rows, backend, tmp_path / "unused")
+    assert not (tmp_path / "unused").exists()  # pairs with latent files encode nothing
     assert lat_w.shape == stored.shape == (2, 48, 8, 4, 4)
     from vpotool.video import frames_to_tensor, read_video
 

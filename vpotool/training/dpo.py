@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vpotool.config import DpoConfig, save_config
@@ -21,39 +22,60 @@ from vpotool.manifest import read_manifest, resolve
 from vpotool.models.base import NoiseSchedule, cond_cat
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.stages.common import progress_bar
+from vpotool.stages.sample import save_latent
 from vpotool.training.common import finish_step, optimizer_step, setup
 from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state
 from vpotool.video import frames_to_tensor, read_video
 
 
-def load_pair_latents(pairs_path: Path, rows: list[dict], backend) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected latents ``[N, C, F, h, w]`` (float32, CPU) for the pair rows.
+def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -> list[tuple[Path, Path]]:
+    """The (chosen, rejected) latent files of each pair, checked for shape against the backend.
 
-    A pair whose latent file is missing (human-labelled or external videos) is re-encoded from its mp4 through
-    the backend's VAE."""
+    A side without a latent file (people's labels on external videos) is encoded from its mp4 through the
+    backend's VAE once, into ``cache_dir/<sample_id>.safetensors``, which later epochs and reruns reuse."""
 
-    def one(row: dict, side: str) -> torch.Tensor:
+    def one(row: dict, side: str) -> Path:
         rel = row.get(f"{side}_latent") or ""
         path = resolve(pairs_path, rel) if rel else None
         if path is not None and path.is_file():
-            return load_file(str(path))["latents"].float()
-        video = resolve(pairs_path, row[f"{side}_video"])
-        frames = frames_to_tensor(read_video(video)).unsqueeze(0).to(backend.device, backend.dtype)
-        with torch.no_grad():
-            return backend.encode(frames)[0].float().cpu()
+            return path
+        cached = Path(cache_dir) / f"{row[f'{side}_id']}.safetensors"
+        if not cached.is_file():
+            video = resolve(pairs_path, row[f"{side}_video"])
+            frames = frames_to_tensor(read_video(video)).unsqueeze(0).to(backend.device, backend.dtype)
+            with torch.no_grad():
+                latent = backend.encode(frames)[0]
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_latent(cached, latent, {"sample_id": row[f"{side}_id"], "encoded_from": str(video)})
+        return cached
 
-    chosen = [one(r, "chosen") for r in rows]
-    rejected = [one(r, "rejected") for r in rows]
-    shapes = {tuple(x.shape) for x in chosen + rejected}
+    files = [(one(r, "chosen"), one(r, "rejected")) for r in rows]
+    shapes = set()
+    for path in (p for pair in files for p in pair):
+        with safe_open(str(path), "pt") as f:  # the header only: no tensor is read here
+            shapes.add(tuple(f.get_slice("latents").get_shape()))
     if len(shapes) != 1:
         raise VpoError(
             f"{pairs_path}: pairs have latents of different shapes {sorted(shapes)}; train one size at a time"
         )
-    expected = backend.latent_shape(1, 1, 1)[0]
-    if next(iter(shapes))[0] != expected:
-        raise VpoError(f"{pairs_path}: latents have {next(iter(shapes))[0]} channels, --model {backend.info.name} "
+    channels, expected = next(iter(shapes))[0], backend.latent_shape(1, 1, 1)[0]
+    if channels != expected:
+        raise VpoError(f"{pairs_path}: latents have {channels} channels, --model {backend.info.name} "
                        f"expects {expected}; were these pairs sampled with another model?")  # fmt: skip
-    return torch.stack(chosen), torch.stack(rejected)
+    return files
+
+
+def load_latents(paths: list[Path]) -> torch.Tensor:
+    """Stack latent files -> ``[N, C, F, h, w]`` float32 on the CPU."""
+    return torch.stack([load_file(str(p))["latents"].float() for p in paths])
+
+
+def load_pair_latents(
+    pairs_path: Path, rows: list[dict], backend, cache_dir: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected latents, each ``[N, C, F, h, w]``, of ``rows`` (see :func:`latent_files`)."""
+    files = latent_files(pairs_path, rows, backend, cache_dir)
+    return load_latents([w for w, _ in files]), load_latents([r for _, r in files])
 
 
 @contextmanager
@@ -120,7 +142,7 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     extra = ("ref",) if ref_mode == "ref" else ()
     trainer = setup(cfg, backend, extra)
     b, acc, den = trainer.backend, trainer.accelerator, trainer.denoiser
-    lat_w, lat_l = load_pair_latents(pairs_path, rows, b)
+    files = latent_files(pairs_path, rows, b, Path(cfg.out) / "encoded-latents")  # read per batch, not all at once
     if ref_mode == "ref" and trainer.start_step == 0:
         if cfg.ref_adapter:  # start the policy at the reference, so the loss starts at ln 2
             weights = load_file(str(Path(cfg.ref_adapter) / ADAPTER_FILE))
@@ -143,7 +165,9 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
                 idx = batch_indices(n, cfg.batch_size, slot, cfg.seed)
                 seeds = [cfg.seed * 7_919 + 2 * (slot * cfg.batch_size + j) for j in range(len(idx))]
                 cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
-                out = pair_loss(b, den, lat_w[idx].to(b.device), lat_l[idx].to(b.device), cond, seeds, cfg, ref_mode)
+                x0_w = load_latents([files[i][0] for i in idx]).to(b.device)
+                x0_l = load_latents([files[i][1] for i in idx]).to(b.device)
+                out = pair_loss(b, den, x0_w, x0_l, cond, seeds, cfg, ref_mode)
                 acc.backward(out.loss / cfg.grad_accum)
                 outs.append(out)
             grad_norm = optimizer_step(trainer, cfg)
@@ -151,8 +175,8 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
             ref_updated = bool(cfg.ref_update_interval) and step % cfg.ref_update_interval == 0
             if ref_updated:
                 copy_adapter(den, "default", "ref")
-            values = {k: torch.stack([getattr(o, k) for o in outs]).mean().item() for k in DpoOutput._fields}
-            values.pop("inside")
+            fields = [k for k in DpoOutput._fields if k != "inside"]  # inside is per example; the rest are means
+            values = {k: torch.stack([getattr(o, k) for o in outs]).mean().item() for k in fields}
             values.update(ref_updated=float(ref_updated), step_time=time.perf_counter() - t0)
             finish_step(trainer, cfg, step, values, grad_norm, on_step, extra)
             advance(1)
