@@ -17,6 +17,7 @@ that weights weigh something. Methods:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import resource
@@ -73,29 +74,20 @@ def one(method: str, frames: int, size: int, batch: int, steps: int, big: bool) 
     if method == "dpo":
         loss = pair_loss(b, b.denoiser, x0_w, x0_l, cond, seeds, dcfg, "base").loss
     elif method == "dpo-copy":
-        real = b.denoiser  # run the reference through the frozen copy instead of disabling the adapter
         from vpotool.training import dpo
 
-        class Copy:
-            def __init__(self):
-                self.entered = False
+        policy = b.denoiser
 
-        def ref_from_copy(denoiser, mode):
-            import contextlib
+        @contextlib.contextmanager
+        def copy_as_reference(denoiser, mode):  # the reference pass runs through the frozen copy
+            b.denoiser = frozen
+            try:
+                yield
+            finally:
+                b.denoiser = policy
 
-            @contextlib.contextmanager
-            def swap():
-                b.denoiser = frozen
-                try:
-                    yield
-                finally:
-                    b.denoiser = real
-
-            return swap()
-
-        dpo.reference_mode, saved = ref_from_copy, dpo.reference_mode
+        dpo.reference_mode = copy_as_reference  # this process measures one configuration, then exits
         loss = pair_loss(b, b.denoiser, x0_w, x0_l, cond, seeds, dcfg, "base").loss
-        dpo.reference_mode = saved
     elif method == "lora":
         x0 = torch.cat([x0_w, x0_l])
         sched = b.training_timesteps(2 * batch, torch.Generator().manual_seed(0), shape)

@@ -103,7 +103,6 @@ def test_curriculum_reference_changes_exactly_every_interval(pairs, tmp_path, in
                 trainer.backend.encode_prompts(["a red circle"]),
             )
             outputs["probe"] = probe
-            outputs[0] = trainer.backend  # marker
         outputs[step] = reference_output(trainer, outputs["probe"])
 
     # The reference before any step equals the base model; record it from a fresh tiny backend.

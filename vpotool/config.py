@@ -148,7 +148,8 @@ class TrainConfig(StageConfig):
         for name in ("max_steps", "batch_size", "grad_accum", "lora_rank"):
             self._check(getattr(self, name) >= 1, name, "must be at least 1")
         self._check(self.lr > 0, "lr", "must be positive")
-        self._check(self.warmup_steps >= 0 and self.save_every >= 0, "save_every", "must be >= 0")
+        self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(self.save_every >= 0, "save_every", "must be >= 0")
         self._check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "must be no, bf16 or fp16")
 
 

@@ -194,7 +194,6 @@ class RowWriter:
     def __init__(self, path: str | Path, schema_name: str, config: dict, compare: dict | None = None):
         self.path = Path(path)
         self.schema = SCHEMAS[schema_name]
-        self.config = config
         self.rows: list[dict] = []
         if self.path.exists():
             table = read_manifest(self.path, schema_name)
