@@ -138,6 +138,11 @@ def load_tiny(path: str | None = None, device="cpu", dtype=torch.float32) -> Wan
         if dtype != torch.float32:
             transformer, text_encoder = transformer.to(dtype=dtype), text_encoder.to(dtype=dtype)
         source = "builtin:seed0"
+    return tiny_backend(transformer, text_encoder, tokenizer, meta, source, device, dtype)
+
+
+def tiny_backend(transformer, text_encoder, tokenizer, meta: dict, source: str, device="cpu", dtype=torch.float32):
+    """Wrap tiny components (from ``load_tiny`` or fresh from ``build_tiny_components``) as a backend."""
     return WanBackend(
         info=ModelInfo(name="tiny", path=source),
         transformer=transformer.to(device).eval(),

@@ -10,6 +10,7 @@ from vpotool.errors import VpoError
 from vpotool.rewards.base import Reward, check_frames
 from vpotool.rewards.simple import BrightnessReward
 from vpotool.rewards.temporal import DynamicsReward, FlickerReward, SmoothnessReward, TemporalReward
+from vpotool.rewards.world import WorldReward
 
 RewardFactory = Callable[..., Reward]
 
@@ -19,6 +20,7 @@ REWARDS: dict[str, RewardFactory] = {
     "dynamics": lambda path=None, device="cpu", dtype=torch.float32, **kw: DynamicsReward(**kw),
     "temporal": lambda path=None, device="cpu", dtype=torch.float32, **kw: TemporalReward(**kw),
     "brightness": lambda path=None, device="cpu", dtype=torch.float32, **kw: BrightnessReward(**kw),
+    "world": lambda path=None, device="cpu", dtype=torch.float32, **kw: WorldReward(**kw),
 }
 
 

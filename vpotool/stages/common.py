@@ -12,11 +12,15 @@ from vpotool.errors import VpoError
 
 def load_prompts(path: str) -> list[tuple[str, str]]:
     """``(prompt_id, prompt)`` pairs from a .txt file (one prompt a line; blank lines and ``#`` lines skipped;
-    ids ``p00000``, ``p00001``, ... by line order among prompts) or a prompts .parquet (``prompt`` column, with
-    ``prompt_id`` if present)."""
+    ids ``p00000``, ``p00001``, ... by line order among prompts), a prompts .parquet (``prompt`` column, with
+    ``prompt_id`` if present), or ``world:train`` / ``world:heldout`` / ``world:all``: the tiny world's prompts."""
+    if path.startswith("world:"):
+        from vpotool.world import world_prompts
+
+        return [(w.id, w.text) for w in world_prompts(path.removeprefix("world:"))]
     p = Path(path)
     if not p.is_file():
-        raise VpoError(f"prompts file not found: {path} (pass --prompts with a .txt or .parquet file)")
+        raise VpoError(f"prompts file not found: {path} (pass --prompts with a .txt or .parquet file, or world:train)")
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -85,3 +89,18 @@ def progress_bar(description: str, total: int):
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def console():
+    """The rich console for status lines (stderr, so stdout stays for results such as written paths)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def sparkline(values: list[float]) -> str:
+    """``values`` as a row of block characters scaled between their min and max, e.g. ``▁▃▄▆█``."""
+    blocks = "▁▂▃▄▅▆▇█"
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(blocks[round((v - lo) / span * (len(blocks) - 1))] for v in values)
