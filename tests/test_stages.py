@@ -217,3 +217,32 @@ def test_chain_on_saved_diffusers_checkpoints(cli, prompts_file, tmp_path, famil
         assert read_video(run / row.video).shape[:3] == (row.frames, height, width)
     pairs = pd.read_parquet(run / "pairs.parquet")
     assert len(pairs) == 2 and (pairs.chosen_score > pairs.rejected_score).all()
+
+
+def test_save_trajectory_stores_states_and_logps_that_the_model_reproduces(cli, prompts_file, tmp_path):
+    from vpotool.models import load_backend
+    from vpotool.sampling import seeded_noise, step_logp
+
+    run = tmp_path / "run"
+    args = ("sample", "--prompts", prompts_file, "--candidates", 2, "--out", run, *FAST, "--noise-level", 0.7)
+    assert cli(*args, "--save-trajectory")[0] == 0
+    rows = pd.read_parquet(run / "samples.parquet")
+    files = [load_file(run / p) for p in rows.latent]
+    for f, seed in zip(files, rows.seed, strict=True):
+        assert f["states"].shape == (4, 48, 8, 4, 4) and f["states"].dtype == torch.float32  # S + 1 = 4 states
+        assert f["logps"].shape == (3,) and torch.isfinite(f["logps"]).all()
+        assert torch.equal(f["states"][-1], f["latents"])
+        assert torch.equal(f["states"][0], seeded_noise((48, 8, 4, 4), [int(seed)], "cpu")[0])
+
+    # The unchanged model gives the stored transitions the stored log-probabilities (guidance 4: both branches).
+    b = load_backend("tiny")
+    states = torch.stack([f["states"] for f in files], 1)  # [S + 1, B, C, F, h, w]
+    cond, uncond = b.encode_prompts(list(rows.prompt)), b.encode_negative(len(rows))
+    sched = b.schedule(3, (48, 8, 4, 4))
+    with torch.no_grad():
+        for i in range(3):
+            logp, _, _ = step_logp(b, sched, i, states[i], states[i + 1], cond, uncond, 4.0, 0.7)
+            torch.testing.assert_close(logp, torch.stack([f["logps"][i] for f in files]), atol=1e-5, rtol=1e-5)
+
+    one_line_error(cli(*args), "save_trajectory")  # resuming without the flag would mix files with and without
+    one_line_error(cli(*args[:-2], "--save-trajectory"), "--noise-level", "--save-trajectory")

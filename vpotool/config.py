@@ -62,6 +62,8 @@ class SampleConfig(StageConfig):
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
     noise_level: float = opt(0.0, "0: deterministic ODE/DDIM sampling; > 0: stochastic SDE steps of this level.")
+    save_trajectory: bool = opt(False, "Also store each video's sampler states and step log-probabilities in its "
+                                "latent file, for offline train-scst (needs --noise-level > 0).")  # fmt: skip
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and candidate index.")
     batch_size: int = opt(8, "Videos per denoiser call (a prompt's K candidates always go together).")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
@@ -76,6 +78,12 @@ class SampleConfig(StageConfig):
         for name in ("frames", "height", "width", "fps", "steps"):
             self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")
         self._check(self.noise_level >= 0, "noise_level", "must be >= 0")
+        self._check(
+            self.noise_level > 0 or not self.save_trajectory,
+            "noise_level",
+            "must be > 0 with --save-trajectory (deterministic steps have no log-probabilities); pass e.g. "
+            "--noise-level 0.7",
+        )
         self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
         self._check(0 <= self.crf <= 51, "crf", "must be in 0..51")
         parse_shard(self.shard)
@@ -206,24 +214,103 @@ class ReflConfig(TrainConfig, RolloutOptions):
 
 @dataclass
 class ScstConfig(TrainConfig, RolloutOptions):
-    noise_level: float = opt(0.7, "Noise of the stochastic rollout steps (flow SDE level, or DDIM eta).")
-    baseline: str = opt("greedy", "greedy: the deterministic sample from the same noise; group-mean: K samples.")
-    group_size: int = opt(4, "Samples per prompt for --baseline group-mean.")
+    samples: str = opt("", "Offline: stored rollouts, a samples.parquet from `vpotool sample --save-trajectory` "
+                       "(instead of --prompts).")  # fmt: skip
+    scores: str = opt("", "Offline: the scores.parquet of --samples, from `vpotool score`.")
+    reward: str | None = opt(None, "Reward name (default temporal); with --samples: which reward of --scores "
+                             "(needed when it holds several).")  # fmt: skip
+    noise_level: float | None = opt(None, "Noise of the stochastic rollout steps (flow SDE level, or DDIM eta; "
+                                    "default 0.7); with --samples: the samples' own.")  # fmt: skip
+    baseline: str | None = opt(None, "greedy (default): the deterministic sample from the same noise; group-mean: "
+                               "K samples (with --samples: the prompt's stored candidates).")  # fmt: skip
+    group_size: int = opt(4, "Samples per prompt for --baseline group-mean (with --samples: the stored ones).")
     normalize: bool = opt(False, "Scale advantages to unit RMS over the batch.")
     adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables).")
     ppo_epochs: int = opt(1, "Optimizer passes over each batch of rollouts (> 1 uses the clipped ratio).")
-    clip_eps: float = opt(1e-4, "PPO ratio clip for --ppo-epochs > 1.")
+    clip_eps: float = opt(1e-4, "PPO ratio clip for --ppo-epochs > 1 and for --samples.")
     kl_beta: float = opt(0.0, "Weight of the KL to the base model on the step means (0: off).")
     train_fraction: float = opt(1.0, "Fraction of each trajectory's steps to train on (chosen at random).")
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(bool(self.prompts), "prompts", "is required")
-        self._check(self.noise_level > 0, "noise_level", "must be > 0 (policy gradients need stochastic steps)")
+        offline = bool(self.samples)
+        why = "is required (or --samples with --scores, to train on stored rollouts)"
+        self._check(bool(self.prompts) or offline, "prompts", why)
+        why = "and --samples exclude each other: sample online from --prompts, or train on the stored --samples"
+        self._check(not (offline and self.prompts), "prompts", why)
+        self._check(bool(self.scores) or not offline, "scores", "is required with --samples (run `vpotool score`)")
+        self._check(offline or not self.scores, "samples", "is required with --scores")
+        if self.baseline is None:
+            self.baseline = "group-mean" if offline else "greedy"
+        if not offline:  # offline, the stored rollouts decide the reward and the noise level
+            self.reward = self.reward or "temporal"
+            self.noise_level = 0.7 if self.noise_level is None else self.noise_level
+        ok = self.noise_level is None or self.noise_level > 0
+        self._check(ok, "noise_level", "must be > 0 (policy gradients need stochastic steps)")
         self._check(self.baseline in ("greedy", "group-mean"), "baseline", "must be greedy or group-mean")
+        why = "must be group-mean with --samples (stored rollouts carry no greedy sample; each prompt needs >= 2 "
+        why += "scored candidates)"
+        self._check(not offline or self.baseline == "group-mean", "baseline", why)
         self._check(self.group_size >= 2 or self.baseline == "greedy", "group_size", "must be at least 2")
         self._check(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
         self._check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class LoopConfig(TrainConfig, RolloutOptions):
+    """``vpotool loop``: sample, score, pair and train online in one process (OnlineVPO), or ReFL / SCST steps."""
+
+    out: str = opt("runs/loop", "Run folder: iter-NNNN/ manifests, checkpoints/, metrics.parquet, eval/.")
+    algo: str = opt("dpo", "dpo (OnlineVPO), refl (reward gradients) or scst (self-critical, group-mean baseline).")
+    prompts: str = opt("world:train", "Training prompts: a .txt, a prompts .parquet, or world:train.")
+    reward: str = opt("world", "Reward to score candidates with (and to optimise, for refl and scst).")
+    iterations: int = opt(12, "Sample-score-train iterations.")
+    prompts_per_iter: int = opt(8, "Prompts sampled per iteration.")
+    candidates: int = opt(4, "Candidate videos per prompt (K).")
+    steps_per_iter: int = opt(8, "Optimizer steps per iteration.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps in all (0: iterations x steps-per-iter).")
+    lr: float = opt(1e-3, "Peak learning rate (AdamW).")
+    lora_rank: int = opt(8, "LoRA rank.")
+    save_every: int = opt(0, "Unused by loop: it checkpoints at the end of every iteration.")
+    noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0 for dpo and refl, 0.7 for scst).")
+    sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
+    pair_strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every pair above the margin.")
+    min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
+    beta: float = opt(500.0, "DPO temperature on the denoising-error difference.")
+    loss_type: str = opt("sigmoid", "DPO loss: sigmoid, hinge or ipo.")
+    ipo_tau: float = opt(500.0, "IPO regularisation.")
+    ref_update_interval: int = opt(16, "Copy the policy into the DPO reference every N steps (0: the base model).")
+    backprop_steps: int = opt(1, "refl: keep gradients through this many final denoising steps.")
+    reward_frames: str = opt("all", "refl: frames the reward sees: all, N or first-middle-last.")
+    adv_clip: float = opt(5.0, "scst: clip advantages to +-this (0 disables).")
+    clip_eps: float = opt(1e-4, "scst: ratio clip of the stored rollouts' log-probabilities.")
+    kl_beta: float = opt(0.0, "scst: weight of the KL to the base model (0: off).")
+    train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on.")
+    eval_prompts: str | None = opt(None, "Held-out prompts for base vs aligned at the end (default: world:heldout "
+                                   "for world prompts; none: skip).")  # fmt: skip
+    eval_seeds: int = opt(1, "Videos per held-out prompt in the final comparison.")
+
+    def __post_init__(self):
+        self._check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        for name in ("iterations", "prompts_per_iter", "steps_per_iter", "sample_batch_size", "eval_seeds"):
+            self._check(getattr(self, name) >= 1, name, "must be at least 1")
+        self.max_steps = self.max_steps or self.iterations * self.steps_per_iter
+        super().__post_init__()
+        self._check(self.algo in ("dpo", "refl", "scst"), "algo", "must be dpo, refl or scst")
+        need = 2 if self.algo in ("dpo", "scst") else 1
+        self._check(self.candidates >= need, "candidates", f"must be at least {need} for --algo {self.algo}")
+        self._check(self.noise_level is None or self.noise_level >= 0, "noise_level", "must be >= 0")
+        if self.algo == "scst":
+            self._check(self.noise_level is None or self.noise_level > 0, "noise_level", "must be > 0 for scst")
+        self._check(self.pair_strategy in ("best-worst", "all"), "pair_strategy", "must be best-worst or all")
+        self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
+        self._check(self.beta > 0, "beta", "must be positive")
+
+
+def sub_config(cls, cfg, **overrides):
+    """A ``cls`` config with every field ``cfg`` shares with it, then ``overrides`` (loop -> stage configs)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)}
+    return cls(**{**shared, **overrides})
 
 
 def load_yaml(path: str) -> dict:
@@ -283,3 +370,46 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, path)
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    out: str = opt("", "Eval folder: eval.parquet, prompts.parquet and one sample/score run per checkpoint.")
+    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
+    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    adapters: str = opt("", "LoRA checkpoint folders to compare with the base model, comma-separated (flag "
+                        "--adapter, repeatable).")  # fmt: skip
+    prompts: str = opt("world:heldout", "Held-out prompts: a .txt, a prompts .parquet or world:heldout/train/all.")
+    seeds: int = opt(1, "Videos per prompt, each from its own fixed seed (the same for every checkpoint).")
+    reward: str = opt("world,flicker,smoothness,dynamics", "Reward name(s) to score with, comma-separated.")
+    reward_path: str | None = opt(None, "Weights for a model-based reward: a local folder or hub id.")
+    frames: int | None = opt(None, "Frames per video (default: the model's).")
+    height: int | None = opt(None, "Height in pixels (default: the model's).")
+    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    steps: int | None = opt(None, "Denoising steps (default: the model's).")
+    guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
+    seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and its seed index.")
+    batch_size: int = opt(8, "Videos per denoiser and reward call.")
+    device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
+    dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
+    baseline: str = opt("base", "Checkpoint that win rates are computed against: base, or one --adapter (its path "
+                        "or its name in the table).")  # fmt: skip
+    frechet: bool = opt(True, "Also report world.frechet, the distance to ground-truth clips (world prompts only).")
+
+    def __post_init__(self):
+        self._check(bool(self.out), "out", "is required")
+        self._check(bool(self.prompts), "prompts", "is required")
+        self._check(self.seeds >= 1, "seeds", "must be at least 1")
+        self._check(bool(self.reward.strip(", ")), "reward", "needs at least one reward name")
+        for name in ("frames", "height", "width", "steps"):
+            self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")
+        self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        self._check(bool(self.baseline), "baseline", "must be base or one of the --adapter checkpoints")
+        twice = [a for i, a in enumerate(self.adapter_list) if a in self.adapter_list[:i]]
+        if twice:
+            raise VpoError(f"--adapter {twice[0]} is given twice; list each checkpoint once")
+
+    @property
+    def adapter_list(self) -> list[str]:
+        """The ``--adapter`` checkpoints in order, without blanks."""
+        return [a.strip() for a in self.adapters.split(",") if a.strip()]

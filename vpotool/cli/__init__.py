@@ -8,7 +8,8 @@ import sys
 import typer
 
 from vpotool import __version__
-from vpotool.cli import merge, pair, sample, score, train_dpo, train_refl, train_scst, unavailable
+from vpotool.cli import eval as evaluate
+from vpotool.cli import loop, merge, pair, sample, score, train_dpo, train_refl, train_scst
 from vpotool.errors import VpoError
 
 app = typer.Typer(
@@ -27,10 +28,11 @@ COMMANDS = [
     ("train-dpo", train_dpo.command),
     ("train-refl", train_refl.command),
     ("train-scst", train_scst.command),
+    ("loop", loop.command),
+    ("eval", evaluate.command),
 ]
 for name, fn in COMMANDS:
     app.command(name)(fn)
-unavailable.register(app)
 
 
 def _version(value: bool):
@@ -46,17 +48,20 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def main() -> None:
     """Console entry point: user errors become one red line and exit status 2, never a traceback."""
-    import click
+    try:  # typer >= 0.26 raises its own bundled copy of click's exceptions
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
 
     try:
         code = app(standalone_mode=False)
     except VpoError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
-    except click.ClickException as e:  # usage errors: click's own message and exit status
+    except click_errors.ClickException as e:  # usage errors: click's own message and exit status
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
         sys.exit(130)
     if code == 130:  # typer turns Ctrl-C inside a command into exit status 130

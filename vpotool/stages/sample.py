@@ -18,12 +18,23 @@ from vpotool.stages.common import load_prompts, progress_bar, shard_slice, shard
 from vpotool.video import to_uint8, write_video
 
 
-def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
-    """One sample's final latent ``[C, F, h, w]`` as safetensors (key ``latents``), atomically, with metadata."""
+def save_latent(path: Path, latent: torch.Tensor, metadata: dict, extra: dict | None = None) -> None:
+    """One sample's final latent ``[C, F, h, w]`` as safetensors (key ``latents``), atomically, with metadata.
+
+    ``extra`` adds tensors under their own keys (the sampler's ``states`` and ``logps``), stored as float32."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {"vpotool.schema": "latent", "vpotool.version": __version__, **{k: str(v) for k, v in metadata.items()}}
-    save_file({"latents": latent.detach().float().contiguous().cpu()}, str(tmp), metadata=meta)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in {"latents": latent, **(extra or {})}.items()}
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
+
+
+def trajectory_tensors(traj) -> list[dict]:
+    """Per video of a stochastic :class:`~vpotool.sampling.Trajectory` run with ``keep_states``: ``states``
+    ``[S + 1, C, F, h, w]`` (x_0 is the initial noise, x_S the final latent) and ``logps [S]``, as
+    :func:`save_latent` stores them for offline ``train-scst``."""
+    states = torch.stack([s.cpu() for s in traj.states], 1)  # on the CPU: no second copy in GPU memory
+    return [{"states": s, "logps": lp} for s, lp in zip(states, traj.logps.cpu(), strict=True)]
 
 
 def resolved_settings(cfg, backend) -> dict:
@@ -42,11 +53,12 @@ def resolved_settings(cfg, backend) -> dict:
 
 
 @torch.no_grad()
-def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond=None):
+def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond=None, keep_states: bool = False):
     """Sample one video per (prompt, seed) in a single batched sampler run.
 
     Returns ``(latents [B, C, F, h, w], frames [B, T, 3, H, W] in [0, 1])``. ``cond`` may pass precomputed
-    conditioning for ``prompts``.
+    conditioning for ``prompts``. ``keep_states=True`` adds a third element, the sampler's
+    :class:`~vpotool.sampling.Trajectory` with its S + 1 ``states`` (and ``logps [B, S]`` when stochastic).
     """
     from vpotool.sampling import sample, seeded_noise
 
@@ -63,13 +75,16 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
         uncond=uncond,
         noise_level=settings["noise_level"],
         step_seeds=seeds,
+        keep_states=keep_states,
     )
     frames = backend.decode(traj.latents.to(backend.dtype))
-    return traj.latents, frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
+    frames = frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
+    return (traj.latents, frames, traj) if keep_states else (traj.latents, frames)
 
 
 def run_sample(cfg: SampleConfig, backend=None) -> Path:
-    """Write ``cfg.out/samples.parquet`` (one row per video), ``videos/*.mp4`` and ``latents/*.safetensors``.
+    """Write ``cfg.out/samples.parquet`` (one row per video), ``videos/*.mp4`` and ``latents/*.safetensors``
+    (with ``--save-trajectory`` also holding each video's sampler states and step log-probabilities).
 
     Rerunning on the same ``--out`` skips videos already recorded; rows are flushed after every batch.
     ``backend`` may pass an already loaded model (``loop`` keeps one resident).
@@ -97,9 +112,8 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     suffix = shard_suffix(cfg.shard)
     save_config(cfg, out / f"sample{suffix}.yaml")
     model_id = {"model": backend.info.name, "model_path": backend.info.path, "adapter": backend.info.adapter}
-    writer = RowWriter(
-        out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare={**settings, **model_id, "seed": cfg.seed}
-    )
+    resume_keys = {**settings, **model_id, "seed": cfg.seed, "save_trajectory": cfg.save_trajectory}
+    writer = RowWriter(out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare=resume_keys)
 
     jobs = [(pid, text, k) for pid, text in prompts for k in range(cfg.candidates)]
     todo = [j for j in jobs if (f"{j[0]}-c{j[2]:02d}",) not in writer.done]
@@ -109,13 +123,15 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
         for start in range(0, len(todo), per_call):
             batch = todo[start : start + per_call]
             seeds = [video_seed(cfg.seed, pid, k) for pid, _, k in batch]
-            latents, frames = generate(backend, [t for _, t, _ in batch], seeds, settings)
+            texts = [t for _, t, _ in batch]
+            latents, frames, *traj = generate(backend, texts, seeds, settings, keep_states=cfg.save_trajectory)
+            extras = trajectory_tensors(traj[0]) if traj else [{}] * len(batch)
             rows = []
-            for (pid, text, k), seed, lat, vid in zip(batch, seeds, latents, frames, strict=True):
+            for (pid, text, k), seed, lat, vid, extra in zip(batch, seeds, latents, frames, extras, strict=True):
                 sid = f"{pid}-c{k:02d}"
                 write_video(out / "videos" / f"{sid}.mp4", to_uint8(vid), settings["fps"], cfg.crf)
                 meta = {"sample_id": sid, "prompt": text, "seed": seed, "config": json.dumps(settings)}
-                save_latent(out / "latents" / f"{sid}.safetensors", lat, meta)
+                save_latent(out / "latents" / f"{sid}.safetensors", lat, meta, extra)
                 rows.append(
                     dict(
                         sample_id=sid, prompt_id=pid, prompt=text, candidate=k, seed=seed, **model_id,

@@ -129,6 +129,50 @@ def batch_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
     return out
 
 
+def init_reference(trainer, cfg: DpoConfig) -> tuple[str, tuple[str, ...]]:
+    """Before the first step: the reference mode (``base``: adapter disabled; ``ref``: a frozen adapter) and the
+    extra adapters to checkpoint. A ``ref`` adapter starts as ``--ref-adapter`` (and so does the policy, so the
+    loss starts at ln 2) or as a copy of the fresh policy."""
+    if not (cfg.ref_update_interval or cfg.ref_adapter):
+        return "base", ()
+    den = trainer.denoiser
+    if trainer.start_step == 0:
+        if cfg.ref_adapter:
+            weights = load_file(str(Path(cfg.ref_adapter) / ADAPTER_FILE))
+            state = {k.removeprefix(f"{PREFIX}."): v for k, v in weights.items()}
+            for name in ("default", "ref"):
+                load_adapter_state(den, state, name)
+        else:
+            copy_adapter(den, "default", "ref")
+    return "ref", ("ref",)
+
+
+def dpo_step(trainer, cfg: DpoConfig, rows: list[dict], files: list, step: int, ref_mode: str):
+    """One optimizer step (``cfg.grad_accum`` micro-batches of pairs ``rows`` with latents ``files``) from step
+    ``step``; copies the policy into the reference when the curriculum says so. Returns ``(metrics, grad_norm)``."""
+    b, acc, den = trainer.backend, trainer.accelerator, trainer.denoiser
+    world, rank = acc.num_processes, acc.process_index
+    t0, outs = time.perf_counter(), []
+    for micro in range(cfg.grad_accum):
+        slot = (step * cfg.grad_accum + micro) * world + rank
+        idx = batch_indices(len(rows), cfg.batch_size, slot, cfg.seed)
+        seeds = [cfg.seed * 7_919 + 2 * (slot * cfg.batch_size + j) for j in range(len(idx))]
+        cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
+        x0_w = load_latents([files[i][0] for i in idx]).to(b.device)
+        x0_l = load_latents([files[i][1] for i in idx]).to(b.device)
+        out = pair_loss(b, den, x0_w, x0_l, cond, seeds, cfg, ref_mode)
+        acc.backward(out.loss / cfg.grad_accum)
+        outs.append(out)
+    grad_norm = optimizer_step(trainer, cfg)
+    ref_updated = bool(cfg.ref_update_interval) and (step + 1) % cfg.ref_update_interval == 0
+    if ref_updated:
+        copy_adapter(den, "default", "ref")
+    fields = [k for k in DpoOutput._fields if k != "inside"]  # inside is per example; the rest are means
+    values = {k: torch.stack([getattr(o, k) for o in outs]).mean().item() for k in fields}
+    values.update(ref_updated=float(ref_updated), step_time=time.perf_counter() - t0)
+    return values, grad_norm
+
+
 def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     """Train a LoRA adapter with Diffusion-DPO on ``cfg.pairs``; writes checkpoints and metrics under ``cfg.out``.
 
@@ -138,46 +182,19 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     rows = read_manifest(pairs_path, "pairs", "--pairs").to_pylist()
     if not rows:
         raise VpoError(f"{pairs_path} has no pairs; run `vpotool pair` first")
-    ref_mode = "ref" if (cfg.ref_update_interval or cfg.ref_adapter) else "base"
-    extra = ("ref",) if ref_mode == "ref" else ()
-    trainer = setup(cfg, backend, extra)
-    b, acc, den = trainer.backend, trainer.accelerator, trainer.denoiser
+    trainer = setup(cfg, backend, ("ref",) if (cfg.ref_update_interval or cfg.ref_adapter) else ())
+    b, acc = trainer.backend, trainer.accelerator
     files = latent_files(pairs_path, rows, b, Path(cfg.out) / "encoded-latents")  # read per batch, not all at once
-    if ref_mode == "ref" and trainer.start_step == 0:
-        if cfg.ref_adapter:  # start the policy at the reference, so the loss starts at ln 2
-            weights = load_file(str(Path(cfg.ref_adapter) / ADAPTER_FILE))
-            state = {k.removeprefix(f"{PREFIX}."): v for k, v in weights.items()}
-            for name in ("default", "ref"):
-                load_adapter_state(den, state, name)
-        else:
-            copy_adapter(den, "default", "ref")
+    ref_mode, extra = init_reference(trainer, cfg)
     save_config(cfg, Path(cfg.out) / "train-dpo.yaml")
-    n, world, rank = len(rows), acc.num_processes, acc.process_index
 
     # --- loop
     step = trainer.start_step
     with progress_bar("train-dpo", total=cfg.max_steps) as advance:
         advance(step)
         while step < cfg.max_steps:
-            t0, outs = time.perf_counter(), []
-            for micro in range(cfg.grad_accum):
-                slot = (step * cfg.grad_accum + micro) * world + rank
-                idx = batch_indices(n, cfg.batch_size, slot, cfg.seed)
-                seeds = [cfg.seed * 7_919 + 2 * (slot * cfg.batch_size + j) for j in range(len(idx))]
-                cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
-                x0_w = load_latents([files[i][0] for i in idx]).to(b.device)
-                x0_l = load_latents([files[i][1] for i in idx]).to(b.device)
-                out = pair_loss(b, den, x0_w, x0_l, cond, seeds, cfg, ref_mode)
-                acc.backward(out.loss / cfg.grad_accum)
-                outs.append(out)
-            grad_norm = optimizer_step(trainer, cfg)
+            values, grad_norm = dpo_step(trainer, cfg, rows, files, step, ref_mode)
             step += 1
-            ref_updated = bool(cfg.ref_update_interval) and step % cfg.ref_update_interval == 0
-            if ref_updated:
-                copy_adapter(den, "default", "ref")
-            fields = [k for k in DpoOutput._fields if k != "inside"]  # inside is per example; the rest are means
-            values = {k: torch.stack([getattr(o, k) for o in outs]).mean().item() for k in fields}
-            values.update(ref_updated=float(ref_updated), step_time=time.perf_counter() - t0)
             finish_step(trainer, cfg, step, values, grad_norm, on_step, extra)
             advance(1)
 

@@ -72,6 +72,29 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
     return frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
 
 
+def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: dict, step: int):
+    """One optimizer step from step ``step``: ``cfg.grad_accum`` micro-batches of reward-gradient rollouts over
+    ``prompts``. Returns ``(metrics, grad_norm)``."""
+    b, acc = trainer.backend, trainer.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    t0, rewards, losses = time.perf_counter(), [], []
+    for micro in range(cfg.grad_accum):
+        slot = (step * cfg.grad_accum + micro) * world + rank
+        idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
+        seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
+        batch = [prompts[i] for i in idx]
+        frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
+        value = reward(select_frames(frames, cfg.reward_frames).float(), batch)[cfg.reward_dimension]
+        loss = refl_loss(value, cfg.reward_target)
+        acc.backward(loss / cfg.grad_accum)
+        rewards.append(value.detach().mean())
+        losses.append(loss.detach())
+    grad_norm = optimizer_step(trainer, cfg)
+    values = {"loss": torch.stack(losses).mean().item(), "reward": torch.stack(rewards).mean().item()}
+    return {**values, "step_time": time.perf_counter() - t0}, grad_norm
+
+
 def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
     """Train a LoRA adapter to raise a differentiable reward; writes checkpoints and metrics under ``cfg.out``."""
     # --- setup
@@ -81,30 +104,15 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
     settings = resolved_settings(cfg, b)
     save_config(cfg, Path(cfg.out) / "train-refl.yaml")
-    world, rank = acc.num_processes, acc.process_index
 
     # --- loop
     step = trainer.start_step
     with progress_bar("train-refl", total=cfg.max_steps) as advance:
         advance(step)
         while step < cfg.max_steps:
-            t0, rewards, losses = time.perf_counter(), [], []
-            for micro in range(cfg.grad_accum):
-                slot = (step * cfg.grad_accum + micro) * world + rank
-                idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
-                seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
-                gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
-                batch = [prompts[i] for i in idx]
-                frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
-                value = reward(select_frames(frames, cfg.reward_frames).float(), batch)[cfg.reward_dimension]
-                loss = refl_loss(value, cfg.reward_target)
-                acc.backward(loss / cfg.grad_accum)
-                rewards.append(value.detach().mean())
-                losses.append(loss.detach())
-            grad_norm = optimizer_step(trainer, cfg)
+            values, grad_norm = refl_step(trainer, cfg, reward, prompts, settings, step)
             step += 1
-            values = {"loss": torch.stack(losses).mean().item(), "reward": torch.stack(rewards).mean().item()}
-            finish_step(trainer, cfg, step, {**values, "step_time": time.perf_counter() - t0}, grad_norm, on_step)
+            finish_step(trainer, cfg, step, values, grad_norm, on_step)
             advance(1)
 
     # --- save (the final checkpoint is written in the loop)

@@ -1,18 +1,24 @@
 """``train-scst``: self-critical policy gradients for diffusion. Stochastic rollouts record each step's
 log-probability; the baseline is the deterministic sample from the same noise (greedy, SCST) or the mean of K
 samples of the prompt (group-mean, GRPO style); the loss is ``-A * sum_t logp_t`` (or the PPO-clipped ratio
-over several epochs), with an optional KL to the base model on the step means."""
+over several epochs), with an optional KL to the base model on the step means. Offline, the rollouts are stored
+trajectories of ``sample --save-trajectory`` with their ``score`` rewards instead."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vpotool.config import ScstConfig, save_config
+from vpotool.config import ScstConfig, flag, save_config
+from vpotool.errors import VpoError
 from vpotool.losses import group_advantage, kl_to_reference, normalize_advantage, policy_gradient_loss, scst_advantage
+from vpotool.manifest import manifest_config, read_manifest, resolve
 from vpotool.sampling import sample, seeded_noise, step_logp
 from vpotool.stages.common import load_prompts, progress_bar
 from vpotool.stages.sample import resolved_settings
@@ -24,7 +30,8 @@ from vpotool.training.refl import load_rollout_reward
 @dataclass
 class Rollouts:
     """One micro-batch of stochastic trajectories: ``states`` S + 1 tensors ``[B, C, F, h, w]``, ``logps [B, S]``
-    at sampling time, ``advantage [B]`` and the rewards for logging."""
+    at sampling time, ``advantage [B]`` and the rewards for logging (fresh from :func:`collect`, or stored ones
+    from :func:`load_batch`)."""
 
     cond: dict
     uncond: dict | None
@@ -64,71 +71,296 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     return Rollouts(cond, uncond, traj.states, traj.logps, adv, r, baseline)
 
 
-def policy_step(backend, denoiser, ro: Rollouts, sched, steps_to_train: list[int], cfg: ScstConfig, settings, scale):
+def policy_step(
+    backend, denoiser, ro: Rollouts, sched, steps_to_train: list[int], cfg: ScstConfig, settings, scale, clipped
+):
     """Recompute the trained steps' log-probabilities under the current weights and backpropagate, one denoising
-    step at a time (memory of one step, not the whole trajectory). Returns the summed loss value."""
+    step at a time (memory of one step, not the whole trajectory). ``clipped``: the PPO-clipped ratio against
+    ``ro.logps`` (rollouts from an older policy) instead of plain REINFORCE. Returns the summed loss value."""
     total = 0.0
+    guidance, noise_level = settings["guidance"], settings["noise_level"]
     for i in steps_to_train:
         x, x_next = ro.states[i], ro.states[i + 1]
-        logp, mean, std = step_logp(
-            backend, sched, i, x, x_next, ro.cond, ro.uncond, settings["guidance"], cfg.noise_level
-        )
-        if cfg.ppo_epochs == 1:
-            loss = policy_gradient_loss(logp[:, None], ro.advantage)
-        else:
+        logp, mean, std = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
+        if clipped:
             loss = policy_gradient_loss(logp[:, None], ro.advantage, ro.logps[:, i : i + 1], cfg.clip_eps)
             loss = loss / len(steps_to_train)
+        else:
+            loss = policy_gradient_loss(logp[:, None], ro.advantage)
         if cfg.kl_beta:
             with torch.no_grad(), reference_mode(denoiser, "base"):
-                _, mean_ref, _ = step_logp(
-                    backend, sched, i, x, x_next, ro.cond, ro.uncond, settings["guidance"], cfg.noise_level
-                )
+                _, mean_ref, _ = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
             loss = loss + cfg.kl_beta * kl_to_reference(mean, mean_ref, std).mean()
         (loss * scale).backward()
         total += loss.item()
     return total
 
 
+@dataclass
+class StoredRollouts:
+    """Scored trajectories of ``sample --save-trajectory`` for offline training, one entry per usable sample
+    (a prompt's candidates adjacent): latent ``files`` holding ``states``/``logps``, ``prompts``, ``reward [N]``,
+    the group-mean ``baseline [N]`` and the group-normalised ``advantage [N]``. ``settings`` are the sampler
+    settings the trajectories were made with, ``shape`` their latent ``[C, F, h, w]``, ``notes`` warnings."""
+
+    reward_name: str
+    files: list[Path]
+    prompts: list[str]
+    reward: torch.Tensor
+    baseline: torch.Tensor
+    advantage: torch.Tensor
+    settings: dict
+    shape: tuple[int, ...]
+    notes: list[str]
+
+
+def reward_rows(scores: list[dict], cfg: ScstConfig, path: Path) -> tuple[str, list[dict]]:
+    """The chosen reward (``--reward``, or the only one in the scores manifest) and its score rows, which must
+    hold ``--reward-dimension``."""
+    rewards = sorted({r["reward"] for r in scores})
+    if not rewards:
+        raise VpoError(f"{path} has no scores; run `vpotool score` on the samples first")
+    name = cfg.reward or (rewards[0] if len(rewards) == 1 else None)
+    if name is None:
+        raise VpoError(f"{path} holds several rewards ({', '.join(rewards)}); choose one with --reward")
+    if name not in rewards:
+        raise VpoError(f"{path} has no scores of reward '{name}' (--reward); it has: {', '.join(rewards)}")
+    rows = [r for r in scores if r["reward"] == name]
+    dims = sorted(k for k, v in rows[0].items() if k not in ("sample_id", "prompt_id", "reward") and v is not None)
+    if cfg.reward_dimension not in dims:
+        known = ", ".join(dims)
+        raise VpoError(
+            f"reward '{name}' has no dimension '{cfg.reward_dimension}'; choose --reward-dimension: {known}"
+        )
+    return name, rows
+
+
+def trajectory_shape(files: list[Path], steps: int) -> tuple[int, ...]:
+    """Check, from the file headers only, that every latent file holds a trajectory of ``steps`` steps
+    (``states [steps + 1, C, F, h, w]``, ``logps [steps]``); returns the latent shape ``[C, F, h, w]``."""
+    from safetensors import safe_open
+
+    shapes = set()
+    for path in files:
+        if not path.is_file():
+            raise VpoError(f"latent file not found: {path}; keep the samples manifest inside its run folder")
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = set(f.keys())
+                states = tuple(f.get_slice("states").get_shape()) if "states" in keys else None
+                logps = tuple(f.get_slice("logps").get_shape()) if "logps" in keys else None
+        except Exception as e:  # noqa: BLE001 (any damage means the same thing to the user)
+            raise VpoError(f"{path} is not a readable latent file ({e}); rerun `vpotool sample`") from e
+        if states is None or logps is None:
+            raise VpoError(
+                f"{path} holds no stored trajectory (no 'states'); rerun `vpotool sample` with --save-trajectory "
+                f"and --noise-level > 0 (e.g. 0.7) to train on its samples offline"
+            )
+        if states[0] != steps + 1 or logps != (steps,):
+            raise VpoError(
+                f"{path} holds a trajectory of {logps[0]} steps, but its manifest row says {steps}; "
+                f"rerun `vpotool sample` into a new --out"
+            )
+        shapes.add(states[1:])
+    if len(shapes) != 1:
+        raise VpoError(f"stored trajectories have different shapes {sorted(shapes)}; train one size at a time")
+    return next(iter(shapes))
+
+
+def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, backend=None) -> StoredRollouts:
+    """Join a samples manifest with its scores of one reward (``cfg.reward``, or the only one) and
+    ``cfg.reward_dimension`` into stored rollouts; reads manifests and latent file headers only. The baseline of a
+    sample is the mean reward of its prompt's scored candidates. Refuses, one line each: samples of another
+    ``--model`` (or, given ``backend``, latents it cannot take), non-finite scores, latent files without a
+    trajectory, mixed sampler settings; skips prompts with fewer than 2 scored candidates."""
+    samples_path, scores_path = Path(samples), Path(scores)
+    table = read_manifest(samples_path, "samples", "--samples")
+    samples = {r["sample_id"]: r for r in table.to_pylist()}
+    reward_name, rows = reward_rows(read_manifest(scores_path, "scores", "--scores").to_pylist(), cfg, scores_path)
+    groups: dict[str, list[tuple[dict, float]]] = {}
+    for r in rows:
+        sid, value = r["sample_id"], r[cfg.reward_dimension]
+        if value is None or not math.isfinite(value):
+            raise VpoError(
+                f"{scores_path}: sample {sid} has a non-finite {cfg.reward_dimension} score ({value}); "
+                f"rescore it with `vpotool score` or drop its row"
+            )
+        if sid not in samples:
+            raise VpoError(
+                f"{scores_path} scores sample {sid}, which is not in {samples_path}; pass the samples "
+                f"manifest these scores were made from"
+            )
+        made_by = samples[sid]["model"]
+        if made_by != cfg.model:
+            raise VpoError(
+                f"{samples_path}: sample {sid} was made by --model {made_by}, not {cfg.model}; "
+                f"train with --model {made_by} (stored log-probabilities are that model's)"
+            )
+        groups.setdefault(r["prompt_id"], []).append((samples[sid], value))
+    notes = []
+    few = sorted(p for p, g in groups.items() if len(g) < 2)
+    if len(few) == len(groups):
+        raise VpoError(
+            f"no prompt in {scores_path} has 2 or more scored candidates, which the group-mean "
+            f"baseline needs; sample with --candidates 2 or more and score every candidate"
+        )
+    if few:
+        notes.append(f"skipping {len(few)} prompt(s) with fewer than 2 scored candidates: {', '.join(few)}")
+    kept = [sorted(groups[p], key=lambda sv: sv[0]["sample_id"]) for p in sorted(groups) if len(groups[p]) >= 2]
+    used = [s for g in kept for s, _ in g]
+
+    settings = {}
+    for k in ("steps", "guidance", "noise_level", "frames", "height", "width"):
+        values = sorted({s[k] for s in used})
+        if len(values) > 1:
+            raise VpoError(
+                f"{samples_path}: samples were made with different {k} ({', '.join(map(str, values))}); "
+                f"train on the samples of one setting at a time"
+            )
+        settings[k] = values[0]
+    asked = manifest_config(table)  # what `sample` was asked for: the rows hold the frames the VAE gave
+    for k, v in settings.items():
+        given = getattr(cfg, k)
+        if given is not None and given not in (v, asked.get(k)):
+            notes.append(f"{flag(k)} {given} is ignored: the stored trajectories were sampled with {k} {v}")
+    adapters = sorted({s["adapter"] for s in used if s["adapter"]})
+    if adapters:
+        notes.append(
+            f"the samples were drawn with adapter {', '.join(adapters)}, but training starts a new adapter "
+            f"on the base model: their log-probabilities are off-policy from the first step"
+        )
+
+    files = [resolve(samples_path, s["latent"]) for s in used]
+    shape = trajectory_shape(files, settings["steps"])
+    if backend is not None and shape[0] != backend.latent_shape(1, 1, 1)[0]:
+        raise VpoError(
+            f"{samples_path}: latents have {shape[0]} channels, --model {backend.info.name} expects "
+            f"{backend.latent_shape(1, 1, 1)[0]}; were these samples made with other weights?"
+        )
+    values = [torch.tensor([v for _, v in g], dtype=torch.float32) for g in kept]
+    reward = torch.cat(values)
+    baseline = torch.cat([v.mean().expand(len(v)) for v in values])
+    advantage = torch.cat([group_advantage(v, len(v)) for v in values])
+    prompts = [s["prompt"] for s in used]
+    return StoredRollouts(reward_name, files, prompts, reward, baseline, advantage, settings, shape, notes)
+
+
+@torch.no_grad()
+def load_batch(backend, stored: StoredRollouts, idx: list[int], cfg: ScstConfig) -> Rollouts:
+    """The stored rollouts ``idx`` as one micro-batch: trajectories read from their files now (the set need not
+    fit in memory), conditioning encoded from their prompts, advantages normalised over the batch as online."""
+    from safetensors import safe_open
+
+    states, logps = [], []
+    for i in idx:
+        with safe_open(str(stored.files[i]), "pt") as f:
+            states.append(f.get_tensor("states").float())
+            logps.append(f.get_tensor("logps").float())
+    dev = backend.device
+    cond = backend.encode_prompts([stored.prompts[i] for i in idx])
+    uncond = backend.encode_negative(len(idx)) if stored.settings["guidance"] != 1.0 else None
+    adv = normalize_advantage(stored.advantage[idx], cfg.adv_clip or None, scale=cfg.normalize).to(dev)
+    visited = list(torch.stack(states, 1).to(dev).unbind(0))  # S + 1 tensors [B, C, F, h, w]
+    return Rollouts(cond, uncond, visited, torch.stack(logps).to(dev), adv, stored.reward[idx], stored.baseline[idx])
+
+
+def trained_steps(steps: int, cfg: ScstConfig, slot: int) -> list[int]:
+    """The denoising steps micro-batch ``slot`` trains on: a seeded random ``cfg.train_fraction`` of ``steps``."""
+    gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
+    n = max(1, round(cfg.train_fraction * steps))
+    return sorted(torch.randperm(steps, generator=gen)[:n].tolist())
+
+
+def slots(trainer, cfg: ScstConfig, rnd: int) -> list[int]:
+    """This process's micro-batch positions in the data stream for round ``rnd`` (one per ``cfg.grad_accum``)."""
+    world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+    return [(rnd * cfg.grad_accum + micro) * world + rank for micro in range(cfg.grad_accum)]
+
+
+def fresh_batches(trainer, cfg: ScstConfig, reward, prompts: list[str], settings: dict, rnd: int) -> list[tuple]:
+    """Round ``rnd``'s micro-batches sampled now: ``[(Rollouts, trained steps)]``."""
+    batches = []
+    for slot in slots(trainer, cfg, rnd):
+        idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
+        seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
+        ro = collect(trainer.backend, reward, [prompts[i] for i in idx], seeds, settings, cfg)
+        batches.append((ro, trained_steps(settings["steps"], cfg, slot)))
+    return batches
+
+
+def stored_batches(trainer, cfg: ScstConfig, stored: StoredRollouts, rnd: int) -> list[tuple]:
+    """Round ``rnd``'s micro-batches of stored rollouts: ``[(Rollouts, trained steps)]``."""
+    batches = []
+    for slot in slots(trainer, cfg, rnd):
+        idx = batch_indices(len(stored.files), cfg.batch_size, slot, cfg.seed)
+        ro = load_batch(trainer.backend, stored, idx, cfg)
+        batches.append((ro, trained_steps(stored.settings["steps"], cfg, slot)))
+    return batches
+
+
+def scst_update(trainer, cfg: ScstConfig, batches: list[tuple], sched, settings: dict, clipped: bool):
+    """One optimizer step on ``batches`` (see :func:`policy_step`). Returns ``(metrics, grad_norm)``."""
+    scale = 1 / len(batches)
+    b, den = trainer.backend, trainer.denoiser
+    loss = sum(policy_step(b, den, ro, sched, tr, cfg, settings, scale, clipped) for ro, tr in batches)
+    grad_norm = optimizer_step(trainer, cfg)
+    values = {
+        "loss": loss * scale,
+        "reward": torch.cat([ro.reward for ro, _ in batches]).mean().item(),
+        "baseline_reward": torch.cat([ro.baseline for ro, _ in batches]).mean().item(),
+        "advantage_abs": torch.cat([ro.advantage for ro, _ in batches]).abs().mean().item(),
+    }
+    return values, grad_norm
+
+
+def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
+    """One optimizer step from step ``step`` on stored rollouts (round ``step // ppo_epochs`` of the data stream),
+    with the clipped ratio: for callers that own the loop, such as ``vpotool loop``. Returns
+    ``(metrics, grad_norm)``."""
+    t0 = time.perf_counter()
+    sched = trainer.backend.schedule(stored.settings["steps"], stored.shape)
+    batches = stored_batches(trainer, cfg, stored, step // cfg.ppo_epochs)
+    values, grad_norm = scst_update(trainer, cfg, batches, sched, stored.settings, clipped=True)
+    return {**values, "step_time": time.perf_counter() - t0}, grad_norm
+
+
 def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
-    """Train a LoRA adapter with self-critical policy gradients; writes checkpoints and metrics under ``cfg.out``."""
+    """Train a LoRA adapter with self-critical policy gradients; writes checkpoints and metrics under ``cfg.out``.
+    With ``cfg.samples`` the rollouts are stored, scored trajectories (see :func:`load_rollouts`), not sampled."""
     # --- setup
-    prompts = [p for _, p in load_prompts(cfg.prompts)]
+    stored = load_rollouts(cfg.samples, cfg.scores, cfg, backend) if cfg.samples else None  # before models load
+    if stored is not None:  # the stored trajectories define the reward and the sampler settings
+        cfg = dataclasses.replace(cfg, reward=stored.reward_name, **stored.settings)
+    else:
+        prompts = [p for _, p in load_prompts(cfg.prompts)]
     trainer = setup(cfg, backend)
     b, acc = trainer.backend, trainer.accelerator
-    reward = load_rollout_reward(cfg, b.device, need_grad=False)
     settings = resolved_settings(cfg, b)
-    shape = b.latent_shape(settings["frames"], settings["height"], settings["width"])
+    if stored is None:
+        reward = load_rollout_reward(cfg, b.device, need_grad=False)
+        shape = b.latent_shape(settings["frames"], settings["height"], settings["width"])
+    else:
+        shape = stored.shape
+        for note in stored.notes:
+            acc.print(f"warning: {note}", file=sys.stderr)
     sched = b.schedule(settings["steps"], shape)
     save_config(cfg, Path(cfg.out) / "train-scst.yaml")
-    world, rank = acc.num_processes, acc.process_index
-    n_train = max(1, round(cfg.train_fraction * settings["steps"]))
+    clipped = cfg.ppo_epochs > 1 or stored is not None  # stored trajectories are off-policy after the first update
 
-    # --- loop: a round collects rollouts, then takes ppo_epochs optimizer steps on them
+    # --- loop: a round samples (offline: loads) rollouts, then takes ppo_epochs optimizer steps on them
     step = trainer.start_step
     with progress_bar("train-scst", total=cfg.max_steps) as advance:
         advance(step)
         while step < cfg.max_steps:
             rnd, t0 = step // cfg.ppo_epochs, time.perf_counter()
-            batches = []
-            for micro in range(cfg.grad_accum):
-                slot = (rnd * cfg.grad_accum + micro) * world + rank
-                idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
-                seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
-                gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
-                trained = sorted(torch.randperm(settings["steps"], generator=gen)[:n_train].tolist())
-                batches.append((collect(b, reward, [prompts[i] for i in idx], seeds, settings, cfg), trained))
+            if stored is None:
+                batches = fresh_batches(trainer, cfg, reward, prompts, settings, rnd)
+            else:
+                batches = stored_batches(trainer, cfg, stored, rnd)
             for _ in range(cfg.ppo_epochs):
-                loss = sum(policy_step(b, trainer.denoiser, ro, sched, tr, cfg, settings, 1 / cfg.grad_accum)
-                           for ro, tr in batches)  # fmt: skip
-                grad_norm = optimizer_step(trainer, cfg)
+                values, grad_norm = scst_update(trainer, cfg, batches, sched, settings, clipped)
                 step += 1
-                values = {
-                    "loss": loss / cfg.grad_accum,
-                    "reward": torch.cat([ro.reward for ro, _ in batches]).mean().item(),
-                    "baseline_reward": torch.cat([ro.baseline for ro, _ in batches]).mean().item(),
-                    "advantage_abs": torch.cat([ro.advantage for ro, _ in batches]).abs().mean().item(),
-                    "step_time": time.perf_counter() - t0,
-                }
+                values["step_time"] = time.perf_counter() - t0
                 finish_step(trainer, cfg, step, values, grad_norm, on_step)
                 advance(1)
                 if step >= cfg.max_steps:

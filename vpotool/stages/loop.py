@@ -1,0 +1,166 @@
+"""``vpotool loop``: OnlineVPO in one process. Each iteration samples K candidates per prompt with the current
+policy, scores them, pairs best against worst and takes DPO steps (or ReFL / SCST steps), with the model, reward
+and optimizer resident throughout. Every iteration writes the same manifests as the separate stages
+(``RUN/iter-NNNN/{prompts,samples,scores,pairs}.parquet``); checkpoints close each iteration, so a rerun resumes."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from vpotool.config import (
+    DpoConfig,
+    LoopConfig,
+    PairConfig,
+    ReflConfig,
+    SampleConfig,
+    ScoreConfig,
+    ScstConfig,
+    save_config,
+    sub_config,
+)
+from vpotool.errors import VpoError
+from vpotool.manifest import read_manifest, write_manifest
+from vpotool.stages.common import console, load_prompts, sparkline
+from vpotool.stages.pair import run_pair
+from vpotool.stages.sample import resolved_settings, run_sample
+from vpotool.stages.score import run_score
+from vpotool.training.common import finish_step, latest_checkpoint, setup
+from vpotool.training.dpo import batch_indices, dpo_step, init_reference, latent_files
+from vpotool.training.refl import load_rollout_reward, refl_step
+from vpotool.training.scst import load_rollouts, offline_step
+
+
+@contextmanager
+def sampling(trainer):
+    """The policy in eval mode for sampling, back to training mode afterwards."""
+    trainer.denoiser.eval()
+    try:
+        yield
+    finally:
+        trainer.denoiser.train()
+
+
+def iteration_prompts(prompts: list[tuple[str, str]], cfg: LoopConfig, it: int) -> list[tuple[str, str]]:
+    """The prompts of iteration ``it``: the next slice of a seeded shuffle over the training prompts."""
+    chosen = dict(prompts[i] for i in batch_indices(len(prompts), cfg.prompts_per_iter, it, cfg.seed))
+    return list(chosen.items())
+
+
+def method_config(cfg: LoopConfig, pairs: str):
+    """The trainer config the loop's steps run under (checkpoints at the end of every iteration)."""
+    common = dict(max_steps=cfg.max_steps, save_every=cfg.steps_per_iter, resume=False)
+    if cfg.algo == "dpo":
+        return sub_config(DpoConfig, cfg, pairs=pairs, **common)
+    if cfg.algo == "refl":
+        return sub_config(ReflConfig, cfg, **common)
+    return sub_config(ScstConfig, cfg, baseline="group-mean", group_size=cfg.candidates, **common)
+
+
+def run_loop(cfg: LoopConfig) -> Path:
+    """Run ``cfg.iterations`` online iterations into ``cfg.out``, then compare base and aligned on held-out
+    prompts. Returns the run folder."""
+    # --- setup: one backend, one reward, one trainer for the whole run
+    out = Path(cfg.out)
+    prompts = load_prompts(cfg.prompts)
+    noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if cfg.algo == "scst" else 0.0)
+    mcfg = method_config(cfg, pairs=str(out / "iter-0000" / "pairs.parquet"))
+    resuming = latest_checkpoint(out) is not None
+    extra = ("ref",) if cfg.algo == "dpo" and cfg.ref_update_interval else ()
+    trainer = setup(sub_config(type(mcfg), mcfg, resume=resuming), None, extra)
+    b = trainer.backend
+    reward = load_rollout_reward(cfg, b.device, need_grad=cfg.algo == "refl")
+    ref_mode, extra = init_reference(trainer, mcfg) if cfg.algo == "dpo" else ("base", ())
+    settings = resolved_settings(cfg, b)
+    save_config(cfg, out / "loop.yaml")
+    step, start_iter = trainer.start_step, trainer.start_step // cfg.steps_per_iter
+    if resuming:
+        console().print(f"resuming {out} at iteration {start_iter} (step {step})")
+
+    # --- loop
+    history = []
+    for it in range(start_iter, cfg.iterations):
+        if step >= cfg.max_steps:
+            break
+        t0, d = time.perf_counter(), out / f"iter-{it:04d}"
+        rows = [dict(prompt_id=pid, prompt=text) for pid, text in iteration_prompts(prompts, cfg, it)]
+        write_manifest(d / "prompts.parquet", rows, "prompts", {"iteration": it})
+        scfg = sub_config(
+            SampleConfig, cfg, prompts=str(d / "prompts.parquet"), out=str(d), seed=cfg.seed * 100_003 + it,
+            batch_size=cfg.sample_batch_size, save_trajectory=cfg.algo == "scst",
+            **{**settings, "noise_level": noise_level},
+        )  # fmt: skip
+        with sampling(trainer):
+            samples = run_sample(scfg, backend=b)
+        scores = run_score(
+            ScoreConfig(samples=str(samples), out=str(d / "scores.parquet"), reward=cfg.reward, device=str(b.device)),
+            rewards={cfg.reward: reward},
+        )
+        sample_reward = mean_score(scores, cfg.reward_dimension)
+        t_sample = time.perf_counter() - t0
+        if cfg.algo == "dpo":
+            pairs = run_pair(
+                PairConfig(
+                    samples=str(samples), scores=str(scores), out=str(d / "pairs.parquet"),
+                    dimension=cfg.reward_dimension, strategy=cfg.pair_strategy, min_margin=cfg.min_margin,
+                )
+            )  # fmt: skip
+            pair_rows = read_manifest(pairs, "pairs", "--pairs").to_pylist()
+            files = latent_files(pairs, pair_rows, b, d / "encoded-latents")
+        elif cfg.algo == "scst":
+            rollouts = load_rollouts(samples, scores, mcfg, b)
+        last = {}
+        for _ in range(cfg.steps_per_iter):
+            if step >= cfg.max_steps:
+                break
+            if cfg.algo == "dpo":
+                values, grad_norm = dpo_step(trainer, mcfg, pair_rows, files, step, ref_mode)
+            elif cfg.algo == "refl":
+                values, grad_norm = refl_step(trainer, mcfg, reward, [r["prompt"] for r in rows], settings, step)
+            else:
+                values, grad_norm = offline_step(trainer, mcfg, rollouts, step)
+            step += 1
+            last = {**values, "iteration": float(it), "sample_reward": sample_reward}
+            finish_step(trainer, mcfg, step, last, grad_norm, None, extra)
+        history.append(sample_reward)
+        summary = f"iter {it + 1}/{cfg.iterations}  reward {sample_reward:.4f}"
+        if "implicit_acc" in last:
+            summary += f"  dpo loss {last['loss']:.4f}  acc {last['implicit_acc']:.2f}"
+        elif "loss" in last:
+            summary += f"  loss {last['loss']:.4f}"
+        console().print(f"{summary}  sample {t_sample:.0f}s  total {time.perf_counter() - t0:.0f}s")
+
+    # --- save and compare: the final checkpoint is written in the loop
+    trainer.accelerator.end_training()
+    if history:
+        console().print(f"{cfg.reward_dimension} reward per iteration: {sparkline(history)}")
+    final = latest_checkpoint(out)
+    eval_prompts = cfg.eval_prompts
+    if eval_prompts is None:
+        eval_prompts = "world:heldout" if cfg.prompts.startswith("world:") else "none"
+    if final is not None and eval_prompts != "none":
+        compare(cfg, b, eval_prompts, final, reward)
+    return out
+
+
+def mean_score(scores: Path, dimension: str) -> float:
+    """Mean of ``dimension`` over a scores manifest (the iteration's reward)."""
+    values = read_manifest(scores, "scores", "--scores").column(dimension).to_pylist()
+    if not values:
+        raise VpoError(f"{scores} has no scores")
+    return float(torch.tensor(values, dtype=torch.float64).mean())
+
+
+def compare(cfg: LoopConfig, backend, prompts: str, checkpoint: Path, reward) -> None:
+    """Base model vs the final adapter on held-out prompts (``RUN/eval``), printed as a table."""
+    from vpotool.config import EvalConfig
+    from vpotool.stages.eval import run_eval
+
+    ecfg = sub_config(
+        EvalConfig, cfg, out=str(Path(cfg.out) / "eval"), prompts=prompts, adapters=str(checkpoint),
+        seeds=cfg.eval_seeds, batch_size=cfg.sample_batch_size, device=str(backend.device),
+    )  # fmt: skip
+    run_eval(ecfg, backend=backend, rewards={cfg.reward: reward})
