@@ -235,7 +235,12 @@ def test_two_processes_match_one_with_the_same_effective_batch(pairs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "vpotool", "train-dpo", *common, "--batch-size", "4", "--out", str(tmp_path / "one")]
     subprocess.run(one, check=True, capture_output=True, env=env)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel or back-to-back runs cannot collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     two = [*launcher, "-m", "vpotool", "train-dpo", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]
     result = subprocess.run(two, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

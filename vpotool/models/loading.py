@@ -7,6 +7,15 @@ import os
 from vpotool.errors import VpoError
 
 
+def quiet_loading() -> None:
+    """No per-file "Loading weights" progress bars from transformers and diffusers: stages show their own."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_component(cls, path: str, subfolder: str | None, family: str, dtype=None, **kwargs):
     """``cls.from_pretrained(path, subfolder=...)``; a missing folder or bad checkpoint becomes a ``VpoError``.
 
@@ -22,6 +31,7 @@ def load_component(cls, path: str, subfolder: str | None, family: str, dtype=Non
             f"{path} has no '{subfolder}/' folder; --model {family} expects the diffusers layout "
             f"(transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
+    quiet_loading()
     sub = {"subfolder": subfolder} if subfolder else {}
     if dtype is not None:
         kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
