@@ -15,7 +15,7 @@ import torch
 from vpotool.config import EvalConfig, SampleConfig, ScoreConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import read_manifest, write_manifest
-from vpotool.stages.common import load_prompts, video_seed
+from vpotool.stages.common import console, load_prompts, video_seed
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import load_frames, run_score
 from vpotool.world.features import clip_features, frechet_distance
@@ -112,7 +112,8 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
             row = dict(checkpoint=name, metric=FRECHET, mean=dist, std=math.nan, n=len(mine), win_rate=math.nan)
             result.append(row)
     elif cfg.frechet:
-        _note(f"{FRECHET} skipped: it needs tiny-world prompts, and {cfg.prompts} holds others")
+        why = f"it needs tiny-world prompts, and {cfg.prompts} holds others"
+        console().print(f"[yellow]note:[/] {FRECHET} skipped: {why}")
     path = out / "eval.parquet"
     write_manifest(path, result, "eval", cfg.to_dict())
     print_table(result, [name for name, _ in checkpoints], baseline)
@@ -275,12 +276,6 @@ def reference_features(specs: list, frames: int, height: int, width: int, fps: i
                 decoded.append(frames_to_tensor(read_video(path), height, width))
             feats.append(clip_features(torch.stack(decoded)))
     return torch.cat(feats)
-
-
-def _note(text: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[yellow]note:[/] {text}")
 
 
 def _fmt(x: float, digits: int = 3) -> str:

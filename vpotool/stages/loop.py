@@ -29,7 +29,7 @@ from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import resolved_settings, run_sample
 from vpotool.stages.score import run_score
 from vpotool.training.common import finish_step, latest_checkpoint, setup
-from vpotool.training.dpo import batch_indices, dpo_step, init_reference, latent_files
+from vpotool.training.dpo import batch_indices, dpo_step, init_reference, latent_files, reference_adapters
 from vpotool.training.refl import load_rollout_reward, refl_step
 from vpotool.training.scst import load_rollouts, offline_step
 
@@ -69,11 +69,11 @@ def run_loop(cfg: LoopConfig) -> Path:
     noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if cfg.algo == "scst" else 0.0)
     mcfg = method_config(cfg, pairs=str(out / "iter-0000" / "pairs.parquet"))
     resuming = latest_checkpoint(out) is not None
-    extra = ("ref",) if cfg.algo == "dpo" and cfg.ref_update_interval else ()
+    extra = reference_adapters(mcfg) if cfg.algo == "dpo" else ()
     trainer = setup(sub_config(type(mcfg), mcfg, resume=resuming), None, extra)
     b = trainer.backend
     reward = load_rollout_reward(cfg, b.device, need_grad=cfg.algo == "refl")
-    ref_mode, extra = init_reference(trainer, mcfg) if cfg.algo == "dpo" else ("base", ())
+    ref_mode = init_reference(trainer, mcfg) if cfg.algo == "dpo" else "base"
     settings = resolved_settings(cfg, b)
     save_config(cfg, out / "loop.yaml")
     step, start_iter = trainer.start_step, trainer.start_step // cfg.steps_per_iter

@@ -29,25 +29,32 @@ def select_pairs(scored: list[tuple[str, float]], strategy: str, min_margin: flo
     return [(i, j) for i, j in candidates if scored[i][1] - scored[j][1] > 0 and scored[i][1] - scored[j][1] >= margin]
 
 
+def reward_rows(scores: list[dict], reward: str | None, dimension: str, path: Path, dimension_flag: str):
+    """``(reward name, its rows)`` of a scores manifest: ``reward``, or the only one there; its rows must hold
+    ``dimension``. Ambiguity and absence stop with one line naming ``--reward`` or ``dimension_flag``."""
+    rewards = sorted({r["reward"] for r in scores})
+    if not rewards:
+        raise VpoError(f"{path} has no scores; run `vpotool score` first")
+    name = reward or (rewards[0] if len(rewards) == 1 else None)
+    if name is None:
+        raise VpoError(f"{path} holds several rewards ({', '.join(rewards)}); choose one with --reward")
+    if name not in rewards:
+        raise VpoError(f"{path} has no scores of reward '{name}' (--reward); it has: {', '.join(rewards)}")
+    rows = [r for r in scores if r["reward"] == name]
+    dims = sorted(k for k, v in rows[0].items() if k not in ("sample_id", "prompt_id", "reward") and v is not None)
+    if dimension not in dims:
+        known = ", ".join(dims)
+        raise VpoError(f"reward '{name}' has no dimension '{dimension}'; choose {dimension_flag} from: {known}")
+    return name, rows
+
+
 def run_pair(cfg: PairConfig) -> Path:
     """Write ``cfg.out``: one row per preference pair, with scores, margin and paths to both videos and latents
     (relative to the pairs manifest's folder, so ``train-dpo`` needs nothing else)."""
     samples_path, scores_path, out = Path(cfg.samples), Path(cfg.scores), Path(cfg.out)
     samples = {r["sample_id"]: r for r in read_manifest(samples_path, "samples", "--samples").to_pylist()}
     scores = read_manifest(scores_path, "scores", "--scores").to_pylist()
-    rewards = sorted({r["reward"] for r in scores})
-    if not rewards:
-        raise VpoError(f"{scores_path} has no scores; run `vpotool score` first")
-    reward = cfg.reward or (rewards[0] if len(rewards) == 1 else None)
-    if reward is None:
-        raise VpoError(f"{scores_path} holds several rewards ({', '.join(rewards)}); choose one with --reward")
-    if reward not in rewards:
-        raise VpoError(f"{scores_path} has no scores of reward '{reward}'; it has: {', '.join(rewards)}")
-    rows = [r for r in scores if r["reward"] == reward]
-    dims = sorted(k for k in rows[0] if k not in ("sample_id", "prompt_id", "reward") and rows[0][k] is not None)
-    if cfg.dimension not in dims:
-        known = ", ".join(dims)
-        raise VpoError(f"reward '{reward}' has no dimension '{cfg.dimension}'; choose --dimension from: {known}")
+    reward, rows = reward_rows(scores, cfg.reward, cfg.dimension, scores_path, "--dimension")
     by_prompt: dict[str, list[tuple[str, float]]] = {}
     for r in rows:
         value = r[cfg.dimension]

@@ -66,8 +66,15 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
 
 
 def load_latents(paths: list[Path]) -> torch.Tensor:
-    """Stack latent files -> ``[N, C, F, h, w]`` float32 on the CPU."""
-    return torch.stack([load_file(str(p))["latents"].float() for p in paths])
+    """Stack latent files -> ``[N, C, F, h, w]`` float32 on the CPU. Reads only the ``latents`` tensor, not a
+    stored trajectory next to it (``sample --save-trajectory`` files are S + 1 times larger)."""
+    from safetensors import safe_open
+
+    out = []
+    for p in paths:
+        with safe_open(str(p), "pt") as f:
+            out.append(f.get_tensor("latents").float())
+    return torch.stack(out)
 
 
 def load_pair_latents(
@@ -129,12 +136,18 @@ def batch_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
     return out
 
 
-def init_reference(trainer, cfg: DpoConfig) -> tuple[str, tuple[str, ...]]:
-    """Before the first step: the reference mode (``base``: adapter disabled; ``ref``: a frozen adapter) and the
-    extra adapters to checkpoint. A ``ref`` adapter starts as ``--ref-adapter`` (and so does the policy, so the
-    loss starts at ln 2) or as a copy of the fresh policy."""
-    if not (cfg.ref_update_interval or cfg.ref_adapter):
-        return "base", ()
+def reference_adapters(cfg: DpoConfig) -> tuple[str, ...]:
+    """The frozen adapters besides the policy: ``("ref",)`` when the reference is an adapter (curriculum updates
+    or ``--ref-adapter``), else none (the reference is the base model, the adapter disabled)."""
+    return ("ref",) if (cfg.ref_update_interval or cfg.ref_adapter) else ()
+
+
+def init_reference(trainer, cfg: DpoConfig) -> str:
+    """Before the first step: the reference mode, ``base`` (adapter disabled) or ``ref`` (a frozen adapter). A
+    ``ref`` adapter starts as ``--ref-adapter`` (and so does the policy, so the loss starts at ln 2) or as a copy
+    of the fresh policy."""
+    if not reference_adapters(cfg):
+        return "base"
     den = trainer.denoiser
     if trainer.start_step == 0:
         if cfg.ref_adapter:
@@ -144,7 +157,7 @@ def init_reference(trainer, cfg: DpoConfig) -> tuple[str, tuple[str, ...]]:
                 load_adapter_state(den, state, name)
         else:
             copy_adapter(den, "default", "ref")
-    return "ref", ("ref",)
+    return "ref"
 
 
 def dpo_step(trainer, cfg: DpoConfig, rows: list[dict], files: list, step: int, ref_mode: str):
@@ -182,10 +195,11 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     rows = read_manifest(pairs_path, "pairs", "--pairs").to_pylist()
     if not rows:
         raise VpoError(f"{pairs_path} has no pairs; run `vpotool pair` first")
-    trainer = setup(cfg, backend, ("ref",) if (cfg.ref_update_interval or cfg.ref_adapter) else ())
+    extra = reference_adapters(cfg)
+    trainer = setup(cfg, backend, extra)
     b, acc = trainer.backend, trainer.accelerator
     files = latent_files(pairs_path, rows, b, Path(cfg.out) / "encoded-latents")  # read per batch, not all at once
-    ref_mode, extra = init_reference(trainer, cfg)
+    ref_mode = init_reference(trainer, cfg)
     save_config(cfg, Path(cfg.out) / "train-dpo.yaml")
 
     # --- loop

@@ -21,6 +21,7 @@ from vpotool.losses import group_advantage, kl_to_reference, normalize_advantage
 from vpotool.manifest import manifest_config, read_manifest, resolve
 from vpotool.sampling import sample, seeded_noise, step_logp
 from vpotool.stages.common import load_prompts, progress_bar
+from vpotool.stages.pair import reward_rows
 from vpotool.stages.sample import resolved_settings
 from vpotool.training.common import finish_step, optimizer_step, setup
 from vpotool.training.dpo import batch_indices, reference_mode
@@ -114,27 +115,6 @@ class StoredRollouts:
     notes: list[str]
 
 
-def reward_rows(scores: list[dict], cfg: ScstConfig, path: Path) -> tuple[str, list[dict]]:
-    """The chosen reward (``--reward``, or the only one in the scores manifest) and its score rows, which must
-    hold ``--reward-dimension``."""
-    rewards = sorted({r["reward"] for r in scores})
-    if not rewards:
-        raise VpoError(f"{path} has no scores; run `vpotool score` on the samples first")
-    name = cfg.reward or (rewards[0] if len(rewards) == 1 else None)
-    if name is None:
-        raise VpoError(f"{path} holds several rewards ({', '.join(rewards)}); choose one with --reward")
-    if name not in rewards:
-        raise VpoError(f"{path} has no scores of reward '{name}' (--reward); it has: {', '.join(rewards)}")
-    rows = [r for r in scores if r["reward"] == name]
-    dims = sorted(k for k, v in rows[0].items() if k not in ("sample_id", "prompt_id", "reward") and v is not None)
-    if cfg.reward_dimension not in dims:
-        known = ", ".join(dims)
-        raise VpoError(
-            f"reward '{name}' has no dimension '{cfg.reward_dimension}'; choose --reward-dimension: {known}"
-        )
-    return name, rows
-
-
 def trajectory_shape(files: list[Path], steps: int) -> tuple[int, ...]:
     """Check, from the file headers only, that every latent file holds a trajectory of ``steps`` steps
     (``states [steps + 1, C, F, h, w]``, ``logps [steps]``); returns the latent shape ``[C, F, h, w]``."""
@@ -176,7 +156,8 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
     samples_path, scores_path = Path(samples), Path(scores)
     table = read_manifest(samples_path, "samples", "--samples")
     samples = {r["sample_id"]: r for r in table.to_pylist()}
-    reward_name, rows = reward_rows(read_manifest(scores_path, "scores", "--scores").to_pylist(), cfg, scores_path)
+    scores = read_manifest(scores_path, "scores", "--scores").to_pylist()
+    reward_name, rows = reward_rows(scores, cfg.reward, cfg.reward_dimension, scores_path, "--reward-dimension")
     groups: dict[str, list[tuple[dict, float]]] = {}
     for r in rows:
         sid, value = r["sample_id"], r[cfg.reward_dimension]
