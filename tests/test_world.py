@@ -1,11 +1,13 @@
 """The tiny world: grammar, renderer and the prompt-aware world reward."""
 
 import dataclasses
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from vpotool.errors import VpoError
+from vpotool.models.wan import WanBackend
 from vpotool.rewards import load_reward
 from vpotool.stages.common import load_prompts
 from vpotool.world import parse_prompt, render_batch, render_clip, world_prompts
@@ -97,3 +99,27 @@ def test_world_reward_is_differentiable_and_batched():
 def test_world_reward_refuses_prompts_outside_the_grammar():
     with pytest.raises(VpoError, match="world:train"):
         load_reward("world")(torch.zeros(1, 4, 3, 16, 16), ["a cat"])
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.7, 0.98])
+def test_tiny_preconditioning_is_the_best_linear_velocity_estimate(sigma):
+    """With the network's output at zero, the tiny backend predicts ``c_skip x_t``: the least-squares linear
+    estimate of ``v = n - x0`` from ``x_t`` for data of RMS ``sigma_data``; ``c_out`` is the residual's RMS."""
+    from vpotool.models.tiny import TinyBackend
+
+    d = 0.75
+    backend = TinyBackend.__new__(TinyBackend)  # only predict's arithmetic is exercised: F is stubbed to zero
+    backend.sigma_data, backend.coord_channels = d, 0
+    backend.device, backend.dtype = torch.device("cpu"), torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = d * torch.randn(4, 48, 2, 8, 8, generator=gen), torch.randn(4, 48, 2, 8, 8, generator=gen)
+    x_t, v = (1 - sigma) * x0 + sigma * noise, noise - x0
+    with patch.object(WanBackend, "predict", lambda self, x, t, c: torch.zeros_like(x)):
+        pred = backend.predict(x_t, torch.full((4,), sigma * 1000.0), {})
+    best = (v * x_t).sum() / (x_t * x_t).sum()  # least squares v ~ c x_t
+    c_skip = pred.flatten()[x_t.flatten().abs().argmax()] / x_t.flatten()[x_t.flatten().abs().argmax()]
+    assert torch.allclose(pred, c_skip * x_t, atol=1e-5)  # linear in x_t
+    assert c_skip.item() == pytest.approx(best.item(), abs=0.02)
+    with patch.object(WanBackend, "predict", lambda self, x, t, c: torch.ones_like(x)):
+        c_out = (backend.predict(x_t, torch.full((4,), sigma * 1000.0), {}) - pred).mean()
+    assert c_out.item() == pytest.approx((v - best * x_t).pow(2).mean().sqrt().item(), rel=0.03)

@@ -37,11 +37,13 @@ TINY_CONFIG = {
     "pixel_factor": 4,
     "shift": 1.0,
     "max_text_len": 16,
+    "sigma_data": 0.75,  # RMS of the world's clips in codec space (0.76 measured); see TinyBackend
+    "coord_channels": 3,  # (x, y, t) in [-1, 1] appended to the denoiser's input; see TinyBackend
     "transformer": dict(
         patch_size=(1, 1, 1),
         num_attention_heads=2,
         attention_head_dim=32,
-        in_channels=48,
+        in_channels=48 + 3,
         out_channels=48,
         text_dim=32,
         freq_dim=64,
@@ -74,6 +76,44 @@ class PixelCodec:
         b, _, t = latents.shape[:3]
         x = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1).float(), self.spatial_factor)
         return ((x + 1) / 2).clamp(0, 1).unflatten(0, (b, t))
+
+
+class TinyBackend(WanBackend):
+    """The Wan backend with EDM-style preconditioning (Karras et al. 2022) of the velocity, for a small denoiser
+    ``F``: ``v = c_skip x_t + c_out F(c_in x_t)``, with the coefficients of the best linear velocity estimate for
+    data of RMS ``sigma_data``. ``x_t = (1 - s) x0 + s n`` and ``v = n - x0``, so with ``D = (1 - s)^2 d^2 + s^2``:
+    ``c_in = 1 / sqrt(D)``, ``c_skip = (s - (1 - s) d^2) / D``, ``c_out = d / sqrt(D)``. The network only learns
+    the unit-variance residual instead of copying the noise through itself, which a small pixel-space transformer
+    learns slowly.
+
+    With ``coord_channels`` 3 the denoiser also sees each position's (x, y, t) in [-1, 1] as extra input channels:
+    Wan's rotary embedding is relative only, so without them the network cannot say *where* a shape is likely
+    from pure noise, and must learn to break the symmetry itself. Outside ``predict`` it is an ordinary velocity
+    model, so samplers and trainers are unchanged."""
+
+    def __init__(self, *args, sigma_data: float, coord_channels: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sigma_data = float(sigma_data)
+        self.coord_channels = int(coord_channels)
+        if self.coord_channels not in (0, 3):
+            raise VpoError(f"tiny.json: coord_channels must be 0 or 3, not {coord_channels}")
+
+    def with_coords(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, F, h, w]`` with the (x, y, t) coordinate channels appended (when the model has them)."""
+        if not self.coord_channels:
+            return x
+        b, _, f, h, w = x.shape
+        axes = [torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in (f, h, w)]
+        t, y, xx = torch.meshgrid(*axes, indexing="ij")
+        return torch.cat([x, torch.stack([xx, y, t]).expand(b, -1, -1, -1, -1)], dim=1)
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        s = (timesteps.to(self.device, torch.float32) / 1000.0).view(-1, *([1] * (x_t.dim() - 1)))
+        d2 = self.sigma_data**2
+        denom = (1 - s) ** 2 * d2 + s**2
+        c_in, c_skip, c_out = denom.rsqrt(), (s - (1 - s) * d2) / denom, self.sigma_data * denom.rsqrt()
+        raw = super().predict(self.with_coords((c_in * x_t.float()).to(self.dtype)), timesteps, cond)
+        return (c_skip * x_t.float() + c_out * raw.float()).to(raw.dtype)
 
 
 def build_tokenizer(max_len: int = 16):
@@ -142,8 +182,13 @@ def load_tiny(path: str | None = None, device="cpu", dtype=torch.float32) -> Wan
 
 
 def tiny_backend(transformer, text_encoder, tokenizer, meta: dict, source: str, device="cpu", dtype=torch.float32):
-    """Wrap tiny components (from ``load_tiny`` or fresh from ``build_tiny_components``) as a backend."""
-    return WanBackend(
+    """Wrap tiny components (from ``load_tiny`` or fresh from ``build_tiny_components``) as a backend. Folders
+    without ``sigma_data`` in ``tiny.json`` (written before preconditioning) predict the velocity directly."""
+    if meta.get("sigma_data"):
+        cls, extra = TinyBackend, {"sigma_data": meta["sigma_data"], "coord_channels": meta.get("coord_channels", 0)}
+    else:
+        cls, extra = WanBackend, {}
+    return cls(
         info=ModelInfo(name="tiny", path=source),
         transformer=transformer.to(device).eval(),
         codec=PixelCodec(meta["pixel_factor"]),
@@ -154,4 +199,5 @@ def tiny_backend(transformer, text_encoder, tokenizer, meta: dict, source: str, 
         max_text_len=int(meta["max_text_len"]),
         device=device,
         dtype=dtype,
+        **extra,
     )

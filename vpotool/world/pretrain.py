@@ -26,7 +26,9 @@ CARD = """# tiny: the built-in vpotool model
 
 A {params:.2f}M-parameter Wan-style flow transformer ({layers} layers, width {width}) in pixel space (4x4 pixel
 unshuffle instead of a VAE) with a {te_params:.2f}M-parameter UMT5 text encoder over the tiny world's words. It
-makes {frames} frames of {height}x{width_px} pixels at {fps} fps.
+makes {frames} frames of {height}x{width_px} pixels at {fps} fps. Its velocity is preconditioned EDM-style
+(`vpotool.models.tiny.TinyBackend`, sigma_data {sigma_data}), so the small network learns a residual instead of
+copying the noise through itself, and it sees each position's (x, y, t) as three extra input channels.
 
 **Data.** Clips rendered by `vpotool.world.render` for the {n_train} training prompts of the world grammar
 (`vpotool.world.world_prompts("train")`), a fresh random placement for every example. The {n_heldout} held-out
@@ -62,6 +64,7 @@ def pretrain(
     drop: float = 0.1,
     seed: int = 0,
     log_every: int = 50,
+    save_every: int = 0,
 ) -> float:
     """Train the tiny model from scratch and save it (``save_tiny`` layout plus README.md) to ``out``.
 
@@ -99,6 +102,8 @@ def pretrain(
         if (step + 1) % log_every == 0 or step + 1 == steps:
             elapsed = (time.perf_counter() - t0) / 60
             print(f"step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  {elapsed:.1f} min", flush=True)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save_tiny(Path(out) / f"step-{step + 1}", transformer, text_encoder, tokenizer)
 
     final = sum(recent) / len(recent)
     folder = Path(out)
@@ -113,6 +118,7 @@ def pretrain(
         height=d.height,
         width_px=d.width,
         fps=d.fps,
+        sigma_data=TINY_CONFIG["sigma_data"],
         n_train=len(prompts),
         n_heldout=len(world_prompts("heldout")),
         lr=lr,
@@ -140,8 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=0, help="also save a snapshot to OUT/step-N every N steps")
     args = ap.parse_args(argv)
-    pretrain(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    from vpotool.models.loading import quiet_loading
+
+    quiet_loading()
+    pretrain(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, save_every=args.save_every)
 
 
 if __name__ == "__main__":

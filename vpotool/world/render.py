@@ -13,6 +13,7 @@ import torch
 from vpotool.world.grammar import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SPEEDS, WorldPrompt
 
 RADIUS_FRACTION = 0.16  # shape size: radius of the circle of the same area, as a fraction of the shorter side
+PLACEMENT_SPREAD = 0.5  # paths are placed in the middle half of the room they have (across and along the motion)
 
 
 def shape_radius(height: int, width: int) -> float:
@@ -47,15 +48,18 @@ def shape_coverage(shape: str, cx: torch.Tensor, cy: torch.Tensor, radius: float
 
 def motion_path(prompt: WorldPrompt, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """The shape's centre in each frame, ``[T, 2]`` as (x, y) pixels: a straight path at the prompted speed that
-    stays inside the frame; ``seed`` places it (the across-motion position and where along its room it runs)."""
+    stays inside the frame; ``seed`` places it (the across-motion position and where along its room it runs),
+    within the middle ``PLACEMENT_SPREAD`` of the room, so that a prompt's clips overlap and a small model learns
+    them quickly."""
     gen = torch.Generator().manual_seed(seed)
     r = shape_radius(height, width) + 1.0
     vx, vy = DIRECTIONS[prompt.direction]
     along, across = (width, height) if vx else (height, width)
     travel = SPEEDS[prompt.speed] * along
     room = max(along - 2 * r - travel, 0.0)
-    start = r + room * torch.rand((), generator=gen).item()
-    side = r + (across - 2 * r) * torch.rand((), generator=gen).item()
+    u, w = (0.5 + PLACEMENT_SPREAD * (torch.rand(2, generator=gen) - 0.5)).tolist()
+    start = r + room * u
+    side = r + (across - 2 * r) * w
     pos = start + travel * torch.linspace(0, 1, frames)
     if (vx or vy) < 0:
         pos = along - pos
