@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = 
         denoiser.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
     try:
-        denoiser.add_adapter(config, adapter_name=name)
+        with warnings.catch_warnings():  # a second adapter (the DPO reference) is intended, not a mistake
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            denoiser.add_adapter(config, adapter_name=name)
     except ValueError as e:
         raise VpoError(f"cannot add LoRA on modules {targets}: {str(e).splitlines()[0]} (check --lora-targets)") from e
     params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
