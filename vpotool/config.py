@@ -93,8 +93,18 @@ class SampleConfig(StageConfig):
 class ScoreConfig(StageConfig):
     samples: str = opt("", "samples.parquet written by `vpotool sample`.")
     out: str = opt("", "Output scores.parquet.")
-    reward: str = opt("temporal", "Reward name(s), comma-separated (e.g. flicker,temporal).")
-    reward_path: str | None = opt(None, "Weights for a model-based reward: a local folder or hub id.")
+    reward: str = opt(
+        "temporal",
+        "Reward name(s), comma-separated, each scored separately (e.g. flicker,temporal), "
+        "or one weighted composite (e.g. videoscore:1,clip:0.5).",
+    )
+    reward_path: str | None = opt(
+        None,
+        "Weights for model-based rewards: a local folder, file or hub id, or "
+        "name=path pairs (videoscore=DIR,clip=DIR).",
+    )
+    reward_options: str = opt("", "Options for model-based rewards as reward.option=value pairs (e.g. "
+                              "videoscore.frames=16,clip.frames=8).")  # fmt: skip
     batch_size: int = opt(8, "Videos per reward call.")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
     dtype: str = opt("float32", "Reward model dtype: float32, bfloat16 or float16.")
@@ -184,7 +194,13 @@ class RolloutOptions:
 
     prompts: str = opt("", "Training prompts: a .txt file (one per line) or a prompts .parquet.")
     reward: str = opt("temporal", "Reward name (must be differentiable for train-refl).")
-    reward_path: str | None = opt(None, "Weights for a model-based reward: a local folder or hub id.")
+    reward_path: str | None = opt(
+        None,
+        "Weights for model-based rewards: a local folder, file or hub id, or "
+        "name=path pairs (videoscore=DIR,clip=DIR).",
+    )
+    reward_options: str = opt("", "Options for model-based rewards as reward.option=value pairs (e.g. "
+                              "videoscore.frames=16,clip.frames=8).")  # fmt: skip
     reward_dimension: str = opt("overall", "Which reward dimension to optimise.")
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
@@ -382,7 +398,13 @@ class EvalConfig(StageConfig):
     prompts: str = opt("world:heldout", "Held-out prompts: a .txt, a prompts .parquet or world:heldout/train/all.")
     seeds: int = opt(1, "Videos per prompt, each from its own fixed seed (the same for every checkpoint).")
     reward: str = opt("world,flicker,smoothness,dynamics", "Reward name(s) to score with, comma-separated.")
-    reward_path: str | None = opt(None, "Weights for a model-based reward: a local folder or hub id.")
+    reward_path: str | None = opt(
+        None,
+        "Weights for model-based rewards: a local folder, file or hub id, or "
+        "name=path pairs (videoscore=DIR,clip=DIR).",
+    )
+    reward_options: str = opt("", "Options for model-based rewards as reward.option=value pairs (e.g. "
+                              "videoscore.frames=16,clip.frames=8).")  # fmt: skip
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")

@@ -8,12 +8,17 @@ from vpotool.errors import VpoError
 
 
 def quiet_loading() -> None:
-    """No per-file "Loading weights" progress bars from transformers and diffusers: stages show their own."""
+    """No per-file "Loading weights" progress bars from transformers and diffusers (stages show their own), and no
+    load reports or hub retry warnings: loaders turn failures into one ``VpoError`` line."""
     import diffusers
+    import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+    # Missing weights and unreachable hubs become one VpoError line; no load reports or retry chatter on top.
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def load_component(cls, path: str, subfolder: str | None, family: str, dtype=None, **kwargs):

@@ -15,11 +15,13 @@ class Reward(Protocol):
     (C = 3, RGB) and ``prompts`` as a list of B strings, and returns a dict of named dimensions,
     each a float tensor ``[B]``, with ``"overall"`` always present. Higher is better for every
     dimension. A reward with ``differentiable = True`` lets gradients flow back to ``frames``.
+    ``score_range`` is the typical ``(low, high)`` of ``overall``; weighted composites normalise by it.
     """
 
     name: str
     differentiable: bool
     dimensions: tuple[str, ...]
+    score_range: tuple[float, float]
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]: ...
 

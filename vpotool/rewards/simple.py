@@ -12,6 +12,7 @@ class BrightnessReward:
 
     name = "brightness"
     differentiable = True
+    score_range = (0.0, 1.0)
     dimensions = ("brightness", "overall")
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

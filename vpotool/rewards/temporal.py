@@ -73,6 +73,7 @@ class FlickerReward:
 
     name = "flicker"
     differentiable = True
+    score_range = (0.0, 1.0)
     dimensions = ("flicker", "overall")
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -86,6 +87,7 @@ class SmoothnessReward:
 
     name = "smoothness"
     differentiable = True
+    score_range = (0.0, 1.0)
     dimensions = ("smoothness", "overall")
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -99,6 +101,7 @@ class DynamicsReward:
 
     name = "dynamics"
     differentiable = True
+    score_range = (0.0, 1.0)
     dimensions = ("dynamic_degree", "overall")
 
     def __init__(self, top_fraction: float = 0.05):
@@ -120,6 +123,7 @@ class TemporalReward:
 
     name = "temporal"
     differentiable = True
+    score_range = (0.0, 1.0)
     dimensions = ("flicker", "smoothness", "dynamic_degree", "overall")
 
     def __init__(

@@ -114,6 +114,7 @@ class WorldReward:
 
     name = "world"
     differentiable = True
+    score_range = (0.0, 1.0)
     dimensions = ("visual_quality", "temporal_consistency", "motion", "text_alignment", "overall")
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

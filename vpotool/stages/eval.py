@@ -56,17 +56,13 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
     write_manifest(prompts_path, rows, "prompts", cfg.to_dict())
 
     from vpotool.models import load_backend, resolve_device
-    from vpotool.rewards import load_reward
+    from vpotool.rewards import load_rewards
 
     device = resolve_device(cfg.device)
     if backend is None:
         backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype)
     check_base_models(checkpoints, backend.info.name)
-    rewards = dict(rewards or {})
-    for n in names:
-        if n not in rewards:
-            rewards[n] = load_reward(n, cfg.reward_path, device, cfg.dtype)
-    rewards = {n: rewards[n] for n in names}
+    rewards = load_rewards(cfg.reward, cfg.reward_path, device, cfg.dtype, cfg.reward_options, have=rewards)
 
     runs = {}
     for name, adapter in checkpoints:
@@ -80,7 +76,8 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
             samples_path = run_sample(sample_cfg, backend=backend)
         score_cfg = ScoreConfig(
             samples=str(samples_path), out=str(folder / "scores.parquet"), reward=",".join(names),
-            reward_path=cfg.reward_path, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+            reward_path=cfg.reward_path, reward_options=cfg.reward_options, batch_size=cfg.batch_size,
+            device=cfg.device, dtype=cfg.dtype,
         )  # fmt: skip
         scores_path = run_score(score_cfg, rewards=rewards)
         runs[name] = (samples_path, scores_path)

@@ -27,7 +27,7 @@ def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[di
     out = []
     for name, reward in rewards.items():
         with torch.no_grad():
-            dims = reward(frames.to(getattr(reward, "device", frames.device)), prompts)
+            dims = reward(frames.to(getattr(reward, "device", None) or frames.device), prompts)
         values = {k: v.detach().double().cpu().tolist() for k, v in dims.items()}
         for i, r in enumerate(rows):
             row = {"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "reward": name}
@@ -45,16 +45,15 @@ def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[di
 def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
     """Write ``cfg.out`` with one row per (sample, reward). Rerunning skips rows already scored."""
     from vpotool.models import resolve_device
-    from vpotool.rewards import load_reward, reward_names
+    from vpotool.rewards import load_rewards, reward_names
 
     names = reward_names(cfg.reward)
     samples_path = Path(cfg.samples)
     samples = shard_slice(read_manifest(samples_path, "samples", "--samples").to_pylist(), cfg.shard)
     if not samples:
         raise VpoError(f"{samples_path} has no samples; run `vpotool sample` first")
-    if rewards is None:
-        device = resolve_device(cfg.device)
-        rewards = {n: load_reward(n, cfg.reward_path, device, cfg.dtype) for n in names}
+    device = resolve_device(cfg.device)
+    rewards = load_rewards(cfg.reward, cfg.reward_path, device, cfg.dtype, cfg.reward_options, have=rewards)
     out = Path(cfg.out)
     if out.suffix != ".parquet":
         raise VpoError(f"--out {out} should be a .parquet file path, e.g. RUN/scores.parquet")
@@ -62,7 +61,11 @@ def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
     if suffix:
         out = out.with_name(f"{out.stem}{suffix}.parquet")
     save_config(cfg, out.with_name(f"score{suffix}.yaml"))
-    writer = RowWriter(out, "scores", cfg.to_dict())
+    meta = cfg.to_dict()
+    composites = {n: r.describe() for n, r in rewards.items() if hasattr(r, "describe")}
+    if composites:  # each part's weight and normalisation range, so a composite score can be read back
+        meta["composites"] = composites
+    writer = RowWriter(out, "scores", meta)
     todo = [r for r in samples if any((r["sample_id"], n) not in writer.done for n in names)]
     with progress_bar("score " + ",".join(names), total=len(samples)) as advance:
         advance(len(samples) - len(todo))

@@ -36,7 +36,7 @@ def load_rollout_reward(cfg, device, need_grad: bool):
     """The training reward; reward-gradient training refuses a non-differentiable one."""
     from vpotool.rewards import load_reward
 
-    reward = load_reward(cfg.reward, cfg.reward_path, device)
+    reward = load_reward(cfg.reward, cfg.reward_path, device, options=cfg.reward_options)
     if need_grad and not reward.differentiable:
         raise VpoError(f"reward '{cfg.reward}' is not differentiable; train-refl needs one (e.g. temporal, flicker)")
     if cfg.reward_dimension not in reward.dimensions:

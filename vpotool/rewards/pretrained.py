@@ -1,0 +1,123 @@
+"""What every model-based reward shares: loading weights with one clear error line, and torch preprocessing.
+
+Preprocessing stays in torch (resize, crop, normalise, frame picking) so a differentiable reward passes gradients
+back to the pixels; no PIL, no numpy, no image processors on the scoring path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from vpotool.errors import VpoError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def looks_local(path: str) -> bool:
+    """True for a filesystem path (absolute, relative with a separator, or existing); False for a hub id."""
+    p = str(path)
+    return os.path.isabs(p) or p.startswith(".") or os.path.exists(p) or p.count("/") != 1
+
+
+def weights_path(path: str | None, default_id: str, reward: str, what: str) -> str:
+    """``path`` or the reward's default hub id; a local path that does not exist is a ``VpoError``.
+
+    ``what`` names the weights for the message, e.g. "a VideoScore checkpoint folder".
+    """
+    path = str(path) if path else default_id
+    if looks_local(path) and not os.path.exists(path):
+        raise VpoError(
+            f"reward {reward}: no weights at {path}; download {what} (e.g. hub id {default_id}) and pass its folder "
+            f"with --reward-path"
+        )
+    return path
+
+
+def load_pretrained(cls, path: str | None, default_id: str, reward: str, what: str, device="cpu", dtype=None, **kw):
+    """``cls.from_pretrained`` for a reward's weights, frozen and in eval mode on ``device``.
+
+    A missing folder, an unreachable hub id or a checkpoint whose weights do not fit ``cls`` (missing or
+    mismatched keys: transformers would silently initialise them at random) becomes one ``VpoError`` line.
+    """
+    from vpotool.models.loading import quiet_loading
+
+    path = weights_path(path, default_id, reward, what)
+    quiet_loading()
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+    # a checkpoint of another kind fails inside the model's constructor with any of these
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VpoError(
+            f"reward {reward}: could not load {what} from {path}: {first} (pass --reward-path with {what})"
+        ) from e
+    bad = list(info.get("missing_keys") or []) + [str(m) for m in info.get("mismatched_keys") or []]
+    if bad:
+        raise VpoError(
+            f"reward {reward}: {path} does not fit {cls.__name__} ({len(bad)} missing or mismatched weights, e.g. "
+            f"{bad[0]}); pass --reward-path with {what}"
+        )
+    return freeze(model.to(device))
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode with no parameter gradients: rewards pass gradients to the pixels, never to their own weights."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def pick_frames(frames: torch.Tensor, n: int | None) -> torch.Tensor:
+    """``n`` evenly spaced frames (first and last included) of ``[B, T, ...]``; all of them when ``n`` is None or
+    at least T."""
+    t = frames.shape[1]
+    if n is None or n >= t:
+        return frames
+    index = torch.linspace(0, t - 1, n).round().long().to(frames.device)
+    return frames.index_select(1, index)
+
+
+def resize_crop(images: torch.Tensor, size: int | tuple[int, int], crop: bool = True) -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` float images as CLIP-style processors do, differentiably.
+
+    With ``crop`` and an int ``size``: the short side goes to ``size`` (bicubic, antialiased), then a centre crop
+    of ``size`` x ``size``. Otherwise a plain resize to ``size`` (an int means square).
+    """
+    h, w = images.shape[-2:]
+    if isinstance(size, int) and crop:
+        scale = size / min(h, w)
+        new = (max(size, round(h * scale)), max(size, round(w * scale)))
+        images = F.interpolate(images, size=new, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+        return images[..., top : top + size, left : left + size]
+    target = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(images, size=target, mode="bicubic", align_corners=False, antialias=True)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """``(images - mean) / std`` per channel for ``[..., C, H, W]`` float images."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images - m) / s
+
+
+def frame_similarity(features: torch.Tensor) -> torch.Tensor:
+    """VBench's consistency statistic on per-frame features ``[B, T, D]`` -> ``[B]``.
+
+    For each frame after the first: the mean of its cosine similarity to the first frame and to the previous
+    frame, each clamped at 0; averaged over those frames. 1.0 for a single frame.
+    """
+    if features.shape[1] < 2:
+        return torch.ones(features.shape[0], dtype=torch.float32, device=features.device)
+    f = F.normalize(features.float(), dim=-1)
+    to_first = (f[:, 1:] * f[:, :1]).sum(-1).clamp(min=0)
+    to_prev = (f[:, 1:] * f[:, :-1]).sum(-1).clamp(min=0)
+    return ((to_first + to_prev) / 2).mean(1)
