@@ -66,3 +66,27 @@ def held_out_brightness(backend, size: dict) -> float:
     with torch.no_grad():
         _, frames = generate(backend, prompts, [101, 202], {**size, "noise_level": 0.0})
     return frames.mean().item()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by selenium (Debian's chromium and chromium-driver; `.ci/run` installs them).
+
+    Its console log is read with ``browser.get_log("browser")``."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required", "--window-size=1280,900"):  # fmt: skip
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    yield chrome
+    chrome.quit()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-SUBCOMMANDS = ["sample", "score", "pair", "merge", "train-dpo", "train-refl", "train-scst", "eval", "loop"]
+SUBCOMMANDS = [
+    "sample", "score", "pair", "merge", "train-dpo", "train-refl", "train-scst", "eval", "loop", "report", "label",
+]  # fmt: skip
 
 
 def test_help_lists_every_subcommand(cli):

@@ -120,19 +120,49 @@ class ScoreConfig(StageConfig):
 @dataclass
 class PairConfig(StageConfig):
     samples: str = opt("", "samples.parquet written by `vpotool sample`.")
-    scores: str = opt("", "scores.parquet written by `vpotool score`.")
+    scores: str = opt("", "scores.parquet written by `vpotool score` (optional with --labels).")
+    labels: str = opt("", "labels.parquet written by `vpotool label`: adds human pairs (source human), one per "
+                      "two videos with more votes for one; with --scores the output mixes both.")  # fmt: skip
     out: str = opt("", "Output pairs.parquet.")
     reward: str | None = opt(None, "Which reward's scores to rank by (default: the only one in --scores).")
     dimension: str = opt("overall", "Which score dimension to rank by.")
-    strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every ordered pair above the margin.")
-    min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
+    strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every ordered pair above the margin "
+                        "(--scores only).")  # fmt: skip
+    min_margin: float = opt(0.0, "Skip reward pairs whose score difference is below this (human pairs: see --labels).")
 
     def __post_init__(self):
         self._check(bool(self.samples), "samples", "is required")
-        self._check(bool(self.scores), "scores", "is required")
+        self._check(bool(self.scores or self.labels), "scores", "is required (or --labels, or both)")
         self._check(bool(self.out), "out", "is required")
         self._check(self.strategy in ("best-worst", "all"), "strategy", "must be best-worst or all")
         self._check(self.min_margin >= 0, "min_margin", "must be >= 0")
+
+
+@dataclass
+class LabelConfig(StageConfig):
+    samples: str = opt("", "samples.parquet written by `vpotool sample`: the videos to compare.")
+    pairs: str = opt("", "A pairs.parquet whose pairs to label, in its order (default: every two candidates of "
+                     "each prompt in --samples).")  # fmt: skip
+    out: str = opt("", "labels.parquet to write, one row per answer, saved at once (rerun to resume).")
+    labeler: str = opt("", "Your name, stored with each answer (default: your login name). Several people: one "
+                       "--out each, then `vpotool merge` them.")  # fmt: skip
+    host: str = opt("127.0.0.1", "Address to serve on; other than 127.0.0.1/localhost, anyone who can reach it "
+                    "can label.")  # fmt: skip
+    port: int = opt(0, "Port to serve on (0: any free port).")
+
+    def __post_init__(self):
+        self._check(bool(self.samples), "samples", "is required")
+        self._check(bool(self.out), "out", "is required")
+        self._check(bool(self.host), "host", "is required (127.0.0.1 serves only this machine)")
+        self._check(0 <= self.port <= 65535, "port", "must be in 0..65535 (0: any free port)")
+        if not self.labeler.strip():
+            import getpass
+
+            try:
+                self.labeler = getpass.getuser()
+            except (OSError, KeyError):  # no login name (some containers)
+                self.labeler = "anonymous"
+        self.labeler = self.labeler.strip()
 
 
 @dataclass
@@ -435,3 +465,17 @@ class EvalConfig(StageConfig):
     def adapter_list(self) -> list[str]:
         """The ``--adapter`` checkpoints in order, without blanks."""
         return [a.strip() for a in self.adapters.split(",") if a.strip()]
+
+
+@dataclass
+class ReportConfig(StageConfig):
+    """``vpotool report``: a static HTML page of a run folder or of one manifest."""
+
+    path: str = opt("", "A run folder (from `vpotool loop` or a trainer), a pairs.parquet, or a samples.parquet.")
+    out: str = opt("", "Folder for index.html (default: report/ in the run folder, or beside the manifest).")
+    scores: str = opt("", "scores.parquet to join with a pairs or samples manifest (default: the one beside it).")
+    page_size: int = opt(24, "Gallery cards per page.")
+
+    def __post_init__(self):
+        self._check(bool(self.path), "path", "is required: a run folder or a pairs/samples manifest")
+        self._check(self.page_size >= 1, "page_size", "must be at least 1")

@@ -77,6 +77,16 @@ SCHEMAS: dict[str, Schema] = {
             "`vpotool pair`",
             key=("pair_id",),
         ),
+        Schema(
+            "labels",
+            1,
+            (
+                _f("label_id", S), _f("prompt_id", S), _f("prompt", S), _f("left_id", S), _f("right_id", S),
+                _f("choice", S), _f("labeler", S), _f("labelled_at", S), _f("left_video", S), _f("right_video", S),
+            ),
+            "`vpotool label`",
+            key=("label_id",),
+        ),
         Schema("metrics", 1, (_f("step", INT),), "the trainers and `vpotool loop`", extra_floats=True, key=("step",)),
         Schema(
             "eval",
@@ -223,6 +233,7 @@ class RowWriter:
 PATH_COLUMNS = {
     "samples": ("video", "latent"),
     "pairs": ("chosen_video", "rejected_video", "chosen_latent", "rejected_latent"),
+    "labels": ("left_video", "right_video"),
 }
 
 

@@ -9,7 +9,7 @@ import typer
 
 from vpotool import __version__
 from vpotool.cli import eval as evaluate
-from vpotool.cli import loop, merge, pair, sample, score, train_dpo, train_refl, train_scst
+from vpotool.cli import label, loop, merge, pair, report, sample, score, train_dpo, train_refl, train_scst
 from vpotool.errors import VpoError
 
 app = typer.Typer(
@@ -24,12 +24,14 @@ COMMANDS = [
     ("sample", sample.command),
     ("score", score.command),
     ("pair", pair.command),
+    ("label", label.command),
     ("merge", merge.command),
     ("train-dpo", train_dpo.command),
     ("train-refl", train_refl.command),
     ("train-scst", train_scst.command),
     ("loop", loop.command),
     ("eval", evaluate.command),
+    ("report", report.command),
 ]
 for name, fn in COMMANDS:
     app.command(name)(fn)

@@ -1,4 +1,5 @@
-"""The ``pair`` stage: preference pairs (chosen, rejected) per prompt from scores -> pairs.parquet."""
+"""The ``pair`` stage: preference pairs (chosen, rejected) per prompt from scores and/or people's labels ->
+pairs.parquet."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from vpotool.config import PairConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import read_manifest, resolve, write_manifest
+
+LABEL_CHOICES = ("left", "right", "tie", "skip")  # the answers of `vpotool label`
+PATHS = ("video", "latent")
 
 
 def select_pairs(scored: list[tuple[str, float]], strategy: str, min_margin: float) -> list[tuple[int, int]]:
@@ -48,11 +52,47 @@ def reward_rows(scores: list[dict], reward: str | None, dimension: str, path: Pa
     return name, rows
 
 
-def run_pair(cfg: PairConfig) -> Path:
-    """Write ``cfg.out``: one row per preference pair, with scores, margin and paths to both videos and latents
-    (relative to the pairs manifest's folder, so ``train-dpo`` needs nothing else)."""
-    samples_path, scores_path, out = Path(cfg.samples), Path(cfg.scores), Path(cfg.out)
-    samples = {r["sample_id"]: r for r in read_manifest(samples_path, "samples", "--samples").to_pylist()}
+def tally_labels(labels: list[dict]) -> list[dict]:
+    """Human preferences from label rows (``vpotool label``): the votes on each unordered pair of samples.
+
+    ``left``/``right`` is a vote for that sample, ``tie`` a vote for neither, ``skip`` no vote. A pair whose two
+    samples got different numbers of votes gives one preference: the sample with more is chosen;
+    ``chosen_score`` and ``rejected_score`` are the fractions of the pair's votes (ties included) each got and
+    ``margin`` is their difference, so one labeller, or several who agree, give margin 1.0. Returns dicts with
+    ``prompt_id``, ``chosen_id``, ``rejected_id``, ``chosen_score``, ``rejected_score`` and ``margin``, sorted by
+    prompt and sample ids.
+    """
+    votes: dict[tuple[str, str], list[int]] = {}  # sorted ids -> [votes for the first, for the second, ties]
+    prompts: dict[tuple[str, str], str] = {}
+    for r in labels:
+        if r["choice"] not in LABEL_CHOICES:
+            raise VpoError(
+                f"label {r['label_id']} has choice {r['choice']!r}, not one of {', '.join(LABEL_CHOICES)}; "
+                "relabel it with `vpotool label` or drop its row"
+            )
+        if r["choice"] == "skip":
+            continue
+        key = tuple(sorted((r["left_id"], r["right_id"])))
+        count = votes.setdefault(key, [0, 0, 0])
+        winner = {"left": r["left_id"], "right": r["right_id"]}.get(r["choice"])
+        count[2 if winner is None else key.index(winner)] += 1
+        prompts[key] = r["prompt_id"]
+    out = []
+    for key, (first, second, ties) in sorted(votes.items(), key=lambda kv: (prompts[kv[0]], kv[0])):
+        if first == second:
+            continue
+        n = first + second + ties
+        (chosen, won), (rejected, lost) = sorted([(key[0], first), (key[1], second)], key=lambda x: -x[1])
+        out.append(
+            dict(prompt_id=prompts[key], chosen_id=chosen, rejected_id=rejected, chosen_score=won / n,
+                 rejected_score=lost / n, margin=(won - lost) / n)
+        )  # fmt: skip
+    return out
+
+
+def score_pairs(cfg: PairConfig, samples: dict[str, dict]) -> list[dict]:
+    """Reward preferences from ``cfg.scores``: per prompt, the pairs ``cfg.strategy`` selects above the margin."""
+    scores_path, samples_path = Path(cfg.scores), Path(cfg.samples)
     scores = read_manifest(scores_path, "scores", "--scores").to_pylist()
     reward, rows = reward_rows(scores, cfg.reward, cfg.dimension, scores_path, "--dimension")
     by_prompt: dict[str, list[tuple[str, float]]] = {}
@@ -69,29 +109,62 @@ def run_pair(cfg: PairConfig) -> Path:
                 f"pass the samples manifest these scores were made from"
             )
         by_prompt.setdefault(r["prompt_id"], []).append((r["sample_id"], value))
+    pairs = []
+    for pid, scored in sorted(by_prompt.items()):
+        scored.sort()
+        for i, j in select_pairs(scored, cfg.strategy, cfg.min_margin):
+            (chosen, won), (rejected, lost) = scored[i], scored[j]
+            pairs.append(
+                dict(prompt_id=pid, chosen_id=chosen, rejected_id=rejected, chosen_score=won, rejected_score=lost,
+                     margin=won - lost, dimension=cfg.dimension, source=reward, pair_id=f"{chosen}>{rejected}")
+            )  # fmt: skip
+    return pairs
+
+
+def human_pairs(cfg: PairConfig, samples: dict[str, dict]) -> list[dict]:
+    """Human preferences from ``cfg.labels`` (see :func:`tally_labels`); source ``human``, dimension ``votes``."""
+    labels_path = Path(cfg.labels)
+    labels = read_manifest(labels_path, "labels", "--labels").to_pylist()
+    for r in labels:
+        for side in ("left_id", "right_id"):
+            if r[side] not in samples:
+                raise VpoError(
+                    f"{labels_path} labels sample {r[side]}, which is not in {cfg.samples}; pass the samples "
+                    f"manifest these labels were made from (--samples)"
+                )
+    # The ":human" suffix keeps pair ids unique when the same two samples also form a reward pair.
+    return [
+        {**p, "dimension": "votes", "source": "human", "pair_id": f"{p['chosen_id']}>{p['rejected_id']}:human"}
+        for p in tally_labels(labels)
+    ]
+
+
+def run_pair(cfg: PairConfig) -> Path:
+    """Write ``cfg.out``: one row per preference pair from ``cfg.scores`` (source: the reward) and/or
+    ``cfg.labels`` (source: ``human``), with scores, margin and paths to both videos and latents (relative to the
+    pairs manifest's folder, so ``train-dpo`` needs nothing else)."""
+    samples_path, out = Path(cfg.samples), Path(cfg.out)
+    samples = {r["sample_id"]: r for r in read_manifest(samples_path, "samples", "--samples").to_pylist()}
+    found = (score_pairs(cfg, samples) if cfg.scores else []) + (human_pairs(cfg, samples) if cfg.labels else [])
 
     def rel(sample: dict, column: str) -> str:
         return os.path.relpath(resolve(samples_path, sample[column]), out.resolve().parent)
 
     pairs = []
-    for pid, scored in sorted(by_prompt.items()):
-        scored.sort()
-        for i, j in select_pairs(scored, cfg.strategy, cfg.min_margin):
-            c, r = samples[scored[i][0]], samples[scored[j][0]]
-            pairs.append(
-                dict(
-                    pair_id=f"{c['sample_id']}>{r['sample_id']}", prompt_id=pid, prompt=c["prompt"],
-                    chosen_id=c["sample_id"], rejected_id=r["sample_id"], chosen_score=scored[i][1],
-                    rejected_score=scored[j][1], margin=scored[i][1] - scored[j][1],
-                    dimension=cfg.dimension, source=reward, chosen_video=rel(c, "video"),
-                    rejected_video=rel(r, "video"), chosen_latent=rel(c, "latent"), rejected_latent=rel(r, "latent"),
-                )
-            )  # fmt: skip
+    for p in found:
+        c, r = samples[p["chosen_id"]], samples[p["rejected_id"]]
+        paths = {f"{side}_{col}": rel(s, col) for side, s in (("chosen", c), ("rejected", r)) for col in PATHS}
+        pairs.append({**p, "prompt": c["prompt"], **paths})
     if not pairs:
-        raise VpoError(
-            "no pairs: every prompt needs at least 2 scored candidates whose scores differ by more than "
-            f"--min-margin {cfg.min_margin}; sample more --candidates or lower --min-margin"
-        )
+        why = []
+        if cfg.scores:
+            why.append(
+                "every prompt needs at least 2 scored candidates whose scores differ by more than --min-margin "
+                f"{cfg.min_margin}; sample more --candidates or lower --min-margin"
+            )
+        if cfg.labels:
+            why.append(f"{cfg.labels} holds no answer preferring one video (tie and skip give none); label more")
+        raise VpoError("no pairs: " + "; and ".join(why))
     save_config(cfg, out.with_name("pair.yaml"))
     write_manifest(out, pairs, "pairs", cfg.to_dict())
     return out

@@ -1,0 +1,360 @@
+"""`vpotool label` and `pair --labels`: the queue, labels -> pairs, the server's guards (the labels file stays
+intact after every bad request), the page in a browser with resume, and human pairs through train-dpo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pandas as pd
+import pytest
+from conftest import FAST
+
+from vpotool.config import LabelConfig
+from vpotool.errors import VpoError
+from vpotool.manifest import read_manifest, write_manifest
+from vpotool.report.label import LabelSession, build_queue, make_server
+from vpotool.stages.pair import tally_labels
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A real samples run: 2 prompts x 3 candidates of the tiny model (FAST settings), made through the CLI."""
+    from vpotool.cli import main
+
+    folder = tmp_path_factory.mktemp("label")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")
+    argv = ["vpotool", "sample", "--prompts", prompts, "--candidates", 3, "--out", folder / "run", *FAST]
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as exit_:
+        mp.setattr(sys, "argv", [str(a) for a in argv])
+        main()
+    assert exit_.value.code == 0
+    return folder / "run"
+
+
+def samples_of(run) -> list[dict]:
+    return read_manifest(run / "samples.parquet", "samples").to_pylist()
+
+
+def config(run, out, **kw) -> LabelConfig:
+    return LabelConfig(samples=str(run / "samples.parquet"), out=str(out), **{"labeler": "alice", **kw})
+
+
+@contextmanager
+def serving(run, out, **kw):
+    """A label server on a free port (or ``port=``), in a thread; stopped and closed on exit."""
+    server = make_server(config(run, out, **kw))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def call(server, path, body=None, headers=None, token=True):
+    """``(status, parsed JSON or raw bytes)`` of a GET (``body`` None) or POST to ``server``."""
+    headers = dict(headers or {})
+    if body is not None:
+        headers.setdefault("Content-Type", "application/json")
+        if token:
+            headers.setdefault("X-Label-Token", server.session.token)
+        body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server.url.rstrip("/") + path, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            status, data, kind = r.status, r.read(), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, data, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, json.loads(data) if kind == "application/json" else data
+
+
+# ---------------------------------------------------------------- pure: the queue and labels -> pairs
+
+
+def fake_samples(prompts: int, candidates: int) -> list[dict]:
+    return [
+        dict(sample_id=f"p{p}-c{c}", prompt_id=f"p{p}", prompt=f"prompt {p}", candidate=c)
+        for p in reversed(range(prompts))  # the manifest's order must not matter
+        for c in range(candidates)
+    ]
+
+
+def test_queue_holds_every_two_candidates_round_robin_with_balanced_sides():
+    queue = build_queue(fake_samples(10, 4))
+    assert len(queue) == 10 * 6 and len({i.item_id for i in queue}) == 60
+    assert [i.prompt_id for i in queue[:10]] == [f"p{p}" for p in range(10)]  # first pair of every prompt first
+    assert {(i.left_id, i.right_id) for i in queue[:10]} <= {(f"p{p}-c0", f"p{p}-c1") for p in range(10)} | {
+        (f"p{p}-c1", f"p{p}-c0") for p in range(10)
+    }
+    assert all(i.left_id.split("-")[0] == i.right_id.split("-")[0] == i.prompt_id for i in queue)
+    assert build_queue(fake_samples(10, 4)) == queue  # deterministic
+    lower_left = sum(i.left_id < i.right_id for i in queue) / len(queue)
+    assert 0.3 < lower_left < 0.7  # sides are mixed, so position bias averages out
+
+
+def test_queue_from_pairs_keeps_their_order_once_each():
+    samples = fake_samples(2, 3)
+    pairs = [
+        dict(pair_id="a", chosen_id="p1-c2", rejected_id="p1-c0"),
+        dict(pair_id="b", chosen_id="p0-c1", rejected_id="p0-c0"),
+        dict(pair_id="c", chosen_id="p1-c0", rejected_id="p1-c2"),  # the same two samples as "a"
+    ]
+    queue = build_queue(samples, pairs)
+    assert [{i.left_id, i.right_id} for i in queue] == [{"p1-c2", "p1-c0"}, {"p0-c1", "p0-c0"}]
+    with pytest.raises(VpoError, match="not in --samples"):
+        build_queue(samples, [dict(pair_id="x", chosen_id="p9-c0", rejected_id="p0-c0")])
+
+
+def label(left, right, choice, labeler="alice", prompt_id="p0"):
+    return dict(label_id=f"{left}|{right}|{labeler}", prompt_id=prompt_id, left_id=left, right_id=right,
+                choice=choice, labeler=labeler)  # fmt: skip
+
+
+def test_labels_to_pairs_votes_and_margins():
+    labels = [
+        label("a", "b", "left"),  # one vote: margin 1
+        label("d", "c", "right"),
+        label("d", "c", "right", "bob"),  # agreeing labellers: still margin 1
+        label("e", "f", "left"),
+        label("f", "e", "left", "bob"),  # disagreeing (sides swapped): no pair
+        label("g", "h", "left"),
+        label("g", "h", "tie", "bob"),  # a tie dilutes: scores 1/2 and 0
+        label("i", "j", "left"),
+        label("j", "i", "left", "bob"),
+        label("i", "j", "left", "carol"),  # 2 of 3 votes: scores 2/3 and 1/3
+        label("k", "l", "tie"),
+        label("m", "n", "skip"),
+        label("o", "p", "skip"),
+        label("o", "p", "right", "bob"),  # a skip is no vote
+    ]
+    pairs = {(p["chosen_id"], p["rejected_id"]): p for p in tally_labels(labels)}
+    assert sorted(pairs) == [("a", "b"), ("c", "d"), ("g", "h"), ("i", "j"), ("p", "o")]
+    assert pairs[("a", "b")]["margin"] == pairs[("c", "d")]["margin"] == pairs[("p", "o")]["margin"] == 1.0
+    assert (pairs[("g", "h")]["chosen_score"], pairs[("g", "h")]["rejected_score"]) == (0.5, 0.0)
+    assert pairs[("g", "h")]["margin"] == 0.5
+    assert pairs[("i", "j")]["chosen_score"] == pytest.approx(2 / 3)
+    assert pairs[("i", "j")]["margin"] == pytest.approx(1 / 3)
+    with pytest.raises(VpoError, match="'maybe'"):
+        tally_labels([label("a", "b", "maybe")])
+
+
+# ---------------------------------------------------------------- the server
+
+
+def test_server_answers_resumes_and_rejects_bad_input_without_touching_the_file(run, tmp_path):
+    out = tmp_path / "labels.parquet"
+    queue = build_queue(samples_of(run))
+    with serving(run, out) as server:
+        status, state = call(server, "/api/next")
+        assert status == 200 and (state["answered"], state["total"]) == (0, 6)
+        first = state["item"]
+        assert (first["item_id"], first["left"]["id"], first["right"]["id"]) == (
+            queue[0].item_id, queue[0].left_id, queue[0].right_id,
+        )  # fmt: skip
+        status, video = call(server, first["left"]["url"])
+        assert status == 200 and video == (run / "videos" / f"{queue[0].left_id}.mp4").read_bytes()
+        assert read_manifest(out, "labels").num_rows == 0  # the file exists from the start
+
+        status, reply = call(server, "/api/label", {"item_id": first["item_id"], "choice": "right"})
+        assert status == 200 and reply["stored"] and reply["answered"] == 1
+        assert reply["item"]["item_id"] == queue[1].item_id
+        saved = out.read_bytes()
+
+        item = {"item_id": queue[1].item_id}
+        bad = [  # (path, body, headers, token, expected status)
+            ("/api/label", {"item_id": "p00000-c00|nope", "choice": "left"}, {}, True, 404),
+            ("/api/label", {"item_id": 3, "choice": "left"}, {}, True, 400),
+            ("/api/label", [item], {}, True, 400),
+            ("/api/label", b"{not json", {}, True, 400),
+            ("/api/label", b"\xff\xfe", {}, True, 400),
+            ("/api/label", {**item, "choice": "LEFT"}, {}, True, 400),
+            ("/api/label", {**item, "choice": None}, {}, True, 400),
+            ("/api/label", {**item, "choice": "left", "pad": "x" * 5000}, {}, True, 413),
+            ("/api/label", {**item, "choice": "left"}, {}, False, 403),  # no token
+            ("/api/label", {**item, "choice": "left"}, {"X-Label-Token": "guess"}, False, 403),
+            ("/api/label", {**item, "choice": "left"}, {"Origin": "http://evil.example"}, True, 403),
+            ("/api/label", {**item, "choice": "left"}, {"Host": "evil.example"}, True, 403),
+            ("/api/nope", {**item, "choice": "left"}, {}, True, 404),
+            ("/", None, {"Host": f"evil.example:{server.server_address[1]}"}, True, 403),  # DNS rebinding
+            ("/api/next", None, {"Host": "evil.example"}, True, 403),
+            ("/samples.parquet", None, {}, True, 404),
+            ("/videos/p00000-c00.mp4", None, {}, True, 404),
+            ("/video/../samples.parquet", None, {}, True, 404),
+            ("/video/..%2Fsamples.parquet", None, {}, True, 404),
+            ("/video/%2E%2E%2F%2E%2E%2Fprompts.txt", None, {}, True, 404),
+            ("/video/videos%2Fp00000-c00.mp4", None, {}, True, 404),
+            ("/video/" + str(run / "videos" / "p00000-c00.mp4"), None, {}, True, 404),
+        ]
+        for path, body, headers, token, expected in bad:
+            status, reply = call(server, path, body, headers, token)
+            assert status == expected, (path, body, headers, reply)
+            assert isinstance(reply, dict) and reply["error"], (path, body)
+            assert out.read_bytes() == saved, (path, body)
+
+        # A double submit (e.g. a double click) keeps the first answer and writes no second row.
+        status, reply = call(server, "/api/label", {"item_id": queue[0].item_id, "choice": "left"})
+        assert status == 200 and not reply["stored"] and reply["label"]["choice"] == "right"
+        assert out.read_bytes() == saved
+
+        # Racing requests for one item: exactly one is stored.
+        results = []
+        body = {"item_id": queue[1].item_id, "choice": "tie"}
+        threads = [threading.Thread(target=lambda: results.append(call(server, "/api/label", body))) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r[1]["stored"] for r in results) == [False] * 5 + [True]
+
+    rows = pd.read_parquet(out)
+    assert list(rows.choice) == ["right", "tie"] and list(rows.labeler) == ["alice", "alice"]
+    assert list(rows.left_id) == [queue[0].left_id, queue[1].left_id]
+    assert rows.labelled_at.str.endswith("+00:00").all()
+    assert (out.parent / rows.left_video[0]).resolve() == (run / "videos" / f"{queue[0].left_id}.mp4").resolve()
+
+    with serving(run, out) as server:  # a restart resumes at the first unanswered item
+        assert call(server, "/api/next")[1]["item"]["item_id"] == queue[2].item_id
+    with serving(run, out, labeler="bob") as server:  # another labeller starts from the top of the same queue
+        assert call(server, "/api/next")[1]["item"]["item_id"] == queue[0].item_id
+
+
+def test_label_cli_prints_the_url_stops_on_ctrl_c_and_warns_off_loopback(cli, run, tmp_path, monkeypatch):
+    from vpotool.report.label import LabelServer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LabelServer, "serve_forever", interrupted)
+    out = tmp_path / "labels.parquet"
+    code, stdout, err = cli("label", "--samples", run / "samples.parquet", "--out", out, "--labeler", "alice")
+    assert code == 0 and "wrote" in stdout and "http://127.0.0.1:" in err and "0 of 6" in err
+    assert "warning" not in err and read_manifest(out, "labels").num_rows == 0
+    code, _, err = cli("label", "--samples", run / "samples.parquet", "--out", out, "--host", "0.0.0.0")
+    assert code == 0 and "warning" in err and "anyone" in err
+
+    one = [s for s in samples_of(run) if s["candidate"] == 0]
+    for s in one:
+        s["video"] = str(run / s["video"])
+    write_manifest(tmp_path / "one.parquet", one, "samples")
+    code, _, err = cli("label", "--samples", tmp_path / "one.parquet", "--out", out)
+    assert code == 2 and "nothing to label" in err and "--candidates" in err
+    code, _, err = cli("label", "--samples", run / "samples.parquet", "--out", out, "--port", 70000)
+    assert code == 2 and "--port" in err
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+STATE_JS = """return {progress: document.getElementById('progress').textContent,
+    left: document.getElementById('left').dataset.sample, right: document.getElementById('right').dataset.sample,
+    videos: [...document.querySelectorAll('video')].map(v => [v.readyState, v.error && v.error.code, v.videoWidth])}"""
+
+
+def test_page_labels_with_mouse_and_keys_then_resumes_after_a_restart(browser, run, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def wait_for(answered, item):
+        def ready(driver):
+            s = driver.execute_script(STATE_JS)
+            done = f"{answered} of 6" in s["progress"] and (s["left"], s["right"]) == (item.left_id, item.right_id)
+            return s if done and all(ready >= 2 for ready, _, _ in s["videos"]) else None
+
+        return WebDriverWait(browser, 15).until(ready)
+
+    out, queue = tmp_path / "labels.parquet", build_queue(samples_of(run))
+    browser.get_log("browser")  # drop what earlier tests logged
+    with serving(run, out) as server:
+        port = server.server_address[1]
+        browser.get(server.url)
+        state = wait_for(0, queue[0])
+        assert all(error is None and width == 16 for _, error, width in state["videos"])  # H.264 decodes
+        page = browser.find_element(By.TAG_NAME, "body").text
+        for hint in ("Left is better", "Right is better", "Tie", "Skip", "Space", "T", "S"):
+            assert hint in page
+        browser.find_element(By.CSS_SELECTOR, "button[data-choice=left]").click()
+        wait_for(1, queue[1])
+        for n, key in enumerate([Keys.ARROW_RIGHT, "t", Keys.SPACE], start=2):
+            ActionChains(browser).send_keys(key).perform()
+            wait_for(n, queue[n])
+        rows = pd.read_parquet(out)
+        assert list(rows.choice) == ["left", "right", "tie", "skip"]
+        assert list(zip(rows.left_id, rows.right_id, strict=True)) == [(i.left_id, i.right_id) for i in queue[:4]]
+        assert set(rows.labeler) == {"alice"}
+
+    with serving(run, out, port=port):  # the same out file, the same address: reload resumes
+        browser.refresh()
+        wait_for(4, queue[4])
+        ActionChains(browser).send_keys(Keys.ARROW_DOWN).perform()
+        wait_for(5, queue[5])
+    assert list(pd.read_parquet(out).choice) == ["left", "right", "tie", "skip", "tie"]
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+# ---------------------------------------------------------------- pair --labels and train-dpo
+
+
+def test_pair_from_labels_mixes_with_scores_and_trains_dpo(cli, run, tmp_path):
+    samples, out = run / "samples.parquet", tmp_path / "labels.parquet"
+    queue = build_queue(samples_of(run))
+    answers = {"alice": ["left", "right", "tie", "skip", "left"], "bob": ["left", "left", "tie", "skip", "tie"]}
+    for labeler, choices in answers.items():  # one file per person, as the server writes them, then merged
+        session = LabelSession(config(run, tmp_path / labeler / "labels.parquet", labeler=labeler))
+        for item, choice in zip(queue, choices, strict=False):
+            session.answer(item, choice)
+    files = [tmp_path / name / "labels.parquet" for name in answers]
+    assert cli("merge", *files, "--out", out)[0] == 0
+    merged = read_manifest(out, "labels").to_pylist()
+    assert len(merged) == 10 and all((tmp_path / r["left_video"]).is_file() for r in merged)
+
+    human = tmp_path / "human.parquet"
+    code, _, err = cli("pair", "--samples", samples, "--labels", out, "--out", human)
+    assert code == 0, err
+    pairs = pd.read_parquet(human)
+    expected = {(queue[0].left_id, queue[0].right_id, 1.0), (queue[4].left_id, queue[4].right_id, 0.5)}
+    assert set(zip(pairs.chosen_id, pairs.rejected_id, pairs.margin, strict=True)) == expected
+    assert set(pairs.source) == {"human"} and pairs.pair_id.str.endswith(":human").all()
+    for p in pairs.itertuples():
+        assert (tmp_path / p.chosen_video).is_file() and (tmp_path / p.rejected_latent).is_file()
+
+    scores, mixed = tmp_path / "scores.parquet", tmp_path / "mixed.parquet"
+    assert cli("score", "--samples", samples, "--reward", "temporal", "--out", scores)[0] == 0
+    code, _, err = cli("pair", "--samples", samples, "--scores", scores, "--labels", out, "--out", mixed)
+    assert code == 0, err
+    both = pd.read_parquet(mixed)
+    assert sorted(both.source.value_counts().items()) == [("human", 2), ("temporal", 2)]
+    assert both.pair_id.is_unique
+
+    args = ("--max-steps", 1, "--batch-size", 2, "--lora-rank", 2, "--beta", 100, "--device", "cpu")
+    for pairs_file in (human, mixed):
+        dpo = tmp_path / f"dpo-{pairs_file.stem}"
+        code, _, err = cli("train-dpo", "--pairs", pairs_file, "--out", dpo, *args)
+        assert code == 0, err
+        assert (dpo / "checkpoints" / "step-1" / "pytorch_lora_weights.safetensors").is_file()
+        assert list(pd.read_parquet(dpo / "metrics.parquet").step) == [1]
+
+
+def test_pair_needs_scores_or_labels_and_matching_samples(cli, run, tmp_path):
+    code, _, err = cli("pair", "--samples", run / "samples.parquet", "--out", tmp_path / "p.parquet")
+    assert code == 2 and "--scores is required (or --labels" in err
+    rows = [label("x-c0", "x-c1", "left")]
+    rows = [{**r, "prompt": "p", "labelled_at": "", "left_video": "", "right_video": ""} for r in rows]
+    write_manifest(tmp_path / "labels.parquet", rows, "labels")
+    code, _, err = cli("pair", "--samples", run / "samples.parquet", "--labels", tmp_path / "labels.parquet",
+                       "--out", tmp_path / "p.parquet")  # fmt: skip
+    assert code == 2 and "not in" in err and "--samples" in err
+    skipped = [{**r, "left_id": "p00000-c00", "right_id": "p00000-c01", "choice": "skip"} for r in rows]
+    write_manifest(tmp_path / "labels.parquet", skipped, "labels")
+    code, _, err = cli("pair", "--samples", run / "samples.parquet", "--labels", tmp_path / "labels.parquet",
+                       "--out", tmp_path / "p.parquet")  # fmt: skip
+    assert code == 2 and "no pairs" in err and "tie and skip" in err

@@ -1,0 +1,360 @@
+"""``vpotool label``: a local web page where a person compares two candidate videos of one prompt and answers
+left, right, tie or skip. Each answer is written at once to a labels manifest; ``vpotool pair --labels`` turns
+the answers into human preference pairs.
+
+The server (stdlib ``http.server``, one thread per request) guards the labels file:
+
+- it listens on 127.0.0.1 unless told otherwise, and then answers only requests whose ``Host`` header names the
+  address it serves (a page on another site that rebinds its DNS name to 127.0.0.1 is refused);
+- it serves only the videos of the samples it shows, looked up by sample id, never by a path from the request;
+- it stores an answer only from a POST carrying the page's random token in an ``X-Label-Token`` header, and
+  with an ``Origin`` header (if any) naming the served origin: another site can neither read the token nor
+  send that header without a CORS preflight, which this server never grants;
+- answering an item again (a double click, a second tab) is idempotent: the first answer stays and the reply
+  is 200 with it (``"stored": false``), so a retried request never writes a second row;
+- unknown items answer 404, malformed bodies and choices 400, all as JSON ``{"error": ...}``, before any write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from vpotool.config import LabelConfig
+from vpotool.errors import VpoError
+from vpotool.manifest import RowWriter, read_manifest, resolve
+from vpotool.stages.pair import LABEL_CHOICES
+
+LOOPBACK = ("127.0.0.1", "localhost")
+MAX_BODY = 4096  # bytes: an answer is a few dozen
+
+
+@dataclass(frozen=True)
+class Item:
+    """One comparison: two samples of one prompt in the order they are shown (left, right)."""
+
+    item_id: str
+    prompt_id: str
+    prompt: str
+    left_id: str
+    right_id: str
+
+
+def make_item(a: dict, b: dict) -> Item:
+    """The item comparing sample rows ``a`` and ``b``. Its id names the unordered pair; which sample is shown left
+    follows a hash of that id, so it is the same on every run and machine, yet each side gets about half of the
+    samples of any one origin (e.g. the chosen ones of a pairs manifest), and position bias averages out."""
+    first, second = sorted((a, b), key=lambda s: s["sample_id"])
+    item_id = f"{first['sample_id']}|{second['sample_id']}"
+    if hashlib.sha256(item_id.encode()).digest()[0] % 2:
+        first, second = second, first
+    return Item(item_id, first["prompt_id"], first["prompt"], first["sample_id"], second["sample_id"])
+
+
+def build_queue(samples: list[dict], pairs: list[dict] | None = None) -> list[Item]:
+    """The items to label, in order, from rows of a samples manifest.
+
+    With ``pairs`` (rows of a pairs manifest): each pair's two samples, in the manifest's order, each two samples
+    once. Otherwise every two candidates of each prompt, round-robin over prompts (the first pair of every
+    prompt, then the second, ...), so a person who stops early has still covered many prompts.
+    """
+    by_id = {s["sample_id"]: s for s in samples}
+    if pairs is not None:
+        items: dict[str, Item] = {}
+        for p in pairs:
+            for sid in (p["chosen_id"], p["rejected_id"]):
+                if sid not in by_id:
+                    raise VpoError(
+                        f"--pairs: pair {p['pair_id']} holds sample {sid}, which is not in --samples; pass the "
+                        "samples manifest the pairs were made from"
+                    )
+            item = make_item(by_id[p["chosen_id"]], by_id[p["rejected_id"]])
+            items.setdefault(item.item_id, item)
+        return list(items.values())
+    by_prompt: dict[str, list[dict]] = {}
+    for s in sorted(samples, key=lambda s: (s["prompt_id"], s["candidate"], s["sample_id"])):
+        by_prompt.setdefault(s["prompt_id"], []).append(s)
+    ranked = [
+        (rank, pid, make_item(a, b))
+        for pid, group in by_prompt.items()
+        for rank, (a, b) in enumerate(itertools.combinations(group, 2))
+    ]
+    return [item for _, _, item in sorted(ranked, key=lambda r: r[:2])]
+
+
+class LabelSession:
+    """The queue, the answers written so far, and the lock that makes check-then-write of an answer atomic."""
+
+    def __init__(self, cfg: LabelConfig):
+        samples_path, self.out = Path(cfg.samples), Path(cfg.out)
+        samples = read_manifest(samples_path, "samples", "--samples").to_pylist()
+        pairs = read_manifest(cfg.pairs, "pairs", "--pairs").to_pylist() if cfg.pairs else None
+        self.queue = build_queue(samples, pairs)
+        if not self.queue:
+            raise VpoError(f"nothing to label in {samples_path}: each prompt needs 2 or more candidates "
+                           "(`vpotool sample --candidates 2`), or pass --pairs")  # fmt: skip
+        self.items = {item.item_id: item for item in self.queue}
+        shown = {sid for item in self.queue for sid in (item.left_id, item.right_id)}
+        self.videos = {s["sample_id"]: resolve(samples_path, s["video"]) for s in samples if s["sample_id"] in shown}
+        missing = sorted(str(p) for p in self.videos.values() if not p.is_file())
+        if missing:
+            raise VpoError(f"{len(missing)} video(s) of {samples_path} are missing, e.g. {missing[0]}; "
+                           "label the run folder `vpotool sample` wrote, with its videos/")  # fmt: skip
+        here = self.out.resolve().parent
+        self.rel = {sid: os.path.relpath(path, here) for sid, path in self.videos.items()}  # as stored in a label
+        self.labeler = cfg.labeler
+        self.writer = RowWriter(self.out, "labels", cfg.to_dict())
+        self.writer.flush()  # an empty manifest at once, so the file exists (and is writable) from the start
+        self.answers = {r["label_id"]: r for r in self.writer.rows}
+        self.lock = threading.Lock()
+        self.token = secrets.token_urlsafe(16)
+
+    def label_id(self, item: Item) -> str:
+        return f"{item.item_id}|{self.labeler}"
+
+    def state(self) -> dict:
+        """Progress and the first item this labeler has not answered (``item`` is None when all are done)."""
+        todo = [i for i, item in enumerate(self.queue) if self.label_id(item) not in self.answers]
+        shown = None
+        if todo:
+            item = self.queue[todo[0]]
+            sides = {"left": item.left_id, "right": item.right_id}
+            shown = {**asdict(item), "position": todo[0] + 1}
+            shown.update({side: {"id": sid, "url": "/video/" + quote(sid)} for side, sid in sides.items()})
+        return dict(labeler=self.labeler, total=len(self.queue), answered=len(self.queue) - len(todo), item=shown)
+
+    def answer(self, item: Item, choice: str) -> tuple[bool, dict]:
+        """Record ``choice`` for ``item`` and rewrite the labels file; ``(False, first answer)`` if it has one."""
+        label_id = self.label_id(item)
+        with self.lock:
+            if label_id in self.answers:
+                return False, self.answers[label_id]
+            row = dict(
+                label_id=label_id, prompt_id=item.prompt_id, prompt=item.prompt, left_id=item.left_id,
+                right_id=item.right_id, choice=choice, labeler=self.labeler,
+                labelled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                left_video=self.rel[item.left_id], right_video=self.rel[item.right_id],
+            )  # fmt: skip
+            self.writer.rows.append(row)
+            try:
+                self.writer.flush()
+            except BaseException:
+                self.writer.rows.pop()  # the file still holds the rows before this one
+                raise
+            self.answers[label_id] = row
+            return True, row
+
+
+class Handler(BaseHTTPRequestHandler):
+    """``GET /`` the page, ``GET /api/next`` the state, ``GET /video/<sample id>``, ``POST /api/label``."""
+
+    server: LabelServer
+    timeout = 30  # seconds: a connection that sends nothing must not hold up shutdown
+
+    def log_message(self, format, *args):  # quiet: the terminal shows the URL, not every request
+        pass
+
+    def send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if content_type != "video/mp4":  # state changes with every answer; videos do not
+            self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status: int, data: dict) -> None:
+        self.send(status, json.dumps(data).encode(), "application/json")
+
+    def host_ok(self) -> bool:
+        allowed = self.server.allowed_hosts
+        return allowed is None or self.headers.get("Host", "") in allowed
+
+    def do_GET(self):
+        session, path = self.server.session, urlsplit(self.path).path
+        video = session.videos.get(unquote(path.removeprefix("/video/"))) if path.startswith("/video/") else None
+        if not self.host_ok():
+            self.send_json(403, {"error": "unexpected Host header; open the URL vpotool label printed"})
+        elif path == "/":
+            self.send(200, PAGE.replace("__TOKEN__", session.token).encode(), "text/html; charset=utf-8")
+        elif path == "/api/next":
+            self.send_json(200, session.state())
+        elif video is not None:  # a sample id of the queue; no path from the request ever reaches the disk
+            self.send(200, video.read_bytes(), "video/mp4")
+        else:
+            self.send_json(404, {"error": f"not found: {path}"})
+
+    def do_POST(self):
+        session, origin = self.server.session, self.headers.get("Origin")
+        if not self.host_ok() or (origin and origin != f"http://{self.headers.get('Host')}"):
+            return self.send_json(403, {"error": "cross-origin request refused"})
+        if not secrets.compare_digest(self.headers.get("X-Label-Token", ""), session.token):
+            return self.send_json(403, {"error": "missing or wrong X-Label-Token; reload the page"})
+        if urlsplit(self.path).path != "/api/label":
+            return self.send_json(404, {"error": f"not found: {self.path}"})
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return self.send_json(411, {"error": "Content-Length is required"})
+        if not 0 <= length <= MAX_BODY:
+            return self.send_json(413, {"error": f"body over {MAX_BODY} bytes"})
+        try:
+            body = json.loads(self.rfile.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return self.send_json(400, {"error": "body is not JSON"})
+        if not isinstance(body, dict) or not isinstance(body.get("item_id"), str):
+            return self.send_json(400, {"error": 'body must be {"item_id": "...", "choice": "..."}'})
+        if body.get("choice") not in LABEL_CHOICES:
+            return self.send_json(400, {"error": f"choice must be one of {', '.join(LABEL_CHOICES)}"})
+        item = session.items.get(body["item_id"])
+        if item is None:
+            return self.send_json(404, {"error": f"unknown item {body['item_id']}"})
+        try:
+            stored, row = session.answer(item, body["choice"])
+        except (OSError, VpoError) as e:  # e.g. a full disk: the file keeps the earlier answers; the page says so
+            return self.send_json(500, {"error": f"could not write {session.out}: {e}"})
+        self.send_json(200, {"stored": stored, "label": row, **session.state()})
+
+
+class LabelServer(ThreadingHTTPServer):
+    """The labelling server for one session; ``url`` is where to point a browser."""
+
+    def __init__(self, session: LabelSession, host: str, port: int):
+        super().__init__((host, port), Handler)
+        self.session = session
+        port = self.server_address[1]
+        self.url = f"http://{host}:{port}/"
+        if host == "0.0.0.0":  # every interface: the names it is reached by are unknown, so no Host check
+            self.allowed_hosts = None
+        else:
+            self.allowed_hosts = {f"{h}:{port}" for h in {host, *(LOOPBACK if host in LOOPBACK else ())}}
+
+
+def make_server(cfg: LabelConfig) -> LabelServer:
+    """Load the queue and labels of ``cfg`` and bind the server (not yet serving; call ``serve_forever``)."""
+    session = LabelSession(cfg)
+    try:
+        return LabelServer(session, cfg.host, cfg.port)
+    except OSError as e:
+        raise VpoError(f"cannot serve on {cfg.host}:{cfg.port} ({e}); choose another --port or --host") from e
+
+
+def run_label(cfg: LabelConfig) -> Path:
+    """Serve the labelling page until Ctrl-C; every answer is already in ``cfg.out`` when it is acknowledged."""
+    from vpotool.stages.common import console
+
+    server = make_server(cfg)
+    con, state = console(), server.session.state()
+    if cfg.host not in LOOPBACK:
+        warn = f"[yellow]warning:[/] serving on {cfg.host}: anyone who can reach this port can see the videos and "
+        con.print(warn + "add labels; keep the default --host 127.0.0.1 (and use an SSH tunnel) unless you mean it")
+    con.print(f"labelling as {state['labeler']}: {state['answered']} of {state['total']} pairs answered")
+    con.print(f"open {server.url} in a browser (Ctrl-C stops; answers are saved as you go)", soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()  # waits for requests in flight, so an answer being written is finished
+    return Path(cfg.out)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vpotool label</title><link rel="icon" href="data:,">
+<style>
+body { font-family: system-ui, sans-serif; margin: 0; padding: 1rem 2rem; background: #15171a; color: #e8e8e8; }
+header { display: flex; justify-content: space-between; color: #aaa; }
+#prompt { font-size: 1.5rem; text-align: center; margin: 1.2rem 0; }
+.pair { display: flex; gap: 2rem; justify-content: center; }
+figure { margin: 0; text-align: center; color: #aaa; }
+video { width: min(42vw, 60vh); aspect-ratio: 1; object-fit: contain; background: #000; border-radius: 6px;
+        image-rendering: pixelated; }
+.buttons { display: flex; gap: 1rem; justify-content: center; margin-top: 1.5rem; }
+button { font: inherit; font-size: 1.1rem; padding: .7rem 1.3rem; border: 0; border-radius: 6px; cursor: pointer;
+         background: #2f6fdf; color: #fff; }
+button.minor { background: #3a3d42; }
+kbd { font-size: .8em; padding: .1em .4em; border: 1px solid #ffffff66; border-radius: 4px; margin-left: .3em; }
+#error { color: #ff7b7b; text-align: center; }
+#done { font-size: 1.4rem; text-align: center; margin-top: 4rem; }
+</style></head>
+<body>
+<header><strong>vpotool label</strong><span id="progress"></span></header>
+<main id="task" hidden>
+  <p id="prompt"></p>
+  <div class="pair">
+    <figure><video id="left" autoplay loop muted playsinline></video><figcaption>left</figcaption></figure>
+    <figure><video id="right" autoplay loop muted playsinline></video><figcaption>right</figcaption></figure>
+  </div>
+  <div class="buttons">
+    <button data-choice="left">Left is better<kbd>&larr;</kbd></button>
+    <button data-choice="tie" class="minor">Tie<kbd>&darr;</kbd><kbd>T</kbd></button>
+    <button data-choice="skip" class="minor">Skip<kbd>S</kbd><kbd>Space</kbd></button>
+    <button data-choice="right">Right is better<kbd>&rarr;</kbd></button>
+  </div>
+</main>
+<p id="done" hidden>Every pair is answered. Thank you! You can close this tab.</p>
+<p id="error" role="alert"></p>
+<script>
+const TOKEN = "__TOKEN__";
+const KEYS = {ArrowLeft: "left", ArrowRight: "right", ArrowDown: "tie", t: "tie", s: "skip", " ": "skip"};
+const $ = (id) => document.getElementById(id);
+let current = null, busy = false;
+
+function show(state) {
+  $("progress").textContent = `${state.labeler} \\u00b7 ${state.answered} of ${state.total} answered`;
+  current = state.item;
+  $("task").hidden = !current;
+  $("done").hidden = !!current;
+  if (!current) return;
+  $("prompt").textContent = current.prompt;
+  for (const side of ["left", "right"]) {
+    $(side).src = current[side].url;
+    $(side).dataset.sample = current[side].id;
+  }
+}
+
+async function request(url, options) {
+  const response = await fetch(url, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+async function answer(choice) {
+  if (!current || busy) return;  // one answer in flight at a time; the server ignores repeats anyway
+  busy = true;
+  try {
+    const headers = {"Content-Type": "application/json", "X-Label-Token": TOKEN};
+    const body = JSON.stringify({item_id: current.item_id, choice});
+    show(await request("/api/label", {method: "POST", headers, body}));
+    $("error").textContent = "";
+  } catch (e) {
+    $("error").textContent = `not saved: ${e.message}`;
+  } finally {
+    busy = false;
+  }
+}
+
+for (const button of document.querySelectorAll("button[data-choice]")) {
+  button.addEventListener("click", () => { button.blur(); answer(button.dataset.choice); });
+}
+document.addEventListener("keydown", (e) => {
+  const choice = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
+  if (!choice || e.altKey || e.ctrlKey || e.metaKey) return;
+  e.preventDefault();
+  answer(choice);
+});
+request("/api/next").then(show).catch((e) => { $("error").textContent = e.message; });
+</script>
+</body></html>
+"""
