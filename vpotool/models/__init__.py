@@ -34,11 +34,18 @@ def _ltx(path, device, dtype):
     return load_ltx(path, device, dtype)
 
 
+def _opensora(path, device, dtype):
+    from vpotool.models.opensora import load_opensora
+
+    return load_opensora(path, device, dtype)
+
+
 MODELS: dict[str, Callable[..., Backend]] = {
     "tiny": _tiny,
     "wan": _wan,
     "cogvideox": _cogvideox,
     "ltx": _ltx,
+    "opensora": _opensora,
 }
 
 DTYPES = {

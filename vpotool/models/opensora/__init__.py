@@ -1,0 +1,193 @@
+"""Open-Sora 1.2 backend (``--model opensora``): STDiT3 denoiser, OpenSora-VAE-v1.2, T5-XXL text encoder, all in
+vpotool's own code (``stdit3.py``, ``vae.py``) with the published parameter names.
+
+Sign conventions. Open-Sora's rectified flow adds noise as ``x_t = tau * x0 + (1 - tau) * noise`` with
+``tau = 1 - t / 1000`` and trains the model to predict ``x0 - noise`` at timestep ``t``. In vpotool's convention
+(``x_t = (1 - sigma) * x0 + sigma * noise``, velocity ``noise - x0``) that is ``sigma = 1 - tau = t / 1000``, the model
+timestep is ``1000 * sigma`` as in diffusers, and ``predict`` returns ``-(model output)``: vpotool's velocity.
+Open-Sora's ``timestep_transform`` is the usual flow shift ``sigma' = r sigma / (1 + (r - 1) sigma)`` with
+``r = sqrt(H * W / 512**2) * sqrt(frames // 17 * 5)`` (pixels; frames // 17 * 5 equals ``F // 5 * 5`` in latent
+frames), so the sampling grid is :func:`~vpotool.models.base.flow_schedule` with that shift.
+
+Folder layout for ``--model-path DIR``: ``DIR/transformer`` (hpcai-tech/OpenSora-STDiT-v3), ``DIR/vae``
+(hpcai-tech/OpenSora-VAE-v1.2), ``DIR/text_encoder`` (DeepFloyd/t5-v1_1-xxl) and optionally ``DIR/tokenizer`` (else
+the tokenizer is read from ``DIR/text_encoder``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from vpotool.errors import VpoError
+from vpotool.models.base import Conditioning, ModelInfo, NoiseSchedule, SamplingDefaults, flow_schedule, tokenize
+
+OPENSORA_DEFAULTS = SamplingDefaults(frames=51, height=240, width=432, fps=24, steps=30, guidance=7.0)
+OPENSORA_LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"]
+HUB_IDS = {
+    "transformer": "hpcai-tech/OpenSora-STDiT-v3",
+    "vae": "hpcai-tech/OpenSora-VAE-v1.2",
+    "text_encoder": "DeepFloyd/t5-v1_1-xxl",
+}
+
+# Open-Sora 1.2's ASPECT_RATIOS (opensora/datasets/aspect.py): (height, width) in pixels by resolution and
+# height:width ratio. vpotool needs multiples of 16; :func:`preset_size` rounds them.
+ASPECT_RATIOS = {
+    "240p": {"9:16": (240, 426), "3:4": (276, 368), "1:1": (320, 320), "4:3": (370, 278), "16:9": (426, 240)},
+    "360p": {"9:16": (360, 640), "3:4": (416, 554), "1:1": (480, 480), "4:3": (554, 416), "16:9": (640, 360)},
+    "480p": {"9:16": (480, 854), "3:4": (554, 738), "1:1": (640, 640), "4:3": (740, 555), "16:9": (854, 480)},
+    "720p": {"9:16": (720, 1280), "3:4": (832, 1110), "1:1": (960, 960), "4:3": (1108, 832), "16:9": (1280, 720)},
+}
+NUM_FRAMES = {"2s": 51, "4s": 102, "8s": 204, "16s": 408}  # Open-Sora 1.2's duration presets at 24 fps
+
+
+def preset_size(resolution: str, aspect_ratio: str, multiple: int = 16) -> tuple[int, int]:
+    """``(height, width)`` for an Open-Sora preset, each rounded to the nearest ``multiple`` (pass them as
+    ``--height``/``--width``). ``aspect_ratio`` is height:width as Open-Sora writes it ("9:16" is 240x426 at 240p)."""
+    if resolution not in ASPECT_RATIOS or aspect_ratio not in ASPECT_RATIOS[resolution]:
+        raise VpoError(
+            f"unknown Open-Sora preset {resolution} {aspect_ratio}; resolutions: {', '.join(ASPECT_RATIOS)}, "
+            f"ratios: {', '.join(ASPECT_RATIOS['240p'])}"
+        )
+    h, w = ASPECT_RATIOS[resolution][aspect_ratio]
+    return max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple)
+
+
+def opensora_shift(shape: tuple[int, ...], spatial_factor: int = 8, time_chunk: int = 5) -> float:
+    """Open-Sora 1.2's ``timestep_transform`` ratio for latents ``(C, F, h, w)``: ``sqrt(H W / 512^2)`` times
+    ``sqrt(F // 5 * 5)`` (1 for a single frame; at least 1 where upstream's formula would give 0)."""
+    _, f, h, w = shape
+    space = math.sqrt(h * spatial_factor * w * spatial_factor / 512**2)
+    frames = 1 if f == 1 else max(f // time_chunk * time_chunk, 1)
+    return space * math.sqrt(frames)
+
+
+class OpenSoraBackend:
+    """Open-Sora 1.2 behind vpotool's Backend protocol; ``prediction`` is ``"flow"`` in vpotool's sign."""
+
+    prediction = "flow"
+
+    def __init__(
+        self,
+        *,
+        info: ModelInfo,
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        defaults: SamplingDefaults = OPENSORA_DEFAULTS,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.info = info
+        self.denoiser = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_text_len = transformer.cfg.model_max_length
+        self.fps = float(defaults.fps)  # the fps the denoiser is conditioned on
+        self.spatial_factor = 8
+        self.lora_target_modules = list(OPENSORA_LORA_TARGETS)
+        self.size_multiple = self.spatial_factor * transformer.cfg.patch_size[1]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """``y [B, 300, 4096]`` T5 states and ``mask [B, 300]`` (1 for real tokens), as Open-Sora's T5 encoder."""
+        ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
+        return {"y": hidden.to(self.dtype), "mask": mask}
+
+    def encode_negative(self, n: int) -> Conditioning:
+        """The learned null caption ``y_embedding`` with every token attended (upstream reuses the prompt's mask
+        for it; vpotool's unconditional input cannot depend on the prompt)."""
+        y = self.denoiser.null_caption(n).to(self.dtype)
+        return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        c = self.vae.cfg
+        return (c.channels, c.latent_frames(frames), height // self.spatial_factor, width // self.spatial_factor)
+
+    def _shape(self, shape):
+        d = self.defaults
+        return shape if shape is not None else self.latent_shape(d.frames, d.height, d.width)
+
+    def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
+        return flow_schedule(steps, opensora_shift(self._shape(shape)))
+
+    def training_timesteps(
+        self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
+    ) -> NoiseSchedule:
+        """Logit-normal sigmas (Open-Sora 1.2's training ``sample_method``), then the resolution/frame shift."""
+        shift = opensora_shift(self._shape(shape))
+        u = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64)).clamp(1e-3, 1 - 1e-3)
+        sigmas = (shift * u / (1 + (shift - 1) * u)).float()
+        return NoiseSchedule(timesteps=sigmas * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """vpotool's velocity ``noise - x0`` ``[B, C, F, h, w]``: minus the first ``C`` channels of STDiT3's output."""
+        b, c, _, h, w = x_t.shape
+        out = self.denoiser(
+            x_t.to(self.dtype),
+            timesteps.to(self.device).float().expand(b),
+            cond["y"],
+            mask=cond["mask"],
+            fps=torch.full((b,), self.fps, device=self.device),
+            height=h * self.spatial_factor,
+            width=w * self.spatial_factor,
+        )
+        return -out[:, :c]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        video = self.vae.decode(latents.to(self.dtype))  # [B, 3, T, H, W] in [-1, 1]
+        return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode((frames.permute(0, 2, 1, 3, 4) * 2 - 1).to(self.dtype))
+
+
+def missing_weights_message(path) -> str:
+    return (
+        f"no Open-Sora 1.2 weights at {path}: download {HUB_IDS['transformer']} into DIR/transformer, "
+        f"{HUB_IDS['vae']} into DIR/vae and {HUB_IDS['text_encoder']} into DIR/text_encoder "
+        "(e.g. huggingface-cli download ID --local-dir DIR/transformer), then pass --model-path DIR"
+    )
+
+
+def load_opensora(path, device="cpu", dtype=torch.float32) -> OpenSoraBackend:
+    """Open-Sora 1.2 from a local folder laid out as ``transformer/``, ``vae/``, ``text_encoder/`` [``tokenizer/``]."""
+    from vpotool.models.opensora.stdit3 import STDiT3
+    from vpotool.models.opensora.vae import OpenSoraVAE
+
+    if not path or not os.path.isdir(path):
+        raise VpoError(missing_weights_message(path))
+    sub = {name: os.path.join(path, name) for name in ("transformer", "vae", "text_encoder", "tokenizer")}
+    absent = [name for name in ("transformer", "vae", "text_encoder") if not os.path.isdir(sub[name])]
+    if absent:
+        raise VpoError(f"{path} has no {', '.join(n + '/' for n in absent)}; " + missing_weights_message(path))
+    try:
+        transformer = STDiT3.from_pretrained(sub["transformer"], dtype=dtype)
+        vae = OpenSoraVAE.from_pretrained(sub["vae"], dtype=dtype)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VpoError(f"could not load Open-Sora weights from {path}: {first}") from e
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from vpotool.models.loading import load_component
+
+    text_encoder = load_component(T5EncoderModel, sub["text_encoder"], None, "opensora", dtype=dtype)
+    tok_dir = sub["tokenizer"] if os.path.isdir(sub["tokenizer"]) else sub["text_encoder"]
+    tokenizer = load_component(AutoTokenizer, tok_dir, None, "opensora")
+    return OpenSoraBackend(
+        info=ModelInfo(name="opensora", path=str(path)),
+        transformer=transformer.to(device),
+        vae=vae.to(device),
+        text_encoder=text_encoder.to(device),
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+    )
