@@ -129,6 +129,23 @@ def test_preset_sizes():
         preset_size("1080p", "9:16")
 
 
+def test_size_flag_picks_a_preset_and_height_width_override_it(backend):
+    from vpotool.config import SampleConfig
+    from vpotool.stages.sample import resolved_settings
+
+    def settings(**kw):
+        s = resolved_settings(SampleConfig(prompts="p.txt", out="o", **kw), backend)
+        return s["height"], s["width"]
+
+    assert settings(size="240p") == backend.size_preset("240p:9:16") == (240, 432)
+    assert settings(size="480p:16:9") == (848, 480)
+    assert settings(size="480p:16:9", width=320) == (848, 320)
+    assert settings() == (backend.defaults.height, backend.defaults.width)
+    tiny = load_backend("tiny")
+    with pytest.raises(VpoError, match="no size presets"):
+        resolved_settings(SampleConfig(prompts="p.txt", out="o", size="240p"), tiny)
+
+
 def test_missing_weights_raise_one_line_naming_the_downloads(tmp_path):
     for path in (tmp_path / "nowhere", None):
         with pytest.raises(VpoError) as err:

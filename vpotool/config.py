@@ -58,6 +58,8 @@ class SampleConfig(StageConfig):
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")
+    size: str | None = opt(None, "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and "
+                           "--width override it).")  # fmt: skip
     fps: int | None = opt(None, "Frames per second of the written mp4 (default: the model's).")
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
@@ -235,6 +237,8 @@ class RolloutOptions:
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")
+    size: str | None = opt(None, "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and "
+                           "--width override it).")  # fmt: skip
     steps: int | None = opt(None, "Denoising steps of each rollout (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's).")
 
@@ -438,6 +442,8 @@ class EvalConfig(StageConfig):
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")
+    size: str | None = opt(None, "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and "
+                           "--width override it).")  # fmt: skip
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and its seed index.")

@@ -37,14 +37,25 @@ def trajectory_tensors(traj) -> list[dict]:
     return [{"states": s, "logps": lp} for s, lp in zip(states, traj.logps.cpu(), strict=True)]
 
 
+def preset_size(size: str | None, backend) -> tuple[int, int] | None:
+    """``(height, width)`` of a ``--size`` preset the backend names (its ``size_preset``), or None when unset."""
+    if not size:
+        return None
+    lookup = getattr(backend, "size_preset", None)
+    if lookup is None:
+        raise VpoError(f"--size {size}: --model {backend.info.name} has no size presets; pass --height and --width")
+    return lookup(size)
+
+
 def resolved_settings(cfg, backend) -> dict:
     """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
     ``guidance``, and ``fps``/``noise_level`` where the config has them) from the backend's defaults."""
     d = backend.defaults
+    height, width = preset_size(getattr(cfg, "size", None), backend) or (d.height, d.width)
     return {
         "frames": cfg.frames or d.frames,
-        "height": cfg.height or d.height,
-        "width": cfg.width or d.width,
+        "height": cfg.height or height,
+        "width": cfg.width or width,
         "fps": getattr(cfg, "fps", None) or d.fps,
         "steps": cfg.steps or d.steps,
         "guidance": d.guidance if cfg.guidance is None else cfg.guidance,

@@ -95,6 +95,11 @@ class OpenSoraBackend:
         self.lora_target_modules = list(OPENSORA_LORA_TARGETS)
         self.size_multiple = self.spatial_factor * transformer.cfg.patch_size[1]
 
+    def size_preset(self, name: str) -> tuple[int, int]:
+        """``--size`` for Open-Sora: ``240p`` (its default 9:16) or ``RES:H:W``, e.g. ``480p:16:9``."""
+        resolution, _, ratio = name.partition(":")
+        return preset_size(resolution, ratio or "9:16", self.size_multiple)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """``y [B, 300, 4096]`` T5 states and ``mask [B, 300]`` (1 for real tokens), as Open-Sora's T5 encoder."""
