@@ -47,6 +47,15 @@ class StageConfig:
             raise VpoError(f"{flag(name)} {why} (got {getattr(self, name)!r})")
 
 
+REWARD_PATH_HELP = (
+    "Weights for model-based rewards: a local folder, file or hub id, or name=path pairs (videoscore=DIR,clip=DIR)."
+)
+REWARD_OPTIONS_HELP = (
+    "Options for model-based rewards as reward.option=value pairs (e.g. videoscore.frames=16,clip.frames=8)."
+)
+SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
+
+
 @dataclass
 class SampleConfig(StageConfig):
     prompts: str = opt("", "Prompts: a .txt file (one per line) or a prompts .parquet.")
@@ -58,8 +67,7 @@ class SampleConfig(StageConfig):
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")
-    size: str | None = opt(None, "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and "
-                           "--width override it).")  # fmt: skip
+    size: str | None = opt(None, SIZE_HELP)
     fps: int | None = opt(None, "Frames per second of the written mp4 (default: the model's).")
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
@@ -100,13 +108,8 @@ class ScoreConfig(StageConfig):
         "Reward name(s), comma-separated, each scored separately (e.g. flicker,temporal), "
         "or one weighted composite (e.g. videoscore:1,clip:0.5).",
     )
-    reward_path: str | None = opt(
-        None,
-        "Weights for model-based rewards: a local folder, file or hub id, or "
-        "name=path pairs (videoscore=DIR,clip=DIR).",
-    )
-    reward_options: str = opt("", "Options for model-based rewards as reward.option=value pairs (e.g. "
-                              "videoscore.frames=16,clip.frames=8).")  # fmt: skip
+    reward_path: str | None = opt(None, REWARD_PATH_HELP)
+    reward_options: str = opt("", REWARD_OPTIONS_HELP)
     batch_size: int = opt(8, "Videos per reward call.")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
     dtype: str = opt("float32", "Reward model dtype: float32, bfloat16 or float16.")
@@ -226,19 +229,13 @@ class RolloutOptions:
 
     prompts: str = opt("", "Training prompts: a .txt file (one per line) or a prompts .parquet.")
     reward: str = opt("temporal", "Reward name (must be differentiable for train-refl).")
-    reward_path: str | None = opt(
-        None,
-        "Weights for model-based rewards: a local folder, file or hub id, or "
-        "name=path pairs (videoscore=DIR,clip=DIR).",
-    )
-    reward_options: str = opt("", "Options for model-based rewards as reward.option=value pairs (e.g. "
-                              "videoscore.frames=16,clip.frames=8).")  # fmt: skip
+    reward_path: str | None = opt(None, REWARD_PATH_HELP)
+    reward_options: str = opt("", REWARD_OPTIONS_HELP)
     reward_dimension: str = opt("overall", "Which reward dimension to optimise.")
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")
-    size: str | None = opt(None, "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and "
-                           "--width override it).")  # fmt: skip
+    size: str | None = opt(None, SIZE_HELP)
     steps: int | None = opt(None, "Denoising steps of each rollout (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's).")
 
@@ -432,18 +429,12 @@ class EvalConfig(StageConfig):
     prompts: str = opt("world:heldout", "Held-out prompts: a .txt, a prompts .parquet or world:heldout/train/all.")
     seeds: int = opt(1, "Videos per prompt, each from its own fixed seed (the same for every checkpoint).")
     reward: str = opt("world,flicker,smoothness,dynamics", "Reward name(s) to score with, comma-separated.")
-    reward_path: str | None = opt(
-        None,
-        "Weights for model-based rewards: a local folder, file or hub id, or "
-        "name=path pairs (videoscore=DIR,clip=DIR).",
-    )
-    reward_options: str = opt("", "Options for model-based rewards as reward.option=value pairs (e.g. "
-                              "videoscore.frames=16,clip.frames=8).")  # fmt: skip
+    reward_path: str | None = opt(None, REWARD_PATH_HELP)
+    reward_options: str = opt("", REWARD_OPTIONS_HELP)
     frames: int | None = opt(None, "Frames per video (default: the model's).")
     height: int | None = opt(None, "Height in pixels (default: the model's).")
     width: int | None = opt(None, "Width in pixels (default: the model's).")
-    size: str | None = opt(None, "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and "
-                           "--width override it).")  # fmt: skip
+    size: str | None = opt(None, SIZE_HELP)
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and its seed index.")

@@ -25,6 +25,7 @@ from vpotool.rewards.pretrained import (
     looks_local,
     normalize,
     pick_frames,
+    read_state_dict,
     resize_crop,
 )
 
@@ -84,32 +85,6 @@ def load_tokenizer(reward: str, candidates: list[str | None]):
         except (OSError, ValueError, KeyError, TypeError) as e:
             last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise VpoError(f"reward {reward}: no tokenizer found in {', '.join(tried)} ({last}); pass a folder that holds one")
-
-
-def read_state_dict(path: str, reward: str, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or torch (``.pt``/``.pth``/``.bin``) file, loaded with ``weights_only=True``.
-
-    A ``{"state_dict": ...}`` wrapper and a DDP ``module.`` prefix are removed. Unreadable files are a ``VpoError``.
-    """
-    if not os.path.isfile(path):
-        raise VpoError(f"reward {reward}: no file at {path}; pass --reward-path with {what}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and safetensors errors have no common base class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VpoError(
-            f"reward {reward}: could not read {path}: {first[:200]} (pass --reward-path with {what})"
-        ) from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise VpoError(f"reward {reward}: {path} holds no state dict of tensors; pass --reward-path with {what}")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def letterbox(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -22,9 +22,8 @@ from vpotool.rewards.clip import (
     check_options,
     has_tokenizer,
     load_tokenizer,
-    read_state_dict,
 )
-from vpotool.rewards.pretrained import freeze
+from vpotool.rewards.pretrained import freeze, read_state_dict
 
 # open_clip's ViT-H-14 was trained with this tokenizer's BPE vocabulary (the same as OpenAI CLIP's).
 HPSV2_TOKENIZER_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

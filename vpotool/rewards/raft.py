@@ -16,6 +16,7 @@ from torch import nn
 
 from vpotool.errors import VpoError
 from vpotool.rewards.base import check_frames
+from vpotool.rewards.pretrained import read_state_dict
 
 RAFT_WHAT = "RAFT weights (raft-things.pth from princeton-vl/RAFT's download_models.sh, or a .safetensors of them)"
 MIN_SIZE = 64  # RAFT's 4-level correlation pyramid at 1/8 resolution needs at least 8 cells per side
@@ -332,26 +333,6 @@ class RaftDynamicReward:
         return dynamic_scores(self.pair_magnitudes(frames), *frames.shape[-2:])
 
 
-def load_state(path: str) -> dict[str, torch.Tensor]:
-    """A RAFT state dict from a .pth (``torch.load(weights_only=True)``) or .safetensors, ``module.`` stripped."""
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and safetensors each raise their own types for a corrupt file
-        raise VpoError(
-            f"reward raft: could not read {path} ({type(e).__name__}); pass --reward-path with {RAFT_WHAT}"
-        ) from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise VpoError(f"reward raft: {path} is not a state dict of tensors; pass --reward-path with {RAFT_WHAT}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_raft(path=None, device="cpu", dtype=torch.float32, **options) -> RaftDynamicReward:
     """The ``raft`` reward. ``path``: raft-things.pth (RAFT-S weights are recognised by their keys). Options:
     ``iters`` (refinement steps, default 20 as VBench) and ``pairs_per_batch`` (frame pairs per RAFT call, default
@@ -365,7 +346,7 @@ def load_raft(path=None, device="cpu", dtype=torch.float32, **options) -> RaftDy
         raise VpoError(f"reward raft needs weights: pass --reward-path with {RAFT_WHAT}")
     if not os.path.isfile(path):
         raise VpoError(f"reward raft: no file at {path}; pass --reward-path with {RAFT_WHAT}")
-    state = load_state(path)
+    state = read_state_dict(path, "raft", RAFT_WHAT)
     model = RAFT(small="update_block.gru.convz.weight" in state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
