@@ -225,7 +225,7 @@ def test_checkpoints_of_the_wrong_shape_are_rejected(tmp_path, checkpoint):
 
 
 def test_options(checkpoint, tmp_path):
-    with pytest.raises(VpoError, match="unknown option.*known: frames, prompt_template"):
+    with pytest.raises(VpoError, match="unknown option.*known options: frames, prompt_template"):
         load_videoscore(path=str(checkpoint), fps=8)
     with pytest.raises(VpoError, match="frames must be"):
         load_videoscore(path=str(checkpoint), frames=0)

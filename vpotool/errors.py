@@ -1,6 +1,12 @@
 """The one exception type users see: a problem with their input, stated with its fix."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class VpoError(Exception):
     """A user-facing error. The CLI prints its message as one line and exits non-zero.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 
 
 def quiet_loading() -> None:
@@ -43,7 +43,7 @@ def load_component(cls, path: str, subfolder: str | None, family: str, dtype=Non
     try:
         return cls.from_pretrained(path, **sub, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         where = f"{path}/{subfolder}" if subfolder else path
         raise VpoError(f"could not load the {family} {subfolder or 'model'} from {where}: {first}") from e
 

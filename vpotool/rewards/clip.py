@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 from vpotool.rewards.base import check_frames
 from vpotool.rewards.pretrained import (
     CLIP_MEAN,
     CLIP_STD,
+    check_options,
     frame_similarity,
     freeze,
     load_pretrained,
@@ -40,25 +41,6 @@ DEFAULT_FRAMES = 8
 
 
 # ---------------------------------------------------------------- shared helpers
-
-
-def check_options(reward: str, options: dict, known: dict) -> dict:
-    """``known`` (option -> default) updated with ``options``; an unknown option or a bad ``frames`` is a
-    ``VpoError``. ``frames`` (when known) becomes a positive int or None."""
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise VpoError(
-            f"reward {reward}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
-        )
-    out = {**known, **options}
-    if "frames" in out and out["frames"] is not None:
-        n = out["frames"]
-        if isinstance(n, str) and n.strip().isdigit():
-            n = int(n)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise VpoError(f"reward {reward}: option frames must be a positive integer or None; got {n!r}")
-        out["frames"] = n
-    return out
 
 
 def has_tokenizer(folder: str) -> bool:
@@ -83,7 +65,7 @@ def load_tokenizer(reward: str, candidates: list[str | None]):
         try:
             return AutoTokenizer.from_pretrained(c)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            last = first_line(e)
     raise VpoError(f"reward {reward}: no tokenizer found in {', '.join(tried)} ({last}); pass a folder that holds one")
 
 

@@ -7,19 +7,19 @@ consistency statistic. Preprocessing stays in torch, so both rewards pass gradie
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 from vpotool.rewards.base import check_frames
 from vpotool.rewards.pretrained import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    check_options,
     frame_similarity,
     load_pretrained,
     normalize,
     pick_frames,
+    read_json,
     resize_crop,
     weights_path,
 )
@@ -28,12 +28,6 @@ DINO_ID = "facebook/dinov2-base"
 VIDEO_ID = "facebook/vjepa2-vitl-fpc64-256"
 DINO_WHAT = "a DINO checkpoint folder (DINOv2, DINOv3 or a DINO ViT such as facebook/dino-vitb16)"
 VIDEO_WHAT = "a V-JEPA 2 or VideoMAE checkpoint folder"
-
-
-def _options(reward: str, options: dict, known: tuple[str, ...]) -> None:
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise VpoError(f"reward {reward}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(known)}")
 
 
 def _config(path: str | None, default_id: str, reward: str, what: str, kinds: tuple[str, ...]):
@@ -47,7 +41,7 @@ def _config(path: str | None, default_id: str, reward: str, what: str, kinds: tu
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(
             f"reward {reward}: could not read a config from {path}: {first} (pass --reward-path with {what})"
         ) from e
@@ -65,20 +59,10 @@ def _processor_stats(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     V-JEPA 2 and the MCG-NJU VideoMAE checkpoints ship ImageNet statistics, but VideoMAE's processor class defaults
     to 0.5/0.5, so the saved config decides.
     """
-    from transformers.utils import cached_file
-
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        try:
-            file = cached_file(
-                path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
-            )
-        except (OSError, ValueError):
-            file = None
-        if file:
-            with open(file) as f:
-                cfg = json.load(f)
-            if "image_mean" in cfg and "image_std" in cfg:
-                return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+        cfg = read_json(path, name)
+        if "image_mean" in cfg and "image_std" in cfg:
+            return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
     return IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -129,7 +113,7 @@ def load_subject(path=None, device="cpu", dtype=torch.float32, **options) -> Sub
     ``num_frames`` (score that many evenly spaced frames; default all, as VBench)."""
     from transformers import AutoModel, ViTModel
 
-    _options("subject", options, ("size", "num_frames"))
+    check_options("subject", options, dict.fromkeys(("size", "num_frames")))
     path, config = _config(
         path, DINO_ID, "subject", DINO_WHAT, ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")
     )
@@ -220,7 +204,7 @@ def load_vjepa(path=None, device="cpu", dtype=torch.float32, **options) -> Video
     told apart by the config's ``model_type``. Option: ``num_frames`` (V-JEPA 2 only; default ``frames_per_clip``)."""
     from transformers import VideoMAEModel, VJEPA2Model
 
-    _options("vjepa", options, ("num_frames",))
+    check_options("vjepa", options, dict.fromkeys(("num_frames",)))
     path, config = _config(path, VIDEO_ID, "vjepa", VIDEO_WHAT, ("vjepa2", "videomae"))
     cls = VJEPA2Model if config.model_type == "vjepa2" else VideoMAEModel
     model = load_pretrained(cls, path, VIDEO_ID, "vjepa", VIDEO_WHAT, device=device, dtype=dtype)

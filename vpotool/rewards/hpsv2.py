@@ -15,15 +15,14 @@ import re
 
 import torch
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 from vpotool.rewards.clip import (
     DEFAULT_FRAMES,
     AlignmentReward,
-    check_options,
     has_tokenizer,
     load_tokenizer,
 )
-from vpotool.rewards.pretrained import freeze, read_state_dict
+from vpotool.rewards.pretrained import check_options, freeze, read_state_dict
 
 # open_clip's ViT-H-14 was trained with this tokenizer's BPE vocabulary (the same as OpenAI CLIP's).
 HPSV2_TOKENIZER_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -136,7 +135,7 @@ def _config(option, folder):
     try:
         return CLIPConfig.from_pretrained(where)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(f"reward hpsv2: could not read a CLIPConfig from {where}: {first}; fix option config") from e
 
 
@@ -193,7 +192,7 @@ def load_hpsv2(path: str | None = None, device="cpu", dtype=torch.float32, **opt
     try:
         model = CLIPModel.from_pretrained(None, config=config, state_dict=converted, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(f"reward hpsv2: could not build CLIPModel from {ckpt}: {first[:200]}") from e
     model = freeze(model.to(device))
     folder_tok = folder if folder and has_tokenizer(folder) else None

@@ -6,12 +6,13 @@ back to the pixels; no PIL, no numpy, no image processors on the scoring path.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 import torch.nn.functional as F
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,7 +56,7 @@ def load_pretrained(cls, path: str | None, default_id: str, reward: str, what: s
         model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
     # a checkpoint of another kind fails inside the model's constructor with any of these
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(
             f"reward {reward}: could not load {what} from {path}: {first} (pass --reward-path with {what})"
         ) from e
@@ -84,7 +85,7 @@ def read_state_dict(path: str, reward: str, what: str) -> dict[str, torch.Tensor
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and safetensors errors have no common base class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(
             f"reward {reward}: could not read {path}: {first[:200]} (pass --reward-path with {what})"
         ) from e
@@ -93,6 +94,40 @@ def read_state_dict(path: str, reward: str, what: str) -> dict[str, torch.Tensor
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise VpoError(f"reward {reward}: {path} holds no state dict of tensors; pass --reward-path with {what}")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def check_options(reward: str, options: dict, known: dict) -> dict:
+    """``known`` (option -> default) updated with ``options``; an unknown option or a bad ``frames`` is a
+    ``VpoError``. ``frames`` (when known) becomes a positive int or None."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise VpoError(f"reward {reward}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(known)}")
+    out = {**known, **options}
+    if "frames" in out and out["frames"] is not None:
+        n = out["frames"]
+        if isinstance(n, str) and n.strip().isdigit():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise VpoError(f"reward {reward}: option frames must be a positive integer or None; got {n!r}")
+        out["frames"] = n
+    return out
+
+
+def read_json(path: str, filename: str) -> dict:
+    """A checkpoint's optional json file (local folder or hub id, e.g. ``preprocessor_config.json``) as a dict;
+    ``{}`` when it has none or the hub cannot be reached."""
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(
+            path, filename, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+        )
+    except (OSError, ValueError):
+        found = None
+    if not found:
+        return {}
+    with open(found) as f:
+        return json.load(f)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

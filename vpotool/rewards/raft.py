@@ -16,7 +16,7 @@ from torch import nn
 
 from vpotool.errors import VpoError
 from vpotool.rewards.base import check_frames
-from vpotool.rewards.pretrained import read_state_dict
+from vpotool.rewards.pretrained import check_options, read_state_dict
 
 RAFT_WHAT = "RAFT weights (raft-things.pth from princeton-vl/RAFT's download_models.sh, or a .safetensors of them)"
 MIN_SIZE = 64  # RAFT's 4-level correlation pyramid at 1/8 resolution needs at least 8 cells per side
@@ -338,10 +338,7 @@ def load_raft(path=None, device="cpu", dtype=torch.float32, **options) -> RaftDy
     ``iters`` (refinement steps, default 20 as VBench) and ``pairs_per_batch`` (frame pairs per RAFT call, default
     8; bounds memory). RAFT always runs in float32 (its correlation volume is float32 upstream too); ``dtype`` is
     accepted for the common loader signature."""
-    known = ("iters", "pairs_per_batch")
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise VpoError(f"reward raft: unknown option(s) {', '.join(unknown)}; known options: {', '.join(known)}")
+    check_options("raft", options, dict.fromkeys(("iters", "pairs_per_batch")))
     if not path:
         raise VpoError(f"reward raft needs weights: pass --reward-path with {RAFT_WHAT}")
     if not os.path.isfile(path):

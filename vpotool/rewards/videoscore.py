@@ -34,7 +34,6 @@ upstream does).
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -42,9 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Idefics2Model, Idefics2PreTrainedModel
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 from vpotool.rewards.base import check_frames
-from vpotool.rewards.pretrained import load_pretrained, normalize, pick_frames, weights_path
+from vpotool.rewards.pretrained import (
+    check_options,
+    load_pretrained,
+    normalize,
+    pick_frames,
+    read_json,
+    weights_path,
+)
 
 DIMENSIONS = (
     "visual_quality",
@@ -194,20 +200,6 @@ class VideoScoreReward:
         return out
 
 
-def _read_json(path: str, filename: str) -> dict:
-    """A checkpoint's optional json file (local folder or hub id) as a dict; ``{}`` when it has none."""
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(path, filename, _raise_exceptions_for_missing_entries=False)
-    except (OSError, ValueError):
-        found = None
-    if not found:
-        return {}
-    with open(found) as f:
-        return json.load(f)
-
-
 def default_frames(config, path: str) -> int:
     """Frames per video when the ``frames`` option is unset: a count the checkpoint's config records
     (``num_frames``/``max_num_frames``), else 48 when the path or hub id names v1.1 and 16 otherwise."""
@@ -217,16 +209,6 @@ def default_frames(config, path: str) -> int:
             return value
     name = str(path).lower().replace("_", ".")  # the whole path: hub cache folders end in a commit hash
     return V11_FRAMES if "v1.1" in name else V1_FRAMES
-
-
-def _frames_option(value) -> int:
-    try:
-        frames = int(value)
-    except (TypeError, ValueError):
-        frames = 0
-    if frames < 1 or str(frames) != str(value).strip():
-        raise VpoError(f"reward videoscore: frames must be a whole number >= 1; got {value!r}")
-    return frames
 
 
 def read_template(path: str) -> str:
@@ -250,9 +232,7 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
     """
     from transformers import AutoTokenizer
 
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise VpoError(f"reward videoscore: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    options = check_options("videoscore", options, dict.fromkeys(OPTIONS))
     model = load_pretrained(VideoScoreModel, path, DEFAULT_ID, "videoscore", WHAT, device, dtype)
     where = weights_path(path, DEFAULT_ID, "videoscore", WHAT)
     if model.config.num_labels != len(DIMENSIONS):
@@ -263,7 +243,7 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(f"reward videoscore: no usable tokenizer in {where}: {first} (pass {WHAT})") from e
     vocab = tokenizer.get_vocab()
     if vocab.get(IMAGE_TOKEN) != model.config.image_token_id or FAKE_TOKEN not in vocab:
@@ -271,13 +251,12 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
             f"reward videoscore: the tokenizer in {where} lacks {FAKE_TOKEN} or does not map {IMAGE_TOKEN} to "
             f"image_token_id {model.config.image_token_id}; pass {WHAT}"
         )
-    image = _read_json(where, "preprocessor_config.json")
+    image = read_json(where, "preprocessor_config.json")
     if image.get("do_image_splitting"):
         raise VpoError(
             f"reward videoscore: {where}/preprocessor_config.json asks for image splitting, which VideoScore was "
             f"not trained with and vpotool does not do; set do_image_splitting to false"
         )
-    frames = options.get("frames")
-    frames = default_frames(model.config, where) if frames is None else _frames_option(frames)
+    frames = options["frames"] or default_frames(model.config, where)
     template = PROMPT_TEMPLATE if options.get("prompt_template") is None else read_template(options["prompt_template"])
     return VideoScoreReward(model, tokenizer, frames, template, image)

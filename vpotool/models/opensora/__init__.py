@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 from vpotool.models.base import Conditioning, ModelInfo, NoiseSchedule, SamplingDefaults, flow_schedule, tokenize
 
 OPENSORA_DEFAULTS = SamplingDefaults(frames=51, height=240, width=432, fps=24, steps=30, guidance=7.0)
@@ -178,7 +178,7 @@ def load_opensora(path, device="cpu", dtype=torch.float32) -> OpenSoraBackend:
         transformer = STDiT3.from_pretrained(sub["transformer"], dtype=dtype)
         vae = OpenSoraVAE.from_pretrained(sub["vae"], dtype=dtype)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise VpoError(f"could not load Open-Sora weights from {path}: {first}") from e
     from transformers import AutoTokenizer, T5EncoderModel
 
