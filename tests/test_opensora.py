@@ -16,23 +16,15 @@ from families import _text_encoder
 from vpotool.errors import VpoError
 from vpotool.models import load_backend
 from vpotool.models.opensora.stdit3 import STDiT3, STDiT3Config
-from vpotool.models.opensora.vae import OpenSoraVAE, OpenSoraVAEConfig
+from vpotool.models.opensora.vae import SDXL_VAE, OpenSoraVAE, OpenSoraVAEConfig
 
 TEXT_LEN = 16
 SIZE = (9, 32, 32)  # frames, height, width: 3 latent frames of 4 x 4
 SIZE_ARGS = ["--frames", 9, "--height", 32, "--width", 32, "--steps", 2, "--device", "cpu"]
 PROMPTS = ["a red circle moving left", "a blue square"]
 TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, caption_channels=32, model_max_length=TEXT_LEN)
-TINY_SPATIAL = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[8, 8, 8, 8],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=2,
-)
+# the published image VAE's layout, narrowed: 8 channels per block, one layer each
+TINY_SPATIAL = {**SDXL_VAE, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 2}
 TINY_VAE = dict(spatial=TINY_SPATIAL, filters=8, num_res_blocks=1, num_groups=2)
 
 
