@@ -149,19 +149,94 @@ class NegativeCache:
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._cond.items()}
 
 
-def flow_schedule(steps: int, shift: float = 1.0) -> NoiseSchedule:
-    """Rectified-flow grid: sigmas from 1 to 0 in ``steps`` steps, shifted as diffusers' flow schedulers do.
+def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow shift of diffusers' flow schedulers: ``sigma' = shift * s / (1 + (shift - 1) * s)``."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
-    ``sigma' = shift * s / (1 + (shift - 1) * s)``; model timesteps are ``sigma * 1000``; alpha = 1 - sigma.
-    """
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    s = shift * s / (1 + (shift - 1) * s)
-    sigmas = s.float()
-    return NoiseSchedule(timesteps=sigmas[:-1] * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+
+def uniform_sigmas(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` training sigmas uniform in (0, 1), kept off the ends (float64)."""
+    return torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+
+
+def flow_points(sigmas: torch.Tensor, clean_point: bool) -> NoiseSchedule:
+    """Rectified-flow points for ``sigmas`` (alpha = 1 - sigma, model timestep ``sigma * 1000``). With
+    ``clean_point`` the last sigma is the grid's clean end and gets no timestep."""
+    s = sigmas.float()
+    return NoiseSchedule(timesteps=(s[:-1] if clean_point else s) * 1000.0, alphas=1.0 - s, sigmas=s)
+
+
+def flow_schedule(steps: int, shift: float = 1.0) -> NoiseSchedule:
+    """Rectified-flow grid: sigmas from 1 to 0 in ``steps`` steps, :func:`shifted` as diffusers' flow schedulers do."""
+    return flow_points(shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift), clean_point=True)
 
 
 def flow_training_timesteps(n: int, shift: float = 1.0, generator: torch.Generator | None = None) -> NoiseSchedule:
     """``n`` flow-matching training points: sigma uniform in (0, 1), then shifted like the sampling grid."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
-    sigmas = (shift * u / (1 + (shift - 1) * u)).float()
-    return NoiseSchedule(timesteps=sigmas * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+    return flow_points(shifted(uniform_sigmas(n, generator), shift), clean_point=False)
+
+
+def vae_input(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Frames ``[B, T, 3, H, W]`` in [0, 1] as the video VAEs take them: ``[B, 3, T, H, W]`` in [-1, 1]."""
+    return (frames.permute(0, 2, 1, 3, 4) * 2 - 1).to(dtype)
+
+
+def vae_output(video: torch.Tensor) -> torch.Tensor:
+    """A video VAE's ``[B, 3, T, H, W]`` output in [-1, 1] as float frames ``[B, T, 3, H, W]`` in [0, 1]."""
+    return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+
+def text_length(tokenizer, cap: int) -> int:
+    """The prompt length a family encodes at: ``cap``, or the tokenizer's own maximum when that is shorter."""
+    return min(cap, getattr(tokenizer, "model_max_length", cap) or cap)
+
+
+class TextVideoBackend:
+    """What the text-to-video families share: a denoiser, a codec (pixels <-> latents, with ``latent_channels``,
+    ``temporal_factor`` and ``spatial_factor``), a text encoder and tokenizer, and the unconditional prompt ``""``
+    encoded once. Subclasses add ``prediction``, ``encode_prompts``, ``schedule``, ``training_timesteps`` and
+    ``predict``, and set ``size_multiple`` from their patch size."""
+
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(
+        self,
+        *,
+        info: ModelInfo,
+        transformer,
+        codec,
+        text_encoder,
+        tokenizer,
+        defaults: SamplingDefaults,
+        max_text_len: int,
+        patch_size: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.info = info
+        self.denoiser = transformer
+        self.codec = codec
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.max_text_len = max_text_len
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.lora_target_modules = list(self.lora_targets)
+        self.size_multiple = codec.spatial_factor * patch_size
+        self._negative = NegativeCache(self.encode_prompts)
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def encode_negative(self, n: int) -> Conditioning:
+        return self._negative(n)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return video_latent_shape(self.codec, frames, height, width)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(frames)

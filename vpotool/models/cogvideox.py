@@ -8,15 +8,15 @@ from vpotool.errors import VpoError
 from vpotool.models.base import (
     Conditioning,
     ModelInfo,
-    NegativeCache,
     NoiseSchedule,
     SamplingDefaults,
+    TextVideoBackend,
     tokenize,
-    video_latent_shape,
+    vae_input,
+    vae_output,
 )
 
 COGVIDEOX_DEFAULTS = SamplingDefaults(frames=49, height=480, width=720, fps=8, steps=50, guidance=6.0)
-COGVIDEOX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # CogVideoX-2b's published scheduler config: used when a checkpoint has no readable scheduler/ folder.
 COGVIDEOX_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -49,15 +49,14 @@ class CogVideoXVaeCodec:
         self.scaling_factor = cfg.scaling_factor
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        video = (frames.permute(0, 2, 1, 3, 4) * 2 - 1).to(self.vae.dtype)  # [B, 3, T, H, W] in [-1, 1]
-        return self.vae.encode(video).latent_dist.mode() * self.scaling_factor
+        return self.vae.encode(vae_input(frames, self.vae.dtype)).latent_dist.mode() * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        video = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
-        return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        z = (latents / self.scaling_factor).to(self.vae.dtype)
+        return vae_output(self.vae.decode(z, return_dict=False)[0])
 
 
-class CogVideoXBackend:
+class CogVideoXBackend(TextVideoBackend):
     """A CogVideoX transformer behind the backend protocol; the forward process is the scheduler's
     ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` at integer timesteps ``t`` in ``[0, num_train_timesteps)``.
 
@@ -67,38 +66,23 @@ class CogVideoXBackend:
 
     prediction = "v"
 
-    def __init__(
-        self,
-        *,
-        info: ModelInfo,
-        transformer,
-        codec: CogVideoXVaeCodec,
-        text_encoder,
-        tokenizer,
-        scheduler,
-        defaults: SamplingDefaults = COGVIDEOX_DEFAULTS,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.info = info
-        self.denoiser = transformer
-        self.codec = codec
-        self.text_encoder = text_encoder.eval()
-        self.tokenizer = tokenizer
+    def __init__(self, *, transformer, scheduler, defaults: SamplingDefaults = COGVIDEOX_DEFAULTS, **parts):
+        """``parts``: the other :class:`TextVideoBackend` arguments (``codec`` a :class:`CogVideoXVaeCodec`)."""
+        cfg = transformer.config
+        super().__init__(
+            transformer=transformer,
+            defaults=defaults,
+            max_text_len=cfg.max_text_seq_length,
+            patch_size=cfg.patch_size,
+            **parts,
+        )
         self.scheduler = scheduler
-        self.defaults = defaults
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.lora_target_modules = list(COGVIDEOX_LORA_TARGETS)
-        self.size_multiple = codec.spatial_factor * transformer.config.patch_size
-        self.max_text_len = transformer.config.max_text_seq_length
         kind = scheduler.config.prediction_type
         if kind not in PREDICTION_TYPES:
             raise VpoError(f"unsupported CogVideoX scheduler prediction_type '{kind}'; expected v_prediction")
         self.prediction = PREDICTION_TYPES[kind]
         self.alphas_cumprod = scheduler.alphas_cumprod.double().cpu()  # [num_train_timesteps]
         self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
-        self._negative = NegativeCache(self.encode_prompts)
         self._rotary_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -107,12 +91,6 @@ class CogVideoXBackend:
         ids, _ = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
         hidden = self.text_encoder(ids)[0]  # unmasked, as CogVideoX's pipeline encodes
         return {"encoder_hidden_states": hidden.to(self.dtype)}
-
-    def encode_negative(self, n: int) -> Conditioning:
-        return self._negative(n)
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return video_latent_shape(self.codec, frames, height, width)
 
     def _grid(self, timesteps: torch.Tensor, with_clean_point: bool) -> NoiseSchedule:
         abar = self.alphas_cumprod[timesteps.long()]
@@ -192,12 +170,6 @@ class CogVideoXBackend:
             **extra,
         )[0]
         return out[:, pad:].permute(0, 2, 1, 3, 4)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latents)
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(frames)
 
 
 def load_scheduler(path: str):

@@ -13,15 +13,19 @@ import torch
 from vpotool.models.base import (
     Conditioning,
     ModelInfo,
-    NegativeCache,
     NoiseSchedule,
     SamplingDefaults,
+    TextVideoBackend,
+    flow_points,
+    shifted,
+    text_length,
     tokenize,
-    video_latent_shape,
+    uniform_sigmas,
+    vae_input,
+    vae_output,
 )
 
 LTX_DEFAULTS = SamplingDefaults(frames=161, height=512, width=704, fps=25, steps=50, guidance=3.0)
-LTX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # LTX-Video's published scheduler config: used when a checkpoint has no readable scheduler/ folder.
 LTX_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -62,7 +66,7 @@ def ltx_sigmas(steps: int, mu: float | None, shift: float = 1.0, shift_terminal:
     ``linspace(1, 1 / steps, steps)``, time-shifted by ``mu`` (or the static ``shift`` when ``mu`` is None),
     stretched to ``shift_terminal``, then the clean point."""
     s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    s = time_shift(s, mu) if mu is not None else shift * s / (1 + (shift - 1) * s)
+    s = time_shift(s, mu) if mu is not None else shifted(s, shift)
     if shift_terminal:
         s = stretch_to_terminal(s, shift_terminal)
     return torch.cat([s, s.new_zeros(1)])
@@ -108,8 +112,7 @@ class LtxVaeCodec:
         return mean, std
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        video = (frames.permute(0, 2, 1, 3, 4) * 2 - 1).to(self.vae.dtype)  # [B, 3, T, H, W] in [-1, 1]
-        z = self.vae.encode(video).latent_dist.mode()
+        z = self.vae.encode(vae_input(frames, self.vae.dtype)).latent_dist.mode()
         mean, std = self._stats(z)
         return (z - mean) * self.scaling_factor / std
 
@@ -121,11 +124,10 @@ class LtxVaeCodec:
             temb = torch.full((z.shape[0],), float(self.decode_timestep), device=z.device, dtype=z.dtype)
             if self.decode_noise_scale > 0:
                 z = (1 - self.decode_noise_scale) * z + self.decode_noise_scale * torch.randn_like(z)
-        video = self.vae.decode(z.to(self.vae.dtype), temb, return_dict=False)[0]
-        return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        return vae_output(self.vae.decode(z.to(self.vae.dtype), temb, return_dict=False)[0])
 
 
-class LtxBackend:
+class LtxBackend(TextVideoBackend):
     """An LTX-Video transformer behind the backend protocol (``x_t = (1 - sigma) x0 + sigma noise``, model
     timestep ``sigma * 1000``).
 
@@ -138,31 +140,19 @@ class LtxBackend:
     def __init__(
         self,
         *,
-        info: ModelInfo,
         transformer,
-        codec: LtxVaeCodec,
-        text_encoder,
-        tokenizer,
         scheduler_config: dict,
         defaults: SamplingDefaults = LTX_DEFAULTS,
         max_text_len: int = 128,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        **parts,
     ):
-        self.info = info
-        self.denoiser = transformer
-        self.codec = codec
-        self.text_encoder = text_encoder.eval()
-        self.tokenizer = tokenizer
+        """``parts``: the other :class:`TextVideoBackend` arguments (``codec`` an :class:`LtxVaeCodec`)."""
+        patch = transformer.config.patch_size
+        super().__init__(
+            transformer=transformer, defaults=defaults, max_text_len=max_text_len, patch_size=patch, **parts
+        )
         self.scheduler_config = {**LTX_SCHEDULER, **scheduler_config}
-        self.defaults = defaults
-        self.max_text_len = max_text_len
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.lora_target_modules = list(LTX_LORA_TARGETS)
-        self.size_multiple = codec.spatial_factor * transformer.config.patch_size
         self.frame_rate = float(defaults.fps)
-        self._negative = NegativeCache(self.encode_prompts)
         self.default_shape = self.latent_shape(defaults.frames, defaults.height, defaults.width)
 
     @torch.no_grad()
@@ -172,12 +162,6 @@ class LtxBackend:
         hidden = self.text_encoder(ids)[0]  # unmasked, as LTX's pipeline encodes
         mask = mask.to(self.dtype)
         return {"encoder_hidden_states": hidden.to(self.dtype), "encoder_attention_mask": mask}
-
-    def encode_negative(self, n: int) -> Conditioning:
-        return self._negative(n)
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return video_latent_shape(self.codec, frames, height, width)
 
     def mu(self, shape: tuple[int, ...] | None = None) -> float | None:
         """The dynamic shift for latents of ``shape``; None when the scheduler uses its static ``shift``."""
@@ -191,17 +175,16 @@ class LtxBackend:
 
     def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
         cfg = self.scheduler_config
-        sigmas = ltx_sigmas(steps, self.mu(shape), cfg["shift"], cfg["shift_terminal"]).float()
-        return NoiseSchedule(timesteps=sigmas[:-1] * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+        return flow_points(ltx_sigmas(steps, self.mu(shape), cfg["shift"], cfg["shift_terminal"]), clean_point=True)
 
     def training_timesteps(
         self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
     ) -> NoiseSchedule:
         """Sigma uniform in (0, 1), shifted like the sampling grid (the terminal stretch belongs to the grid only)."""
-        u = torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
-        mu, shift = self.mu(shape), self.scheduler_config["shift"]
-        sigmas = (time_shift(u, mu) if mu is not None else shift * u / (1 + (shift - 1) * u)).float()
-        return NoiseSchedule(timesteps=sigmas * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+        u = uniform_sigmas(n, generator)
+        mu = self.mu(shape)
+        sigmas = time_shift(u, mu) if mu is not None else shifted(u, self.scheduler_config["shift"])
+        return flow_points(sigmas, clean_point=False)
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Flow velocity ``[B, C, F, h, w]`` for ``x_t [B, C, F, h, w]`` at ``timesteps [B]`` (sigma * 1000)."""
@@ -221,12 +204,6 @@ class LtxBackend:
             return_dict=False,
         )[0]
         return unpack_latents(out, f // p_t, h // p, w // p, p, p_t)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latents)
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(frames)
 
 
 def load_scheduler_config(path: str) -> dict:
@@ -256,7 +233,7 @@ def load_ltx(path: str, device="cpu", dtype=torch.float32) -> LtxBackend:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler_config=load_scheduler_config(path),
-        max_text_len=min(128, getattr(tokenizer, "model_max_length", 128) or 128),
+        max_text_len=text_length(tokenizer, 128),
         device=device,
         dtype=dtype,
     )

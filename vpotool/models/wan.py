@@ -12,17 +12,18 @@ import torch
 from vpotool.models.base import (
     Conditioning,
     ModelInfo,
-    NegativeCache,
     NoiseSchedule,
     SamplingDefaults,
+    TextVideoBackend,
     flow_schedule,
     flow_training_timesteps,
+    text_length,
     tokenize,
-    video_latent_shape,
+    vae_input,
+    vae_output,
 )
 
 WAN_DEFAULTS = SamplingDefaults(frames=33, height=480, width=832, fps=16, steps=30, guidance=5.0)
-WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class Codec(Protocol):
@@ -53,18 +54,16 @@ class WanVaeCodec:
         return self._mean.to(like.device, like.dtype), self._std.to(like.device, like.dtype)
 
     def encode(self, frames):
-        video = (frames.permute(0, 2, 1, 3, 4) * 2 - 1).to(self.vae.dtype)  # [B, 3, T, H, W] in [-1, 1]
-        z = self.vae.encode(video).latent_dist.mode()
+        z = self.vae.encode(vae_input(frames, self.vae.dtype)).latent_dist.mode()
         mean, std = self._stats(z)
         return (z - mean) / std
 
     def decode(self, latents):
         mean, std = self._stats(latents)
-        video = self.vae.decode((latents * std + mean).to(self.vae.dtype), return_dict=False)[0]
-        return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        return vae_output(self.vae.decode((latents * std + mean).to(self.vae.dtype), return_dict=False)[0])
 
 
-class WanBackend:
+class WanBackend(TextVideoBackend):
     """A flow-matching video transformer taking ``[B, C, F, h, w]`` latents and T5-style token embeddings.
 
     ``text_encoder`` and ``tokenizer`` follow transformers' API; prompt embeddings are trimmed to each prompt's
@@ -73,33 +72,11 @@ class WanBackend:
 
     prediction = "flow"
 
-    def __init__(
-        self,
-        *,
-        info: ModelInfo,
-        transformer,
-        codec: Codec,
-        text_encoder,
-        tokenizer,
-        shift: float,
-        defaults: SamplingDefaults,
-        max_text_len: int = 512,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.info = info
-        self.denoiser = transformer
-        self.codec = codec
-        self.text_encoder = text_encoder.eval()
-        self.tokenizer = tokenizer
+    def __init__(self, *, transformer, shift: float, max_text_len: int = 512, **parts):
+        """``parts``: the other :class:`TextVideoBackend` arguments (``codec`` is a :class:`Codec`)."""
+        patch = transformer.config.patch_size[1]
+        super().__init__(transformer=transformer, max_text_len=max_text_len, patch_size=patch, **parts)
         self.shift = shift
-        self.defaults = defaults
-        self.max_text_len = max_text_len
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.lora_target_modules = list(WAN_LORA_TARGETS)
-        self.size_multiple = codec.spatial_factor * transformer.config.patch_size[1]
-        self._negative = NegativeCache(self.encode_prompts)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -107,12 +84,6 @@ class WanBackend:
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # zero the padding, like Wan's trim-and-pad
         return {"encoder_hidden_states": hidden.to(self.dtype)}
-
-    def encode_negative(self, n: int) -> Conditioning:
-        return self._negative(n)
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return video_latent_shape(self.codec, frames, height, width)
 
     def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
         return flow_schedule(steps, self.shift)
@@ -130,12 +101,6 @@ class WanBackend:
             return_dict=False,
         )[0]
         return out
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latents)
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(frames)
 
 
 def load_wan(path: str, device="cpu", dtype=torch.float32) -> WanBackend:
@@ -155,7 +120,7 @@ def load_wan(path: str, device="cpu", dtype=torch.float32) -> WanBackend:
         tokenizer=tokenizer,
         shift=scheduler_shift(path, default=3.0),
         defaults=WAN_DEFAULTS,
-        max_text_len=min(512, getattr(tokenizer, "model_max_length", 512) or 512),
+        max_text_len=text_length(tokenizer, 512),
         device=device,
         dtype=dtype,
     )

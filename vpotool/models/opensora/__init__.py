@@ -22,10 +22,21 @@ import os
 import torch
 
 from vpotool.errors import VpoError, first_line
-from vpotool.models.base import Conditioning, ModelInfo, NoiseSchedule, SamplingDefaults, flow_schedule, tokenize
+from vpotool.models.base import (
+    Conditioning,
+    ModelInfo,
+    NoiseSchedule,
+    SamplingDefaults,
+    TextVideoBackend,
+    flow_points,
+    flow_schedule,
+    shifted,
+    tokenize,
+    vae_input,
+    vae_output,
+)
 
 OPENSORA_DEFAULTS = SamplingDefaults(frames=51, height=240, width=432, fps=24, steps=30, guidance=7.0)
-OPENSORA_LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"]
 HUB_IDS = {
     "transformer": "hpcai-tech/OpenSora-STDiT-v3",
     "vae": "hpcai-tech/OpenSora-VAE-v1.2",
@@ -64,36 +75,44 @@ def opensora_shift(shape: tuple[int, ...], spatial_factor: int = 8, time_chunk: 
     return space * math.sqrt(frames)
 
 
-class OpenSoraBackend:
+class OpenSoraCodec:
+    """OpenSora-VAE-v1.2 between [0, 1] frames and its scaled latents, in chunks of 17 frames (``latent_frames``)."""
+
+    spatial_factor = 8
+
+    def __init__(self, vae, dtype: torch.dtype):
+        self.vae, self.dtype = vae, dtype
+        self.latent_channels = vae.cfg.channels
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(vae_input(frames, self.dtype))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return vae_output(self.vae.decode(latents.to(self.dtype)))
+
+
+class OpenSoraBackend(TextVideoBackend):
     """Open-Sora 1.2 behind vpotool's Backend protocol; ``prediction`` is ``"flow"`` in vpotool's sign."""
 
     prediction = "flow"
+    lora_targets = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
 
     def __init__(
-        self,
-        *,
-        info: ModelInfo,
-        transformer,
-        vae,
-        text_encoder,
-        tokenizer,
-        defaults: SamplingDefaults = OPENSORA_DEFAULTS,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        self, *, transformer, vae, defaults: SamplingDefaults = OPENSORA_DEFAULTS, dtype=torch.float32, **parts
     ):
-        self.info = info
-        self.denoiser = transformer
-        self.vae = vae
-        self.text_encoder = text_encoder.eval()
-        self.tokenizer = tokenizer
-        self.defaults = defaults
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.max_text_len = transformer.cfg.model_max_length
+        """``vae``: an ``OpenSoraVAE``; ``parts``: the other :class:`TextVideoBackend` arguments."""
+        cfg = transformer.cfg
+        super().__init__(
+            transformer=transformer,
+            codec=OpenSoraCodec(vae, dtype),
+            defaults=defaults,
+            max_text_len=cfg.model_max_length,
+            patch_size=cfg.patch_size[1],
+            dtype=dtype,
+            **parts,
+        )
         self.fps = float(defaults.fps)  # the fps the denoiser is conditioned on
-        self.spatial_factor = 8
-        self.lora_target_modules = list(OPENSORA_LORA_TARGETS)
-        self.size_multiple = self.spatial_factor * transformer.cfg.patch_size[1]
+        self.spatial_factor = self.codec.spatial_factor
 
     def size_preset(self, name: str) -> tuple[int, int]:
         """``--size`` for Open-Sora: ``240p`` (its default 9:16) or ``RES:H:W``, e.g. ``480p:16:9``."""
@@ -114,7 +133,7 @@ class OpenSoraBackend:
         return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        c = self.vae.cfg
+        c = self.codec.vae.cfg
         return (c.channels, c.latent_frames(frames), height // self.spatial_factor, width // self.spatial_factor)
 
     def _shape(self, shape):
@@ -130,8 +149,7 @@ class OpenSoraBackend:
         """Logit-normal sigmas (Open-Sora 1.2's training ``sample_method``), then the resolution/frame shift."""
         shift = opensora_shift(self._shape(shape))
         u = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64)).clamp(1e-3, 1 - 1e-3)
-        sigmas = (shift * u / (1 + (shift - 1) * u)).float()
-        return NoiseSchedule(timesteps=sigmas * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
+        return flow_points(shifted(u, shift), clean_point=False)
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """vpotool's velocity ``noise - x0`` ``[B, C, F, h, w]``: minus the first ``C`` channels of STDiT3's output."""
@@ -146,13 +164,6 @@ class OpenSoraBackend:
             width=w * self.spatial_factor,
         )
         return -out[:, :c]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        video = self.vae.decode(latents.to(self.dtype))  # [B, 3, T, H, W] in [-1, 1]
-        return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode((frames.permute(0, 2, 1, 3, 4) * 2 - 1).to(self.dtype))
 
 
 def missing_weights_message(path) -> str:
