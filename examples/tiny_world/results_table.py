@@ -17,6 +17,28 @@ import yaml
 from vpotool.manifest import manifest_config
 
 COLUMNS = ["world.text_alignment", "world.motion", "world.temporal_consistency", "world.visual_quality"]
+SEEDED = "online-dpo-seed"  # the default loop, repeated over training seeds: the reference of every ablation
+ABLATIONS = [  # (question, [(variant, run name or SEEDED)]), in the order of OnlineVPO's ablations
+    (
+        "online vs offline",
+        [("online: pairs from the current policy", SEEDED), ("offline: pairs from the base", "offline-dpo")],
+    ),
+    (
+        "reference model",
+        [("curriculum: updated from the policy", SEEDED), ("fixed: the base model", "online-dpo-fixed-ref")],
+    ),
+    ("candidates per prompt, same budget", [("K=2", "online-dpo-k2"), ("K=4", SEEDED), ("K=8", "online-dpo-k8")]),
+    ("training signal", [("DPO on preference pairs", SEEDED), ("ReFL: reward gradient", "refl"), ("SCST", "scst")]),
+]
+
+
+ROW_ORDER = ["base", SEEDED, "online-dpo-fixed-ref", "offline-dpo", "online-dpo-k2", "online-dpo-k8", "refl", "scst"]
+
+
+def row_order(checkpoint: str) -> int:
+    """Rows follow the ablations: the base, online DPO's seeds, then each variant; unknown runs last."""
+    run = checkpoint.split("/")[0]
+    return next((i for i, name in enumerate(ROW_ORDER) if run.startswith(name)), len(ROW_ORDER))
 
 
 def describe(cfg: dict) -> tuple[str, int]:
@@ -29,6 +51,41 @@ def describe(cfg: dict) -> tuple[str, int]:
     mode = "offline" if cfg["iterations"] == 1 else "online"
     ref = f"curriculum every {cfg['ref_update_interval']}" if cfg["ref_update_interval"] else "fixed reference"
     return f"{mode} DPO, K={cfg['candidates']}, {ref}", videos
+
+
+def ablation_lines(overall: dict[str, dict], base: float) -> list[str]:
+    """OnlineVPO-style ablation table: each variant against online DPO's mean over training seeds, with the
+    difference in units of the seed standard deviation (single runs within about 2 of it are within noise)."""
+    seeded = [r for run, r in overall.items() if run.startswith(SEEDED)]
+    if not seeded:
+        return []
+    ref = statistics.mean(r["mean"] for r in seeded)
+    sd = statistics.stdev(r["mean"] for r in seeded) if len(seeded) > 1 else math.nan
+    noise = (
+        f" (seed std {sd:.3f}); a single run within about two seed stds of it is within seed noise" if sd == sd else ""
+    )
+    lines = [
+        "",
+        "## Ablations",
+        "",
+        "Each variant against online DPO (the default loop: K=4, curriculum reference), whose figure is the mean "
+        f"over its {len(seeded)} training seeds{noise}. Base model: {base:.3f}.",
+        "",
+        "| ablation | variant | world overall | vs online DPO | in seed stds | win rate vs base |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for question, variants in ABLATIONS:
+        for name, run in variants:
+            if run == SEEDED:
+                mean, win = ref, statistics.mean(r["win_rate"] for r in seeded)
+                cells = [f"**{mean:.3f}** ({len(seeded)} seeds)", "-", "-"]
+            elif run in overall:
+                mean, win = overall[run]["mean"], overall[run]["win_rate"]
+                cells = [f"{mean:.3f}", f"{mean - ref:+.3f}", fmt((mean - ref) / sd if sd else math.nan, 1)]
+            else:
+                continue
+            lines.append(f"| {question} | {name} | " + " | ".join(cells) + f" | {fmt(win, 2)} |")
+    return lines
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -44,7 +101,7 @@ def main() -> None:
     table = pq.read_table(out / "eval" / "eval.parquet")
     rows = table.to_pylist()
     by = {(r["checkpoint"], r["metric"]): r for r in rows}
-    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    checkpoints = sorted(dict.fromkeys(r["checkpoint"] for r in rows), key=row_order)
     eval_cfg = manifest_config(table)
 
     base = by[("base", "world.overall")]
@@ -64,6 +121,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     seeds = []
+    runs = {}  # run name -> its world overall row
     for ckpt in checkpoints:
         overall = by[(ckpt, "world.overall")]
         run = ckpt.split("/")[0]
@@ -74,7 +132,8 @@ def main() -> None:
             method, videos = describe(cfg)
             seconds = out / run / "seconds"
             minutes = int(seconds.read_text()) / 60 if seconds.exists() else None
-            if run.startswith("online-dpo-seed"):
+            runs[run] = overall
+            if run.startswith(SEEDED):
                 seeds.append(overall["mean"])
         delta = overall["mean"] - base["mean"]
         cells = [fmt(by.get((ckpt, m), {}).get("mean", math.nan)) for m in COLUMNS]
@@ -91,6 +150,7 @@ def main() -> None:
             f"(mean ± std of the seeds' means) against {base['mean']:.3f} for the base model: "
             f"{(mean - base['mean']) / sd if sd else float('inf'):.1f} seed standard deviations above it.",
         ]
+    lines += ablation_lines(runs, base["mean"])
     if eval_cfg:
         lines += ["", f"Eval settings: `{ {k: eval_cfg[k] for k in ('prompts', 'seeds', 'seed') if k in eval_cfg} }`."]
     print("\n".join(lines))
