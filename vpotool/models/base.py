@@ -195,7 +195,7 @@ class TextVideoBackend:
     """What the text-to-video families share: a denoiser, a codec (pixels <-> latents, with ``latent_channels``,
     ``temporal_factor`` and ``spatial_factor``), a text encoder and tokenizer, and the unconditional prompt ``""``
     encoded once. Subclasses add ``prediction``, ``encode_prompts``, ``schedule``, ``training_timesteps`` and
-    ``predict``, and set ``size_multiple`` from their patch size."""
+    ``predict``, and pass their spatial ``patch_size`` (``size_multiple`` is the codec's factor times it)."""
 
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
