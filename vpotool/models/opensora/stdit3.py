@@ -15,10 +15,9 @@ The model follows Open-Sora's sign: it predicts ``x0 - noise`` at timestep ``t =
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,8 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from vpotool.models.opensora.checkpoint import config_from_dict, load_exact, read_config, save_folder
 
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
@@ -51,12 +52,6 @@ class STDiT3Config:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
             raise ValueError("hidden_size must be divisible by num_heads and by 4")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> STDiT3Config:
-        """Known keys of ``d`` (a vpotool or hub ``config.json``); others (``architectures``, ...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def out_channels(self) -> int:
@@ -317,13 +312,7 @@ class STDiT3(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def save_pretrained(self, folder, **_) -> None:
         """``folder/config.json`` + ``folder/model.safetensors``, the layout ``from_pretrained`` and the hub use."""
-        from safetensors.torch import save_file
-
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"_class_name": "STDiT3", **asdict(self.cfg)}, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(folder, WEIGHT_FILES[0]), metadata={"format": "pt"})
+        save_folder(self, self.cfg, "STDiT3", folder, WEIGHT_FILES[0])
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, **_) -> STDiT3:
@@ -344,17 +333,11 @@ class STDiT3(ModelMixin, ConfigMixin, PeftAdapterMixin):
             weights, cfg_path = path, os.path.join(os.path.dirname(path), "config.json")
         else:
             raise FileNotFoundError(f"no STDiT3 checkpoint at {path}")
-        config = STDiT3Config()
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                config = STDiT3Config.from_dict(json.load(f))
+        d = read_config(cfg_path)
+        config = STDiT3Config() if d is None else config_from_dict(STDiT3Config, d)
         with torch.device("meta"):
             model = cls(config)
         state = load_file(weights)
         state.setdefault("rope.freqs", Rotary(config.hidden_size // config.num_heads).freqs)
         state = {k: v.to(dtype) for k, v in state.items()}  # cast here: ModelMixin.to(dtype) warns
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-            raise KeyError(f"{weights} does not fit STDiT3 {config}: {len(missing) + len(unexpected)} keys ({what})")
-        return model.eval()
+        return load_exact(model, state, weights, f"STDiT3 {config}").eval()

@@ -9,13 +9,14 @@ Parameter names follow ``hpcai-tech/OpenSora-VAE-v1.2`` (``spatial_vae.module.*`
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vpotool.models.opensora.checkpoint import config_from_dict, load_exact, read_config, save_folder
 
 SD_SCALE = 0.18215  # Open-Sora multiplies the image VAE latents by SD's factor, whatever the VAE's config says
 
@@ -49,11 +50,6 @@ class OpenSoraVAEConfig:
     micro_batch_size: int = 4  # frames the image VAE sees at once
     shift: tuple[float, ...] = (-0.10, 0.34, 0.27, 0.98)
     scale: tuple[float, ...] = (3.85, 2.32, 2.33, 3.06)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> OpenSoraVAEConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def time_factor(self) -> int:
@@ -247,13 +243,7 @@ class OpenSoraVAE(nn.Module):
         return self.spatial_vae.decode(torch.cat(parts, dim=2))
 
     def save_pretrained(self, folder) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"_class_name": "OpenSoraVAE", **asdict(self.cfg)}, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        save_folder(self, self.cfg, "OpenSoraVAE", folder)
 
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> OpenSoraVAE:
@@ -265,18 +255,11 @@ class OpenSoraVAE(nn.Module):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"no model.safetensors in {folder}")
         config = OpenSoraVAEConfig()
-        cfg_path = os.path.join(folder, "config.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                d = json.load(f)
-            if "vae_2d" not in d:  # a hub config keeps the published architecture but may set micro sizes
-                config = OpenSoraVAEConfig.from_dict(d)
-            else:
-                config.micro_frame_size = d.get("micro_frame_size") or config.micro_frame_size
+        d = read_config(os.path.join(folder, "config.json"))
+        if d is not None and "vae_2d" not in d:
+            config = config_from_dict(OpenSoraVAEConfig, d)
+        elif d is not None:  # a hub config keeps the published architecture but may set micro sizes
+            config.micro_frame_size = d.get("micro_frame_size") or config.micro_frame_size
         with torch.device("meta"):
             model = cls(config)
-        missing, unexpected = model.load_state_dict(load_file(weights), strict=False, assign=True)
-        if missing or unexpected:
-            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-            raise KeyError(f"{weights} does not fit the Open-Sora VAE: {len(missing) + len(unexpected)} keys ({what})")
-        return model.to(dtype).eval()
+        return load_exact(model, load_file(weights), weights, "the Open-Sora VAE").to(dtype).eval()
