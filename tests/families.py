@@ -131,11 +131,12 @@ def _ltx():
 
 
 BUILDERS = {"wan": _wan, "cogvideox": _cogvideox, "ltx": _ltx}
+PIPELINES = {"wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline"}
 
 
 def make_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> str:
     """Build ``family``'s tiny random components under ``seed`` and save them to ``folder`` in the diffusers layout
-    (transformer/, vae/, text_encoder/, tokenizer/, scheduler/). Returns the folder path."""
+    (transformer/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json). Returns the folder path."""
     from vpotool.models.tiny import build_tokenizer
 
     if family not in BUILDERS:
@@ -145,9 +146,10 @@ def make_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> str:
     torch.manual_seed(seed)
     transformer, vae, text_cls, scheduler = BUILDERS[family]()
     text_encoder = _text_encoder(text_cls, len(tokenizer))
-    transformer.save_pretrained(folder / "transformer")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    scheduler.save_pretrained(folder / "scheduler")
+    import diffusers
+
+    pipe = getattr(diffusers, PIPELINES[family])(
+        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+    )
+    pipe.save_pretrained(folder)  # model_index.json too, so ``DiffusionPipeline.from_pretrained`` loads it
     return str(folder)

@@ -294,3 +294,24 @@ def test_pairs_without_latents_are_encoded_from_their_videos(cli, prompts_file, 
         "cpu",
     )
     assert code == 0, err
+
+
+def test_bfloat16_model_trains_float32_adapters_like_a_float32_model(pairs, tmp_path):
+    """Frozen weights in bf16, adapter in float32: the adapter learns and its update follows the float32 run's
+    (bf16 adapter weights would round small updates away)."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        seen = {}
+
+        def on_step(step, trainer, seen=seen):
+            seen["params"] = trainer.params
+            seen["state"] = {k: v.detach().clone() for k, v in adapter_state(trainer.denoiser).items()}
+
+        train_dpo(config(pairs, tmp_path / dtype, max_steps=4, lr=1e-3, dtype=dtype), on_step=on_step)
+        assert all(p.dtype == torch.float32 for p in seen["params"])
+        runs[dtype] = seen["state"]
+    deltas = {d: torch.cat([v.flatten() for k, v in sorted(s.items()) if "lora_B" in k]) for d, s in runs.items()}
+    assert deltas["float32"].abs().max() > 1e-3  # B started at zero: this is the update
+    cos = torch.nn.functional.cosine_similarity(deltas["float32"], deltas["bfloat16"], dim=0)
+    rel = (deltas["float32"] - deltas["bfloat16"]).norm() / deltas["float32"].norm()
+    assert cos > 0.95 and rel < 0.3, (cos, rel)

@@ -193,7 +193,7 @@ class TrainConfig(StageConfig):
     resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
     seed: int = opt(0, "Seed for data order, noise and timesteps.")
     device: str = opt("auto", "cpu, cuda or auto (under accelerate launch, accelerate decides).")
-    dtype: str = opt("float32", "Frozen model weights dtype: float32, bfloat16 or float16.")
+    dtype: str = opt("float32", "Frozen weights: float32, bfloat16 or float16 (adapters always train in float32).")
     report_to: str | None = opt(None, "Also log to tensorboard or wandb (accelerate trackers).")
 
     def __post_init__(self):

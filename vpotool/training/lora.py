@@ -21,7 +21,8 @@ PREFIX = "transformer"  # the denoiser's name in every diffusers video pipeline
 
 
 def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = "default", trainable: bool = True):
-    """Freeze ``denoiser`` and add a LoRA adapter (B = 0, so it starts as the identity). Returns its parameters."""
+    """Freeze ``denoiser`` and add a LoRA adapter (B = 0, so it starts as the identity) in float32, whatever the
+    denoiser's dtype. Returns its parameters."""
     from peft import LoraConfig
 
     if name == "default":
@@ -35,6 +36,10 @@ def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = 
         raise VpoError(f"cannot add LoRA on modules {targets}: {str(e).splitlines()[0]} (check --lora-targets)") from e
     params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
     for p in params:
+        # Adapters live in float32 whatever the frozen weights are: in bf16 an update of lr * 1 on a weight of
+        # 1e-2 rounds away, so a bf16 adapter silently stops learning. peft casts each LoRA input to the
+        # adapter's dtype and the sum back to the base layer's, so the forward mixes the two correctly.
+        p.data = p.data.float()
         p.requires_grad_(trainable)
     if name == "default":
         denoiser.set_adapter("default")
@@ -110,7 +115,17 @@ def load_adapter(backend, folder: str | Path, name: str = "default") -> None:
         raise VpoError(f"{folder} is an adapter for --model {base}, not {backend.info.name}")
     path = Path(folder) / ADAPTER_FILE if Path(folder).is_dir() else Path(folder)
     try:
-        backend.denoiser.load_lora_adapter(str(path), prefix=PREFIX, adapter_name=name)
+        # Naming the safetensors file makes diffusers read ``lora_adapter_metadata`` (rank, alpha, targets); given a
+        # bare path it falls back to alpha = rank and applies an adapter trained with alpha != rank at the wrong
+        # strength.
+        backend.denoiser.load_lora_adapter(
+            str(path.parent),
+            weight_name=path.name,
+            use_safetensors=True,
+            local_files_only=True,
+            prefix=PREFIX,
+            adapter_name=name,
+        )
     except (ValueError, KeyError, RuntimeError) as e:
         raise VpoError(f"adapter {folder} does not fit this model: {str(e).splitlines()[0]}") from e
     backend.denoiser.set_adapter(name)
