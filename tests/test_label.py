@@ -1,14 +1,18 @@
 """`vpotool label` and `pair --labels`: the queue, labels -> pairs, the server's guards (the labels file stays
-intact after every bad request), the page in a browser with resume, and human pairs through train-dpo."""
+intact after every bad request, each of which gets a 4xx), bursts of concurrent answers, one server per labels
+file, the page in a browser with resume, and human pairs through train-dpo."""
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +21,8 @@ from conftest import FAST
 from vpotool.config import LabelConfig
 from vpotool.errors import VpoError
 from vpotool.manifest import read_manifest, write_manifest
-from vpotool.report.label import LabelSession, build_queue, make_server
+from vpotool.report import label as label_module
+from vpotool.report.label import LabelServer, LabelSession, build_queue, make_server
 from vpotool.stages.pair import tally_labels
 
 
@@ -248,6 +253,152 @@ def test_label_cli_prints_the_url_stops_on_ctrl_c_and_warns_off_loopback(cli, ru
     assert code == 2 and "nothing to label" in err and "--candidates" in err
     code, _, err = cli("label", "--samples", run / "samples.parquet", "--out", out, "--port", 70000)
     assert code == 2 and "--port" in err
+
+
+def raw(server, head: str, body: bytes = b"", close_write=False, timeout=5.0) -> tuple[int, bytes, float]:
+    """Send ``head`` (a request line and headers, ``\n``-separated, no blank line) and ``body`` over a bare
+    socket, as no well-behaved client would; ``(status, reply body, seconds until the reply)``."""
+    request = head.replace("\n", "\r\n").encode("utf-8") + b"\r\n\r\n" + body
+    start = time.monotonic()
+    with socket.create_connection(server.server_address, timeout=timeout) as sock:
+        sock.sendall(request)
+        if close_write:
+            sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply, f"the connection to {head.splitlines()[0]!r} was dropped without an answer"
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2], time.monotonic() - start
+
+
+def test_server_answers_every_malformed_request_with_a_4xx_and_bounds_its_waits(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(label_module, "BODY_TIMEOUT", 0.5)
+    out, item_id = tmp_path / "labels.parquet", build_queue(samples_of(run))[0].item_id
+    with serving(run, out) as server:
+        saved, token, port = out.read_bytes(), server.session.token, server.server_address[1]
+        host = f"Host: 127.0.0.1:{port}"
+        json_post = f"POST /api/label HTTP/1.1\n{host}\nX-Label-Token: {token}\nContent-Type: application/json"
+        answer = json.dumps({"item_id": item_id, "choice": "left"}).encode()
+        nested = [b"[" * 4096, b"[" * 2048 + b"]" * 2048, b'{"a":' * 600 + b"1" + b"}" * 600]
+        cases = [  # (head, body, close_write, expected status)
+            *[(f"{json_post}\nContent-Length: {len(b)}", b, False, 400) for b in nested],  # RecursionError before
+            (json_post.replace(token, "t\u00f6ken\u4ee4") + "\nContent-Length: 2", b"{}", False, 403),  # TypeError
+            (json_post.replace(token, token + "\u00ff") + "\nContent-Length: 2", b"{}", False, 403),
+            (f"{json_post}\nContent-Length: 100", answer[:10], False, 408),  # hung 30 s before
+            (f"{json_post}\nContent-Length: 100", answer[:10], True, 400),  # the client closed its side
+            (f"{json_post}\nContent-Length: {10**12}", b"", False, 413),
+            (f"{json_post}\nContent-Length: 9000", b"x" * 9000, False, 413),
+            (f"{json_post}\nContent-Length: -1", b"", False, 400),
+            (f"{json_post}\nContent-Length: 1e3", b"", False, 400),
+            (json_post, answer, False, 411),
+            (f"{json_post}\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n", False, 411),
+            (
+                json_post.replace("application/json", "text/plain") + f"\nContent-Length: {len(answer)}",
+                answer,
+                False,
+                415,
+            ),
+            (
+                json_post.replace("\nContent-Type: application/json", f"\nContent-Length: {len(answer)}"),
+                answer,
+                False,
+                415,
+            ),
+            (json_post.replace("/api/label", "//[x") + f"\nContent-Length: {len(answer)}", answer, False, 404),
+            (f"{json_post}\nContent-Length: {len(answer) + 4}", b"\xff\xfe" + answer + b"\x00\x00", False, 400),
+            (f"GET //[x?a=%zz HTTP/1.1\n{host}", b"", False, 404),
+            (f"GET /video/%ff%fe HTTP/1.1\n{host}", b"", False, 404),
+            (f"PUT /api/label HTTP/1.1\n{host}\nContent-Length: {len(answer)}", answer, False, 405),
+            (f"DELETE /api/label HTTP/1.1\n{host}", b"", False, 405),
+            (f"HEAD / HTTP/1.1\n{host}", b"", False, 405),
+            (f"BREW /api/label HTTP/1.1\n{host}", b"", False, 405),
+            ("HELLO", b"", False, 400),
+            (f"GET / HTTP/1.1\n{host}\n" + "\n".join(f"X-{i}: {i}" for i in range(120)), b"", False, 431),
+        ]
+        for head, body, close_write, expected in cases:
+            status, reply, seconds = raw(server, head, body, close_write)
+            assert status == expected, (head[-60:], body[:40], reply)
+            assert seconds < 3, (head[-60:], seconds)  # BODY_TIMEOUT is 0.5 s here
+            if expected not in (400, 431) or head.startswith("POST"):
+                assert json.loads(reply)["error"], (head[-60:], reply)
+            assert out.read_bytes() == saved, (head[-60:], body[:40])
+
+        status, reply, _ = raw(server, f"{json_post}\nContent-Length: {len(answer)}", answer)  # still serving
+        assert status == 200 and json.loads(reply)["stored"]
+    assert list(pd.read_parquet(out).choice) == ["left"]
+
+
+def many_candidates(run, tmp_path, candidates: int) -> Path:
+    """A samples manifest of the run's 2 prompts with ``candidates`` each (reusing its videos): many items."""
+    rows = samples_of(run)
+    more = [
+        {**s, "sample_id": f"{s['prompt_id']}-c{k:02d}", "candidate": k, "video": str(run / s["video"])}
+        for s in rows
+        if s["candidate"] == 0
+        for k in range(candidates)
+    ]
+    write_manifest(tmp_path / "many.parquet", more, "samples")
+    return tmp_path / "many.parquet"
+
+
+def test_a_burst_of_concurrent_answers_keeps_every_acknowledged_one(run, tmp_path):
+    samples = many_candidates(run, tmp_path, 8)  # 2 x 28 items
+    out = tmp_path / "labels.parquet"
+    queue = build_queue(read_manifest(samples, "samples").to_pylist())
+    server = make_server(LabelConfig(samples=str(samples), out=str(out), labeler="alice"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    choices = ["left", "right", "tie", "skip"]
+    bodies = [{"item_id": item.item_id, "choice": choices[i % 4]} for i, item in enumerate(queue[:50])]
+    start, results, errors = threading.Barrier(len(bodies)), [], []
+
+    def post(body):
+        start.wait(timeout=10)
+        try:
+            results.append((body, *call(server, "/api/label", body)))
+        except OSError as e:  # a reset connection: the answer the issue saw lost
+            errors.append(e)
+
+    try:
+        began = time.monotonic()
+        threads = [threading.Thread(target=post, args=(b,), daemon=True) for b in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads) and time.monotonic() - began < 30
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert not errors, errors[:3]
+    acknowledged = {r[0]["item_id"]: r[0]["choice"] for r in results if r[1] == 200 and r[2]["stored"]}
+    assert len(acknowledged) == len(results) == 50
+    rows = pd.read_parquet(out)
+    stored = {f"{i.item_id}|alice": i.item_id for i in queue}
+    assert {stored[r]: c for r, c in zip(rows.label_id, rows.choice, strict=True)} == acknowledged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.parquet", "many.parquet"]  # no temp, no lock
+
+
+def test_one_label_server_per_labels_file(cli, run, tmp_path, monkeypatch):
+    out = tmp_path / "labels.parquet"
+    with serving(run, out) as server:
+        call(server, "/api/label", {"item_id": server.session.queue[0].item_id, "choice": "left"})
+        saved = out.read_bytes()
+        with pytest.raises(VpoError, match="being written by another vpotool process") as refused:
+            make_server(config(run, out, labeler="bob"))
+        assert "another --out" in str(refused.value) and "\n" not in str(refused.value)
+
+        monkeypatch.setattr(LabelServer, "serve_forever", lambda self: None)  # in case it were not refused
+        code, stdout, err = cli("label", "--samples", run / "samples.parquet", "--out", out, "--labeler", "bob")
+        assert code == 2 and not stdout and len(err.strip().splitlines()) == 1
+        assert str(out) in err and "--out" in err
+        assert out.read_bytes() == saved
+        assert call(server, "/api/next")[1]["answered"] == 1  # the first server goes on
+        monkeypatch.undo()
+    with serving(run, out, labeler="bob") as server:  # freed when the first one stopped
+        assert call(server, "/api/next")[1]["answered"] == 0
 
 
 # ---------------------------------------------------------------- the page in a browser

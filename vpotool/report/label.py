@@ -4,6 +4,7 @@ the answers into human preference pairs.
 
 The server (stdlib ``http.server``, one thread per request) guards the labels file:
 
+- one server per labels file: a second one on the same ``--out`` is refused (``vpotool.locks``);
 - it listens on 127.0.0.1 unless told otherwise, and then answers only requests whose ``Host`` header names the
   address it serves (a page on another site that rebinds its DNS name to 127.0.0.1 is refused);
 - it serves only the videos of the samples it shows, looked up by sample id, never by a path from the request;
@@ -12,7 +13,14 @@ The server (stdlib ``http.server``, one thread per request) guards the labels fi
   send that header without a CORS preflight, which this server never grants;
 - answering an item again (a double click, a second tab) is idempotent: the first answer stays and the reply
   is 200 with it (``"stored": false``), so a retried request never writes a second row;
-- unknown items answer 404, malformed bodies and choices 400, all as JSON ``{"error": ...}``, before any write.
+- every malformed request gets a 4xx JSON ``{"error": ...}`` before any write, never a dropped connection: a
+  body that is not JSON (or nested too deeply) or a bad choice 400, a missing or wrong token (any bytes) 403,
+  unknown items 404, methods other than GET and POST 405, a body shorter than its ``Content-Length`` 408 after
+  ``BODY_TIMEOUT`` seconds, no ``Content-Length`` 411, an oversized body 413, a ``Content-Type`` other than JSON
+  415;
+- answers are stored one at a time under a lock, each rewriting the labels file atomically (a temporary file in
+  its folder, then a rename), and a reply says "stored" only once the file holds the answer; the listen backlog
+  takes bursts of many concurrent requests without refusing connections.
 """
 
 from __future__ import annotations
@@ -23,19 +31,22 @@ import json
 import os
 import secrets
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from vpotool.config import LabelConfig
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
+from vpotool.locks import OutputLock, acquire_output_lock
 from vpotool.manifest import RowWriter, read_manifest, resolve
 from vpotool.stages.pair import LABEL_CHOICES
 
 LOOPBACK = ("127.0.0.1", "localhost")
 MAX_BODY = 4096  # bytes: an answer is a few dozen
+BODY_TIMEOUT = 5.0  # seconds to wait for a request body once its headers came (it is sent with them)
 
 
 @dataclass(frozen=True)
@@ -159,29 +170,64 @@ class Handler(BaseHTTPRequestHandler):
 
     server: LabelServer
     timeout = 30  # seconds: a connection that sends nothing must not hold up shutdown
+    default_request_version = "HTTP/1.0"  # so a garbled request line still gets a status line (HTTP/0.9 has none)
 
     def log_message(self, format, *args):  # quiet: the terminal shows the URL, not every request
         pass
 
-    def send(self, status: int, body: bytes, content_type: str) -> None:
+    def send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if content_type != "video/mp4":  # state changes with every answer; videos do not
             self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
-    def send_json(self, status: int, data: dict) -> None:
-        self.send(status, json.dumps(data).encode(), "application/json")
+    def send_json(self, status: int, data: dict, headers: dict | None = None) -> None:
+        self.send(status, json.dumps(data).encode(), "application/json", headers)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():  # a malformed request line or headers: http.server answered 400/431
+            return False
+        if self.command not in ("GET", "POST"):  # http.server would answer 501, a server error, for these
+            self.send_json(405, {"error": f"method {self.command} not allowed"}, {"Allow": "GET, POST"})
+            return False
+        return True
+
+    @property
+    def route(self) -> str:
+        return self.path.split("?", 1)[0].split("#", 1)[0]  # no urlsplit: it raises on some odd paths
 
     def host_ok(self) -> bool:
         allowed = self.server.allowed_hosts
         return allowed is None or self.headers.get("Host", "") in allowed
 
+    def token_ok(self) -> bool:
+        sent = self.headers.get("X-Label-Token", "").encode("utf-8", "surrogateescape")  # bytes: any header
+        return secrets.compare_digest(sent, self.server.session.token.encode())
+
     def do_GET(self):
-        session, path = self.server.session, urlsplit(self.path).path
+        self.guarded(self.get)
+
+    def do_POST(self):
+        self.guarded(self.post)
+
+    def guarded(self, handle) -> None:
+        """Run ``handle``; an unexpected error still gets an answer (500) rather than a dropped connection."""
+        try:
+            handle()
+        except (ConnectionError, TimeoutError):  # the client is gone or stalled: no one to answer
+            raise
+        except Exception as e:
+            self.send_json(500, {"error": f"server error: {first_line(e)}; see the terminal running vpotool label"})
+            raise  # socketserver prints the traceback in that terminal
+
+    def get(self):
+        session, path = self.server.session, self.route
         video = session.videos.get(unquote(path.removeprefix("/video/"))) if path.startswith("/video/") else None
         if not self.host_ok():
             self.send_json(403, {"error": "unexpected Host header; open the URL vpotool label printed"})
@@ -194,27 +240,54 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"error": f"not found: {path}"})
 
-    def do_POST(self):
+    def read_body(self) -> bytes | tuple[int, str]:
+        """The request body, or ``(status, error)`` when it cannot be read within the limits."""
+        value = self.headers.get("Content-Length", "").strip()
+        if not value:
+            return 411, "Content-Length is required"
+        if not (value.isascii() and value.isdigit()):
+            return 400, f"Content-Length must be a number of bytes, not {value[:20]!r}"
+        length = int(value)
+        if length > MAX_BODY:
+            return 413, f"body over {MAX_BODY} bytes"
+        body, closed, deadline = b"", False, time.monotonic() + BODY_TIMEOUT  # for the whole body: no trickling
+        try:
+            while len(body) < length and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(length - len(body))
+                if not chunk:  # the client closed its side
+                    closed = True
+                    break
+                body += chunk
+        except TimeoutError:
+            pass
+        finally:
+            self.connection.settimeout(self.timeout)
+        if len(body) < length:
+            self.close_connection = True
+            return 400 if closed else 408, f"body shorter than its Content-Length ({len(body)} of {length} bytes)"
+        return body
+
+    def post(self):
         session, origin = self.server.session, self.headers.get("Origin")
         if not self.host_ok() or (origin and origin != f"http://{self.headers.get('Host')}"):
             return self.send_json(403, {"error": "cross-origin request refused"})
-        if not secrets.compare_digest(self.headers.get("X-Label-Token", ""), session.token):
+        if not self.token_ok():
             return self.send_json(403, {"error": "missing or wrong X-Label-Token; reload the page"})
-        if urlsplit(self.path).path != "/api/label":
-            return self.send_json(404, {"error": f"not found: {self.path}"})
+        if self.route != "/api/label":
+            return self.send_json(404, {"error": f"not found: {self.route}"})
+        if self.headers.get_content_type() != "application/json":
+            return self.send_json(415, {"error": "Content-Type must be application/json"})
+        raw = self.read_body()
+        if isinstance(raw, tuple):
+            return self.send_json(raw[0], {"error": raw[1]})
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return self.send_json(411, {"error": "Content-Length is required"})
-        if not 0 <= length <= MAX_BODY:
-            return self.send_json(413, {"error": f"body over {MAX_BODY} bytes"})
-        try:
-            body = json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: e.g. [[[[...]]]] 4096 deep
             return self.send_json(400, {"error": "body is not JSON"})
         if not isinstance(body, dict) or not isinstance(body.get("item_id"), str):
             return self.send_json(400, {"error": 'body must be {"item_id": "...", "choice": "..."}'})
-        if body.get("choice") not in LABEL_CHOICES:
+        if not isinstance(body.get("choice"), str) or body["choice"] not in LABEL_CHOICES:
             return self.send_json(400, {"error": f"choice must be one of {', '.join(LABEL_CHOICES)}"})
         item = session.items.get(body["item_id"])
         if item is None:
@@ -227,11 +300,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class LabelServer(ThreadingHTTPServer):
-    """The labelling server for one session; ``url`` is where to point a browser."""
+    """The labelling server for one session; ``url`` is where to point a browser. It holds the output lock of the
+    labels file (if given one) until ``server_close``."""
 
-    def __init__(self, session: LabelSession, host: str, port: int):
+    request_queue_size = 128  # the listen backlog: a burst of requests waits for accept instead of being reset
+
+    def __init__(self, session: LabelSession, host: str, port: int, lock: OutputLock | None = None):
         super().__init__((host, port), Handler)
-        self.session = session
+        self.session, self.lock = session, lock
         port = self.server_address[1]
         self.url = f"http://{host}:{port}/"
         if host == "0.0.0.0":  # every interface: the names it is reached by are unknown, so no Host check
@@ -239,14 +315,25 @@ class LabelServer(ThreadingHTTPServer):
         else:
             self.allowed_hosts = {f"{h}:{port}" for h in {host, *(LOOPBACK if host in LOOPBACK else ())}}
 
+    def server_close(self) -> None:
+        super().server_close()  # waits for requests in flight, so an answer being written is finished
+        if self.lock is not None:
+            self.lock.release()
+
 
 def make_server(cfg: LabelConfig) -> LabelServer:
-    """Load the queue and labels of ``cfg`` and bind the server (not yet serving; call ``serve_forever``)."""
-    session = LabelSession(cfg)
+    """Lock ``cfg.out``, load the queue and labels of ``cfg`` and bind the server (not yet serving; call
+    ``serve_forever``, then ``server_close``, which frees the lock). Another server on ``cfg.out`` is refused."""
+    lock = acquire_output_lock(cfg.out)
     try:
-        return LabelServer(session, cfg.host, cfg.port)
-    except OSError as e:
-        raise VpoError(f"cannot serve on {cfg.host}:{cfg.port} ({e}); choose another --port or --host") from e
+        session = LabelSession(cfg)
+        try:
+            return LabelServer(session, cfg.host, cfg.port, lock)
+        except OSError as e:
+            raise VpoError(f"cannot serve on {cfg.host}:{cfg.port} ({e}); choose another --port or --host") from e
+    except BaseException:
+        lock.release()
+        raise
 
 
 def run_label(cfg: LabelConfig) -> Path:
@@ -265,7 +352,7 @@ def run_label(cfg: LabelConfig) -> Path:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()  # waits for requests in flight, so an answer being written is finished
+        server.server_close()  # waits for requests in flight, then frees the labels file
     return Path(cfg.out)
 
 
