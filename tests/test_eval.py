@@ -12,6 +12,7 @@ from conftest import FAST
 from safetensors.torch import load_file
 
 from vpotool.world.features import FEATURE_NAMES, clip_features, frechet_distance
+from vpotool.world.rates import CHECKS
 
 WORLD = [
     "a red circle moving left slowly on a black background",
@@ -63,7 +64,8 @@ def test_eval_base_and_adapter_writes_every_metric_and_resumes(
     assert code == 0, err
     assert "world.frechet" in stdout and "lower is better" in stdout and "run1/step-4" in stdout
     table = pd.read_parquet(out / "eval.parquet")
-    metrics = [f"{r}.{d}" for r, dims in DIMS.items() for d in dims] + ["world.frechet"]
+    rates = [f"world.rate.{c}" for c in CHECKS]
+    metrics = [f"{r}.{d}" for r, dims in DIMS.items() for d in dims] + rates + ["world.frechet"]
     assert set(zip(table.checkpoint, table.metric, strict=True)) == {
         (c, m) for c in ("base", "run1/step-4") for m in metrics
     }
@@ -76,6 +78,12 @@ def test_eval_base_and_adapter_writes_every_metric_and_resumes(
     frechet = table[table.metric == "world.frechet"]
     assert (frechet["mean"] >= 0).all() and frechet["std"].isna().all() and frechet.win_rate.isna().all()
     assert (frechet.n == 2).all()
+    shares = table[table.metric.isin(rates)]
+    assert set(shares["mean"] * 2) <= {0, 1, 2}  # the share of two videos passing each check
+    from PIL import Image
+
+    with Image.open(out / "strip.png") as strip:  # two prompts x two checkpoints, six frames each
+        assert strip.size[1] >= 4 * 96 and strip.size[0] > 6 * 96
 
     # each checkpoint is an ordinary sample + score run; the same seeds, different weights
     base, tuned = (
@@ -101,7 +109,7 @@ def test_eval_base_and_adapter_writes_every_metric_and_resumes(
     assert "world.frechet" not in set(again.index.get_level_values("metric"))
     assert (again.loc["run1/step-4"].win_rate == 0.5).all()
     before = rewards.set_index(["checkpoint", "metric"])
-    for m in metrics[:-1]:
+    for m in metrics[: -len(rates) - 1]:
         assert again.loc[("base", m), "win_rate"] == pytest.approx(1 - before.loc[("run1/step-4", m), "win_rate"])
         assert again.loc[("base", m), "mean"] == before.loc[("base", m), "mean"]
 

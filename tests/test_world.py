@@ -1,13 +1,11 @@
 """The tiny world: grammar, renderer and the prompt-aware world reward."""
 
 import dataclasses
-from unittest.mock import patch
 
 import pytest
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.wan import WanBackend
 from vpotool.rewards import load_reward
 from vpotool.stages.common import load_prompts
 from vpotool.world import parse_prompt, render_batch, render_clip, world_prompts
@@ -101,25 +99,51 @@ def test_world_reward_refuses_prompts_outside_the_grammar():
         load_reward("world")(torch.zeros(1, 4, 3, 16, 16), ["a cat"])
 
 
-@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.7, 0.98])
-def test_tiny_preconditioning_is_the_best_linear_velocity_estimate(sigma):
-    """With the network's output at zero, the tiny backend predicts ``c_skip x_t``: the least-squares linear
-    estimate of ``v = n - x0`` from ``x_t`` for data of RMS ``sigma_data``; ``c_out`` is the residual's RMS."""
-    from vpotool.models.tiny import TinyBackend
+def test_rates_pass_ground_truth_and_catch_each_rendered_defect():
+    """Rendered ground truth passes every check; each rendered defect is caught by its own check."""
+    import random
 
-    d = 0.75
-    backend = TinyBackend.__new__(TinyBackend)  # only predict's arithmetic is exercised: F is stubbed to zero
-    backend.sigma_data, backend.coord_channels = d, 0
-    backend.device, backend.dtype = torch.device("cpu"), torch.float32
-    gen = torch.Generator().manual_seed(0)
-    x0, noise = d * torch.randn(4, 48, 2, 8, 8, generator=gen), torch.randn(4, 48, 2, 8, 8, generator=gen)
-    x_t, v = (1 - sigma) * x0 + sigma * noise, noise - x0
-    with patch.object(WanBackend, "predict", lambda self, x, t, c: torch.zeros_like(x)):
-        pred = backend.predict(x_t, torch.full((4,), sigma * 1000.0), {})
-    best = (v * x_t).sum() / (x_t * x_t).sum()  # least squares v ~ c x_t
-    c_skip = pred.flatten()[x_t.flatten().abs().argmax()] / x_t.flatten()[x_t.flatten().abs().argmax()]
-    assert torch.allclose(pred, c_skip * x_t, atol=1e-5)  # linear in x_t
-    assert c_skip.item() == pytest.approx(best.item(), abs=0.02)
-    with patch.object(WanBackend, "predict", lambda self, x, t, c: torch.ones_like(x)):
-        c_out = (backend.predict(x_t, torch.full((4,), sigma * 1000.0), {}) - pred).mean()
-    assert c_out.item() == pytest.approx((v - best * x_t).pow(2).mean().sqrt().item(), rel=0.03)
+    from vpotool.world.data import defect_clip
+    from vpotool.world.rates import clip_checks, rates
+
+    prompts = random.Random(0).sample(world_prompts("all"), 40)
+    texts = [p.text for p in prompts]
+    truth = torch.stack([render_clip(p, seed=i) for i, p in enumerate(prompts)])
+    r = rates(clip_checks(truth, texts))
+    assert r == {"shape_present": 1, "color_correct": 1, "shape_correct": 1, "direction_correct": 1, "static": 0,
+                 "flicker": 0}  # fmt: skip
+
+    def altered(**change):
+        return [dataclasses.replace(p, **{k: f(p) for k, f in change.items()}).text for p in prompts]
+
+    other_color = altered(color=lambda p: next(c for c in ("red", "blue") if c not in (p.color, p.background)))
+    assert rates(clip_checks(truth, other_color))["color_correct"] == 0
+    next_shape = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    assert rates(clip_checks(truth, altered(shape=lambda p: next_shape[p.shape])))["shape_correct"] == 0
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    assert rates(clip_checks(truth, altered(direction=lambda p: opposite[p.direction])))["direction_correct"] == 0
+    static = rates(clip_checks(torch.stack([defect_clip(p, "static", 17, 32, 32, 0) for p in prompts]), texts))
+    assert static["static"] == 1 and static["direction_correct"] == 0 and static["shape_present"] == 1
+    flicker = rates(clip_checks(torch.stack([defect_clip(p, "flicker", 17, 32, 32, 0) for p in prompts]), texts))
+    assert flicker["flicker"] == 1
+    empty = truth[:, :, :, :1, :1].expand_as(truth)  # the background alone
+    assert rates(clip_checks(empty, texts))["shape_present"] == 0
+
+
+def test_pretraining_mix_has_the_recorded_shares():
+    import random
+
+    from vpotool.world.data import DATA_MIX, training_example
+    from vpotool.world.rates import clip_checks
+
+    assert sum(DATA_MIX.values()) == pytest.approx(1.0)
+    rng = random.Random(0)
+    prompts = world_prompts("train")
+    drawn = [training_example(rng.choice(prompts), rng, 17, 32, 32) for _ in range(600)]
+    kinds = [k for _, _, k in drawn]
+    for kind, share in DATA_MIX.items():
+        assert kinds.count(kind) / len(kinds) == pytest.approx(share, abs=0.04)
+    checks = clip_checks(torch.stack([c for _, c, _ in drawn]), [t for t, _, _ in drawn])
+    for (_, _, kind), c in zip(drawn, checks, strict=True):  # the caption lies exactly where the kind says
+        assert c["direction_correct"] == (kind not in ("wrong_direction", "static"))
+        assert c["color_correct"] == (kind != "wrong_color")

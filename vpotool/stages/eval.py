@@ -1,5 +1,7 @@
 """The ``eval`` stage: sample held-out prompts with fixed seeds from the base model and each adapter checkpoint,
-score them, and summarise per (checkpoint, metric) with win rates against a baseline -> eval.parquet."""
+score them, and summarise per (checkpoint, metric) with win rates against a baseline -> eval.parquet, plus
+``strip.png``, the checkpoints' frames side by side. Tiny-world prompts add the world defect rates and the
+Fréchet distance to rendered clips."""
 
 from __future__ import annotations
 
@@ -15,13 +17,17 @@ import torch
 from vpotool.config import EvalConfig, SampleConfig, ScoreConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import read_manifest, write_manifest
+from vpotool.report.strip import frame_strip
 from vpotool.stages.common import console, load_prompts, video_seed
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import load_frames, run_score
 from vpotool.world.features import clip_features, frechet_distance
+from vpotool.world.rates import CHECKS, clip_checks
 
 BASE = "base"
 FRECHET = "world.frechet"
+RATE = "world.rate."  # eval metrics world.rate.<check>: the share of videos passing each vpotool.world.rates check
+STRIP = "strip.png"  # frames of every checkpoint's first video of the first prompts, side by side
 REFERENCE_SEEDS = 4  # ground-truth clips rendered per prompt for world.frechet
 EVAL_ADAPTER = "vpotool_eval"  # the peft adapter name a checkpoint is loaded under while it is evaluated
 
@@ -98,14 +104,22 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
         for m in metrics
         for name in runs
     ]
+    if specs is not None:
+        stats = {name: world_clip_stats(runs[name][0], samples[name], cfg.batch_size) for name in runs}
+        for check in CHECKS:
+            per_run = {name: {sid: float(c[check]) for sid, c in stats[name][1].items()} for name in runs}
+            result += [
+                summary_row(name, f"{RATE}{check}", per_run[name], per_run[baseline], name == baseline)
+                for name in runs
+            ]
     if cfg.frechet and specs is not None:
         reference = {}
-        for name, (samples_path, _) in runs.items():
+        for name in runs:
             mine = samples[name]
             size = (mine[0]["frames"], mine[0]["height"], mine[0]["width"], mine[0]["fps"])
             if size not in reference:
                 reference[size] = reference_features(specs, *size, cfg.seed)
-            dist = frechet_distance(generated_features(samples_path, mine, cfg.batch_size), reference[size])
+            dist = frechet_distance(stats[name][0], reference[size])
             row = dict(checkpoint=name, metric=FRECHET, mean=dist, std=math.nan, n=len(mine), win_rate=math.nan)
             result.append(row)
     elif cfg.frechet:
@@ -113,6 +127,7 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
         console().print(f"[yellow]note:[/] {FRECHET} skipped: {why}")
     path = out / "eval.parquet"
     write_manifest(path, result, "eval", cfg.to_dict())
+    frame_strip({name: samples_path for name, (samples_path, _) in runs.items()}, out / STRIP)
     print_table(result, [name for name, _ in checkpoints], baseline)
     return path
 
@@ -248,10 +263,17 @@ def win_rate(values: dict[str, float], baseline: dict[str, float]) -> float:
     )
 
 
-def generated_features(samples_path: Path, rows: list[dict], batch_size: int) -> torch.Tensor:
-    """World clip features ``[N, D]`` of the videos of ``rows`` (as stored, after the mp4 round trip)."""
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    return torch.cat([clip_features(load_frames(samples_path, batch)) for batch in batches])
+def world_clip_stats(samples_path: Path, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, dict]:
+    """World clip features ``[N, D]`` and the defect checks ``{sample_id: {check: bool}}`` of the videos of
+    ``rows`` (as stored, after the mp4 round trip; each video decoded once for both)."""
+    feats, checks = [], {}
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size]
+        frames = load_frames(samples_path, batch)
+        feats.append(clip_features(frames))
+        ids, prompts = [r["sample_id"] for r in batch], [r["prompt"] for r in batch]
+        checks.update(zip(ids, clip_checks(frames, prompts), strict=True))
+    return torch.cat(feats), checks
 
 
 def reference_features(specs: list, frames: int, height: int, width: int, fps: int, seed: int) -> torch.Tensor:

@@ -67,16 +67,23 @@ def motion_path(prompt: WorldPrompt, frames: int, height: int, width: int, seed:
     return torch.stack([pos, side] if vx else [side, pos], dim=1)
 
 
-def render_clip(prompt: WorldPrompt, frames: int = 16, height: int = 32, width: int = 32, seed: int = 0):
-    """The ground-truth clip of ``prompt``: float ``[T, 3, H, W]`` in [0, 1]."""
-    path = motion_path(prompt, frames, height, width, seed)
+def paint_clip(prompt: WorldPrompt, path: torch.Tensor, height: int, width: int, opacity=None) -> torch.Tensor:
+    """``prompt``'s shape and colours along ``path [T, 2]`` (centres in pixels), each frame's shape at
+    ``opacity [T]`` (default 1): float ``[T, 3, H, W]`` in [0, 1]."""
     cover = shape_coverage(prompt.shape, path[:, 0], path[:, 1], shape_radius(height, width), height, width)
+    if opacity is not None:
+        cover = cover * torch.as_tensor(opacity, dtype=cover.dtype).view(-1, 1, 1)
     fg = torch.tensor(COLORS[prompt.color]).view(1, 3, 1, 1)
     bg = torch.tensor(BACKGROUNDS[prompt.background]).view(1, 3, 1, 1)
     cover = cover[:, None]
     return bg * (1 - cover) + fg * cover
 
 
-def render_batch(prompts: list[WorldPrompt], seeds: list[int], frames: int = 16, height: int = 32, width: int = 32):
+def render_clip(prompt: WorldPrompt, frames: int = 17, height: int = 32, width: int = 32, seed: int = 0):
+    """The ground-truth clip of ``prompt``: float ``[T, 3, H, W]`` in [0, 1]."""
+    return paint_clip(prompt, motion_path(prompt, frames, height, width, seed), height, width)
+
+
+def render_batch(prompts: list[WorldPrompt], seeds: list[int], frames: int = 17, height: int = 32, width: int = 32):
     """Ground-truth clips for several prompts: float ``[B, T, 3, H, W]``."""
     return torch.stack([render_clip(p, frames, height, width, s) for p, s in zip(prompts, seeds, strict=True)])

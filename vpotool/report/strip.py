@@ -1,0 +1,81 @@
+"""Frame strips: a PNG that shows, for a few prompts, a handful of frames of each checkpoint's video side by side,
+so a reader sees what a model makes before reading a number about it.
+
+It reads samples manifests (and their videos) only. ``vpotool eval`` writes one to ``OUT/strip.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vpotool.manifest import read_manifest, resolve
+from vpotool.video import read_video
+
+LABEL_WIDTH = 150  # pixels of text column left of each row
+GAP = 4
+
+
+def pick_frames(n_frames: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly from the first to the last frame."""
+    if count >= n_frames:
+        return list(range(n_frames))
+    return [round(i * (n_frames - 1) / (count - 1)) for i in range(count)]
+
+
+def _scaled(frame: np.ndarray, height: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    size = (max(1, round(w * height / h)), height)
+    resample = Image.NEAREST if height >= h else Image.BILINEAR
+    return np.asarray(Image.fromarray(frame).resize(size, resample))
+
+
+def frame_strip(
+    runs: dict[str, str | Path], out: str | Path, prompts: int = 6, frames: int = 6, candidate: int = 0,
+    tile_height: int = 96,
+) -> Path:  # fmt: skip
+    """Write ``out`` (PNG): for each of the first ``prompts`` prompt ids shared by every run, one row per run
+    (``runs``: name -> samples.parquet) with ``frames`` frames of its ``candidate`` video, each scaled to
+    ``tile_height`` pixels high (pixel-exact when enlarged). Every run's video of a prompt has the same seed when
+    the runs were sampled with the same ``--seed`` (as eval does), so rows differ only by the model."""
+    from PIL import Image, ImageDraw
+
+    tables = {name: read_manifest(path, "samples").to_pylist() for name, path in runs.items()}
+    videos = {
+        name: {r["prompt_id"]: (r, Path(path)) for r in rows if r["candidate"] == candidate}
+        for (name, rows), path in zip(tables.items(), runs.values(), strict=True)
+    }
+    shared = [pid for pid in videos[next(iter(runs))] if all(pid in v for v in videos.values())][:prompts]
+    tiles, labels = [], []
+    for pid in shared:
+        for name in runs:
+            row, manifest = videos[name][pid]
+            clip = read_video(resolve(manifest, row["video"]))[:, : row["height"], : row["width"]]
+            picked = [_scaled(clip[i], tile_height) for i in pick_frames(len(clip), frames)]
+            tiles.append(
+                np.concatenate([np.pad(f, ((0, 0), (0, GAP), (0, 0)), constant_values=255) for f in picked], 1)
+            )
+            labels.append((name, row["prompt"]))
+    if not tiles:
+        raise ValueError("no prompt is shared by every run; nothing to draw")
+    width = LABEL_WIDTH + max(t.shape[1] for t in tiles)
+    heights = [t.shape[0] + GAP + (GAP * 2 if i % len(runs) == len(runs) - 1 else 0) for i, t in enumerate(tiles)]
+    canvas = Image.new("RGB", (width, sum(heights)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for i, (tile, (name, prompt)) in enumerate(zip(tiles, labels, strict=True)):
+        canvas.paste(Image.fromarray(tile), (LABEL_WIDTH, y))
+        if i % len(runs) == 0:
+            words = prompt.split(" on ")
+            draw.text((2, y + 2), words[0][:26], fill="black")
+            draw.text((2, y + 14), ("on " + words[1])[:26] if len(words) > 1 else "", fill="gray")
+        draw.text((2, y + tile.shape[0] - 12), name[:24], fill="navy")
+        y += heights[i]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    canvas.save(tmp)
+    tmp.replace(out)
+    return out
