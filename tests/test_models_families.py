@@ -347,3 +347,72 @@ def test_ltx_sampling_matches_pipeline(checkpoints):
         return_dict=False,
     )[0]
     assert torch.allclose(ours, unpack_latents(theirs.float(), *noise.shape[2:]), atol=1e-5)
+
+
+def test_wan_with_an_euler_scheduler_samples_what_wan_pipeline_samples(tmp_path):
+    """A Wan folder whose scheduler is ``FlowMatchEulerDiscreteScheduler``: ``vpotool sample`` steps on that
+    scheduler's sigma grid, so its latents equal ``WanPipeline``'s for the same noise, guidance and prompts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from families import TEXT_LEN
+
+    from vpotool.config import SampleConfig
+    from vpotool.manifest import read_manifest, resolve
+    from vpotool.stages.sample import run_sample
+    from vpotool.training.dpo import load_latents
+
+    folder = make_tiny_checkpoint("wan", tmp_path / "wan")
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe.save_pretrained(folder)  # model_index.json names the new scheduler too
+    (tmp_path / "p.txt").write_text("a red circle moving left\na blue square\n")
+    frames, height, width = FAMILY_SIZES["wan"]
+    size = dict(frames=frames, height=height, width=width, steps=4, guidance=4.0, device="cpu")
+    cfg = SampleConfig(prompts=str(tmp_path / "p.txt"), out=str(tmp_path / "run"), model="wan", model_path=folder,
+                       candidates=1, **size)  # fmt: skip
+    manifest = run_sample(cfg)
+    pipe = WanPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    for row in read_manifest(manifest, "samples").to_pylist():
+        ours = load_latents([resolve(manifest, row["latent"])])[0]
+        theirs = pipe(
+            prompt=row["prompt"], negative_prompt="", num_frames=frames, height=height, width=width,
+            num_inference_steps=4, guidance_scale=4.0, max_sequence_length=TEXT_LEN, output_type="latent",
+            generator=torch.Generator().manual_seed(row["seed"]),
+        ).frames[0]  # fmt: skip
+        assert ours.abs().max() > 0.1
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["pipeline", "euler"])
+def test_wan_sample_with_its_unipc_scheduler_equals_wan_pipeline(sampler, checkpoints, tmp_path):
+    """``sample --sampler pipeline`` (the default) steps Wan's saved UniPC multistep scheduler and equals
+    ``WanPipeline`` (guidance and the empty negative prompt included); ``--sampler euler`` is vpotool's own
+    first-order grid, a different solver, and differs."""
+    from diffusers import WanPipeline
+    from families import TEXT_LEN
+
+    from vpotool.config import SampleConfig
+    from vpotool.manifest import read_manifest, resolve
+    from vpotool.stages.sample import run_sample
+    from vpotool.training.dpo import load_latents
+
+    folder = checkpoints("wan")
+    (tmp_path / "p.txt").write_text("a red circle moving left\n")
+    frames, height, width = FAMILY_SIZES["wan"]
+    size = dict(frames=frames, height=height, width=width, steps=6, guidance=4.0, device="cpu")
+    cfg = SampleConfig(prompts=str(tmp_path / "p.txt"), out=str(tmp_path / "run"), model="wan", model_path=folder,
+                       candidates=1, sampler=sampler, **size)  # fmt: skip
+    manifest = run_sample(cfg)
+    row = read_manifest(manifest, "samples").to_pylist()[0]
+    ours = load_latents([resolve(manifest, row["latent"])])[0]
+    pipe = WanPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    theirs = pipe(
+        prompt=row["prompt"], num_frames=frames, height=height, width=width, num_inference_steps=6,
+        guidance_scale=4.0, max_sequence_length=TEXT_LEN, output_type="latent",
+        generator=torch.Generator().manual_seed(row["seed"]),
+    ).frames[0]  # fmt: skip
+    if sampler == "pipeline":
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    else:
+        assert (ours - theirs).abs().max() > 1e-3

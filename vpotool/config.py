@@ -53,6 +53,11 @@ REWARD_PATH_HELP = (
 REWARD_OPTIONS_HELP = (
     "Options for model-based rewards as reward.option=value pairs (e.g. videoscore.frames=16,clip.frames=8)."
 )
+SAMPLER_HELP = (
+    "Deterministic sampler: pipeline steps with the checkpoint's own scheduler, as its diffusers pipeline does (Wan: "
+    "UniPC multistep); euler: vpotool's first-order flow/DDIM grid, which the trainers' rollouts use. Other "
+    "families' pipelines step vpotool's grid already; --noise-level > 0 always takes vpotool's SDE steps."
+)
 SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
 
 
@@ -72,6 +77,7 @@ class SampleConfig(StageConfig):
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
     noise_level: float = opt(0.0, "0: deterministic ODE/DDIM sampling; > 0: stochastic SDE steps of this level.")
+    sampler: str = opt("pipeline", SAMPLER_HELP)
     save_trajectory: bool = opt(False, "Also store each video's sampler states and step log-probabilities in its "
                                 "latent file, for offline train-scst (needs --noise-level > 0).")  # fmt: skip
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and candidate index.")
@@ -88,6 +94,7 @@ class SampleConfig(StageConfig):
         for name in ("frames", "height", "width", "fps", "steps"):
             self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")
         self._check(self.noise_level >= 0, "noise_level", "must be >= 0")
+        self._check(self.sampler in ("pipeline", "euler"), "sampler", "must be pipeline or euler")
         self._check(
             self.noise_level > 0 or not self.save_trajectory,
             "noise_level",
@@ -437,6 +444,7 @@ class EvalConfig(StageConfig):
     size: str | None = opt(None, SIZE_HELP)
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
+    sampler: str = opt("pipeline", SAMPLER_HELP)
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and its seed index.")
     batch_size: int = opt(8, "Videos per denoiser and reward call.")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
@@ -449,6 +457,7 @@ class EvalConfig(StageConfig):
         self._check(bool(self.out), "out", "is required")
         self._check(bool(self.prompts), "prompts", "is required")
         self._check(self.seeds >= 1, "seeds", "must be at least 1")
+        self._check(self.sampler in ("pipeline", "euler"), "sampler", "must be pipeline or euler")
         self._check(bool(self.reward.strip(", ")), "reward", "needs at least one reward name")
         for name in ("frames", "height", "width", "steps"):
             self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")

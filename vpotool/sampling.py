@@ -197,3 +197,28 @@ def sample(
         if keep_states:
             states.append(x.detach())
     return Trajectory(latents=x, logps=torch.stack(logps, 1) if logps else None, states=states)
+
+
+@torch.no_grad()
+def sample_with_scheduler(
+    backend: Backend,
+    scheduler,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    guidance: float = 1.0,
+    uncond: Conditioning | None = None,
+) -> Trajectory:
+    """Deterministic sampling stepped by a diffusers ``scheduler`` (a copy; e.g. Wan's UniPC multistep), as the
+    family's pipeline samples: latents in float32, the guided model output handed to ``scheduler.step``. The
+    backend's raw output must be what the scheduler expects (the velocity, for flow schedulers)."""
+    import copy
+
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps, device=noise.device)
+    x = noise.float()
+    for t in sched.timesteps:
+        raw = guided_prediction(backend, x.to(backend.dtype), t, cond, uncond, guidance)
+        x = sched.step(raw.float(), t, x, return_dict=False)[0]
+    return Trajectory(latents=x)

@@ -226,6 +226,14 @@ class TextVideoBackend:
         self.size_multiple = codec.spatial_factor * patch_size
         self._negative = NegativeCache(self.encode_prompts)
 
+    @property
+    def model(self):
+        """The denoiser itself, also after a trainer wrapped ``denoiser`` for DDP, FSDP or DeepSpeed: read
+        attributes (``config``, learned embeddings) here, and call ``denoiser`` so that the wrapper syncs."""
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(self.denoiser)
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 

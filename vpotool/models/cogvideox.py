@@ -122,7 +122,7 @@ class CogVideoXBackend(TextVideoBackend):
             from diffusers.models.embeddings import get_3d_rotary_pos_embed
             from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-            cfg = self.denoiser.config
+            cfg = self.model.config
             p, p_t = cfg.patch_size, cfg.patch_size_t
             grid = (h // p, w // p)
             base_h, base_w = cfg.sample_height // p, cfg.sample_width // p
@@ -151,7 +151,7 @@ class CogVideoXBackend(TextVideoBackend):
         samples extra leading noise frames and drops them. Here the first latent frame is repeated in front
         instead and its output dropped, so latents keep the natural ``(T - 1) // 4 + 1`` frames for training too.
         """
-        cfg = self.denoiser.config
+        cfg = self.model.config
         b, _, f, h, w = x_t.shape
         x = x_t.to(self.dtype).permute(0, 2, 1, 3, 4)  # CogVideoX takes [B, F, C, h, w]
         pad = (-f) % cfg.patch_size_t if cfg.patch_size_t else 0

@@ -59,6 +59,25 @@ def scheduler_shift(path: str, default: float) -> float:
     return float(cfg.get("flow_shift") or cfg.get("shift") or default)
 
 
+def checkpoint_schedulers(path: str):
+    """The checkpoint's own scheduler as ``(euler, other)``: a ``FlowMatchEulerDiscreteScheduler`` in ``euler``
+    (its sigma grid is then vpotool's sampling grid, equal to the pipeline's), any other class (Wan's UniPC
+    multistep) in ``other``, for the ``pipeline`` sampler; ``(None, None)`` when ``scheduler/`` has none."""
+    import diffusers
+
+    try:
+        cfg = diffusers.FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
+    except (OSError, ValueError):
+        return None, None
+    cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        return None, None
+    scheduler = cls.from_config(cfg)
+    if isinstance(scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        return scheduler, None
+    return None, scheduler
+
+
 def load_parts(path: str, family: str, transformer_cls, vae_cls, text_encoder_cls, device, dtype):
     """The four weighted parts of a diffusers-layout video checkpoint: ``(transformer, vae, text_encoder,
     tokenizer)``, each on ``device`` in ``dtype``, the transformer and VAE in eval mode."""

@@ -188,7 +188,7 @@ class LtxBackend(TextVideoBackend):
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Flow velocity ``[B, C, F, h, w]`` for ``x_t [B, C, F, h, w]`` at ``timesteps [B]`` (sigma * 1000)."""
-        cfg = self.denoiser.config
+        cfg = self.model.config
         _, _, f, h, w = x_t.shape
         p, p_t = cfg.patch_size, cfg.patch_size_t
         c = self.codec

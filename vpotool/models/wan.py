@@ -1,6 +1,6 @@
 """Wan 2.1/2.2 text-to-video backend (diffusers): flow-matching transformer, UMT5 text encoder, Wan VAE.
 
-The same class serves the built-in ``tiny`` model, which swaps the VAE for a fixed pixel codec.
+The built-in ``tiny`` model is a Wan pipeline folder and loads through :func:`load_wan`.
 """
 
 from __future__ import annotations
@@ -72,11 +72,20 @@ class WanBackend(TextVideoBackend):
 
     prediction = "flow"
 
-    def __init__(self, *, transformer, shift: float, max_text_len: int = 512, **parts):
-        """``parts``: the other :class:`TextVideoBackend` arguments (``codec`` is a :class:`Codec`)."""
+    def __init__(
+        self, *, transformer, shift: float, max_text_len: int = 512, euler_scheduler=None, pipeline_scheduler=None,
+        **parts,
+    ):  # fmt: skip
+        """``parts``: the other :class:`TextVideoBackend` arguments (``codec`` is a :class:`Codec`).
+        ``euler_scheduler``: the checkpoint's ``FlowMatchEulerDiscreteScheduler``, whose sigma grid then replaces
+        vpotool's ``linspace(1, 0)`` grid, so that sampling equals ``WanPipeline`` with that scheduler.
+        ``pipeline_scheduler``: another scheduler of the checkpoint (Wan's UniPC), which ``--sampler pipeline``
+        steps with, as ``WanPipeline`` does; vpotool's own steps stay on the flow grid."""
         patch = transformer.config.patch_size[1]
         super().__init__(transformer=transformer, max_text_len=max_text_len, patch_size=patch, **parts)
         self.shift = shift
+        self.euler_scheduler = euler_scheduler
+        self.pipeline_scheduler = pipeline_scheduler
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -86,7 +95,11 @@ class WanBackend(TextVideoBackend):
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
-        return flow_schedule(steps, self.shift)
+        if self.euler_scheduler is None:
+            return flow_schedule(steps, self.shift)
+        self.euler_scheduler.set_timesteps(steps)
+        sigmas = self.euler_scheduler.sigmas.float().cpu()  # with the final 0
+        return NoiseSchedule(timesteps=sigmas[:-1] * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
 
     def training_timesteps(
         self, n: int, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None
@@ -103,23 +116,27 @@ class WanBackend(TextVideoBackend):
         return out
 
 
-def load_wan(path: str, device="cpu", dtype=torch.float32) -> WanBackend:
-    """A Wan text-to-video checkpoint in diffusers layout (local folder or hub id)."""
+def load_wan(path: str, device="cpu", dtype=torch.float32, name: str = "wan", defaults=WAN_DEFAULTS) -> WanBackend:
+    """A Wan text-to-video checkpoint in diffusers layout (local folder or hub id); ``name`` and ``defaults`` let
+    the built-in ``tiny`` model, itself a Wan pipeline folder, load through the same path."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    from vpotool.models.loading import load_parts, scheduler_shift
+    from vpotool.models.loading import checkpoint_schedulers, load_parts, scheduler_shift
 
-    parts = load_parts(path, "wan", WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, device, dtype)
+    parts = load_parts(path, name, WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, device, dtype)
     transformer, vae, text_encoder, tokenizer = parts
+    euler, other = checkpoint_schedulers(path)
     return WanBackend(
-        info=ModelInfo(name="wan", path=str(path)),
+        info=ModelInfo(name=name, path=str(path)),
         transformer=transformer,
         codec=WanVaeCodec(vae),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         shift=scheduler_shift(path, default=3.0),
-        defaults=WAN_DEFAULTS,
+        euler_scheduler=euler,
+        pipeline_scheduler=other,
+        defaults=defaults,
         max_text_len=text_length(tokenizer, 512),
         device=device,
         dtype=dtype,

@@ -49,7 +49,8 @@ def preset_size(size: str | None, backend) -> tuple[int, int] | None:
 
 def resolved_settings(cfg, backend) -> dict:
     """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
-    ``guidance``, and ``fps``/``noise_level`` where the config has them) from the backend's defaults."""
+    ``guidance``, and ``fps``/``noise_level``/``sampler`` where the config has them) from the backend's
+    defaults."""
     d = backend.defaults
     height, width = preset_size(getattr(cfg, "size", None), backend) or (d.height, d.width)
     return {
@@ -60,6 +61,7 @@ def resolved_settings(cfg, backend) -> dict:
         "steps": cfg.steps or d.steps,
         "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
         "noise_level": getattr(cfg, "noise_level", 0.0),
+        "sampler": getattr(cfg, "sampler", "euler"),
     }
 
 
@@ -71,12 +73,24 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     conditioning for ``prompts``. ``keep_states=True`` adds a third element, the sampler's
     :class:`~vpotool.sampling.Trajectory` with its S + 1 ``states`` (and ``logps [B, S]`` when stochastic).
     """
-    from vpotool.sampling import sample, seeded_noise
+    from vpotool.sampling import sample, sample_with_scheduler, seeded_noise
 
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
     noise = seeded_noise(shape, seeds, backend.device)
     cond = cond if cond is not None else backend.encode_prompts(prompts)
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
+    scheduler = getattr(backend, "pipeline_scheduler", None)
+    if (
+        settings.get("sampler") == "pipeline"
+        and scheduler is not None
+        and not settings["noise_level"]
+        and not keep_states
+    ):
+        traj = sample_with_scheduler(
+            backend, scheduler, cond, noise, steps=settings["steps"], guidance=settings["guidance"], uncond=uncond
+        )
+        frames = backend.decode(traj.latents.to(backend.dtype))
+        return traj.latents, frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
     traj = sample(
         backend,
         cond,
@@ -126,6 +140,7 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     resume_keys = {**settings, **model_id, "seed": cfg.seed, "save_trajectory": cfg.save_trajectory}
     writer = RowWriter(out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare=resume_keys)
 
+    columns = {k: v for k, v in settings.items() if k != "sampler"}  # the sampler is in the config and latents
     jobs = [(pid, text, k) for pid, text in prompts for k in range(cfg.candidates)]
     todo = [j for j in jobs if (f"{j[0]}-c{j[2]:02d}",) not in writer.done]
     per_call = max(cfg.batch_size // cfg.candidates, 1) * cfg.candidates
@@ -146,7 +161,7 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
                 rows.append(
                     dict(
                         sample_id=sid, prompt_id=pid, prompt=text, candidate=k, seed=seed, **model_id,
-                        **{**settings, "frames": vid.shape[0]},  # what the VAE gave, e.g. 4k + 1 frames
+                        **{**columns, "frames": vid.shape[0]},  # what the VAE gave, e.g. 4k + 1 frames
                         video=f"videos/{sid}.mp4", latent=f"latents/{sid}.safetensors",
                     )
                 )  # fmt: skip

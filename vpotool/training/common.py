@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -179,6 +180,15 @@ def log_metrics(trainer: Trainer, step: int, values: dict) -> None:
     trainer.metrics.add([row])
     trainer.metrics.flush()
     trainer.accelerator.log(values, step=step)
+
+
+def grad_sync(trainer: Trainer, last: bool):
+    """Context for one forward + backward of a step made of several: gradients are all-reduced across processes
+    only on the ``last`` one; earlier ones accumulate locally under the wrapper's ``no_sync`` (DDP checks it in
+    the forward, so the forward belongs inside too)."""
+    if last:
+        return contextlib.nullcontext()
+    return trainer.accelerator.no_sync(trainer.backend.denoiser)
 
 
 def optimizer_step(trainer: Trainer, cfg: TrainConfig) -> float | None:

@@ -23,7 +23,7 @@ from vpotool.models.base import NoiseSchedule, cond_cat
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.stages.common import progress_bar
 from vpotool.stages.sample import save_latent
-from vpotool.training.common import finish_step, optimizer_step, setup
+from vpotool.training.common import finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state
 from vpotool.video import frames_to_tensor, read_video
 
@@ -173,8 +173,9 @@ def dpo_step(trainer, cfg: DpoConfig, rows: list[dict], files: list, step: int, 
         cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
         x0_w = load_latents([files[i][0] for i in idx]).to(b.device)
         x0_l = load_latents([files[i][1] for i in idx]).to(b.device)
-        out = pair_loss(b, den, x0_w, x0_l, cond, seeds, cfg, ref_mode)
-        acc.backward(out.loss / cfg.grad_accum)
+        with grad_sync(trainer, last=micro == cfg.grad_accum - 1):
+            out = pair_loss(b, den, x0_w, x0_l, cond, seeds, cfg, ref_mode)
+            acc.backward(out.loss / cfg.grad_accum)
         outs.append(out)
     grad_norm = optimizer_step(trainer, cfg)
     ref_updated = bool(cfg.ref_update_interval) and (step + 1) % cfg.ref_update_interval == 0

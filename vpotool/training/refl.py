@@ -15,7 +15,7 @@ from vpotool.losses import refl_loss
 from vpotool.sampling import sample, seeded_noise
 from vpotool.stages.common import load_prompts, progress_bar
 from vpotool.stages.sample import resolved_settings
-from vpotool.training.common import finish_step, optimizer_step, setup
+from vpotool.training.common import finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.dpo import batch_indices
 
 
@@ -84,10 +84,11 @@ def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: di
         seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
         batch = [prompts[i] for i in idx]
-        frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
-        value = reward(select_frames(frames, cfg.reward_frames).float(), batch)[cfg.reward_dimension]
-        loss = refl_loss(value, cfg.reward_target)
-        acc.backward(loss / cfg.grad_accum)
+        with grad_sync(trainer, last=micro == cfg.grad_accum - 1):
+            frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
+            value = reward(select_frames(frames, cfg.reward_frames).float(), batch)[cfg.reward_dimension]
+            loss = refl_loss(value, cfg.reward_target)
+            acc.backward(loss / cfg.grad_accum)
         rewards.append(value.detach().mean())
         losses.append(loss.detach())
     grad_norm = optimizer_step(trainer, cfg)

@@ -23,7 +23,7 @@ from vpotool.sampling import sample, seeded_noise, step_logp
 from vpotool.stages.common import load_prompts, progress_bar
 from vpotool.stages.pair import reward_rows
 from vpotool.stages.sample import resolved_settings
-from vpotool.training.common import finish_step, optimizer_step, setup
+from vpotool.training.common import finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.dpo import batch_indices, reference_mode
 from vpotool.training.refl import load_rollout_reward
 
@@ -73,26 +73,31 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
 
 
 def policy_step(
-    backend, denoiser, ro: Rollouts, sched, steps_to_train: list[int], cfg: ScstConfig, settings, scale, clipped
+    trainer, ro: Rollouts, sched, steps_to_train: list[int], cfg: ScstConfig, settings, scale, clipped, last=True
 ):
     """Recompute the trained steps' log-probabilities under the current weights and backpropagate, one denoising
     step at a time (memory of one step, not the whole trajectory). ``clipped``: the PPO-clipped ratio against
-    ``ro.logps`` (rollouts from an older policy) instead of plain REINFORCE. Returns the summed loss value."""
+    ``ro.logps`` (rollouts from an older policy) instead of plain REINFORCE. Gradients are all-reduced across
+    processes on the final step only, and only when ``last`` (the last rollout batch of the optimizer step).
+    Returns the summed loss value."""
+    backend, denoiser = trainer.backend, trainer.denoiser
     total = 0.0
     guidance, noise_level = settings["guidance"], settings["noise_level"]
-    for i in steps_to_train:
+    for n, i in enumerate(steps_to_train):
         x, x_next = ro.states[i], ro.states[i + 1]
-        logp, mean, std = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
-        if clipped:
-            loss = policy_gradient_loss(logp[:, None], ro.advantage, ro.logps[:, i : i + 1], cfg.clip_eps)
-            loss = loss / len(steps_to_train)
-        else:
-            loss = policy_gradient_loss(logp[:, None], ro.advantage)
-        if cfg.kl_beta:
-            with torch.no_grad(), reference_mode(denoiser, "base"):
-                _, mean_ref, _ = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
-            loss = loss + cfg.kl_beta * kl_to_reference(mean, mean_ref, std).mean()
-        (loss * scale).backward()
+        with grad_sync(trainer, last=last and n == len(steps_to_train) - 1):
+            logp, mean, std = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
+            if clipped:
+                loss = policy_gradient_loss(logp[:, None], ro.advantage, ro.logps[:, i : i + 1], cfg.clip_eps)
+                loss = loss / len(steps_to_train)
+            else:
+                loss = policy_gradient_loss(logp[:, None], ro.advantage)
+            if cfg.kl_beta:
+                with torch.no_grad(), reference_mode(denoiser, "base"):
+                    _, mean_ref, _ = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
+                loss = loss + cfg.kl_beta * kl_to_reference(mean, mean_ref, std).mean()
+            # accelerator.backward: the fp16 grad scaler and DeepSpeed need it; a bare backward skips them
+            trainer.accelerator.backward(loss * scale)
         total += loss.item()
     return total
 
@@ -282,8 +287,10 @@ def stored_batches(trainer, cfg: ScstConfig, stored: StoredRollouts, rnd: int) -
 def scst_update(trainer, cfg: ScstConfig, batches: list[tuple], sched, settings: dict, clipped: bool):
     """One optimizer step on ``batches`` (see :func:`policy_step`). Returns ``(metrics, grad_norm)``."""
     scale = 1 / len(batches)
-    b, den = trainer.backend, trainer.denoiser
-    loss = sum(policy_step(b, den, ro, sched, tr, cfg, settings, scale, clipped) for ro, tr in batches)
+    loss = sum(
+        policy_step(trainer, ro, sched, tr, cfg, settings, scale, clipped, last=j == len(batches) - 1)
+        for j, (ro, tr) in enumerate(batches)
+    )
     grad_norm = optimizer_step(trainer, cfg)
     values = {
         "loss": loss * scale,

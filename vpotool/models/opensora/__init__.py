@@ -129,7 +129,7 @@ class OpenSoraBackend(TextVideoBackend):
     def encode_negative(self, n: int) -> Conditioning:
         """The learned null caption ``y_embedding`` with every token attended (upstream reuses the prompt's mask
         for it; vpotool's unconditional input cannot depend on the prompt)."""
-        y = self.denoiser.null_caption(n).to(self.dtype)
+        y = self.model.null_caption(n).to(self.dtype)
         return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,77 @@
+"""Several processes (``torchrun``, gloo on CPU) train the adapter one process trains on the same examples: for
+every family under DDP (the backends read the denoiser through its wrapper), and for each trainer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST, family_args, run_chain
+from safetensors.torch import load_file
+
+ADAPTER = "pytorch_lora_weights.safetensors"
+
+
+def launch(args: list, out, processes: int) -> None:
+    """``vpotool ARGS --out OUT`` in one process, or under torchrun with ``processes`` CPU processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vpotool", *map(str, args), "--out", str(out)]
+    if processes > 1:
+        with socket.socket() as sock:  # a free port, so parallel or back-to-back runs cannot collide
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", port, *cmd[1:]]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_same_adapter(one, two, step: int) -> None:
+    a = load_file(str(one / "checkpoints" / f"step-{step}" / ADAPTER))
+    b = load_file(str(two / "checkpoints" / f"step-{step}" / ADAPTER))
+    assert a.keys() == b.keys()
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # training moved B off zero
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
+
+
+def family_checkpoint(family: str, folder) -> str:
+    if family == "opensora":
+        from test_opensora import make_tiny_opensora
+
+        return make_tiny_opensora(folder)
+    from families import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(family, folder)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "ltx", "opensora"])
+def test_train_dpo_on_two_processes_matches_one(family, cli, prompts_file, tmp_path):
+    """Two processes with one pair each take the step one process takes with both pairs."""
+    folder = family_checkpoint(family, tmp_path / family)
+    sample = family_args(family, folder) if family != "opensora" else [
+        "--model", "opensora", "--model-path", folder, "--frames", 9, "--height", 32, "--width", 32, "--steps", 2,
+        "--device", "cpu"]  # fmt: skip
+    run_chain(cli, prompts_file, tmp_path / "run", *sample)
+    common = ["train-dpo", "--model", family, "--model-path", folder, "--pairs", tmp_path / "run" / "pairs.parquet",
+              "--max-steps", 2, "--lr", 1e-2, "--lora-rank", 2, "--beta", 100, "--device", "cpu"]  # fmt: skip
+    launch([*common, "--batch-size", 2], tmp_path / "one", 1)
+    launch([*common, "--batch-size", 1], tmp_path / "two", 2)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", 2)
+
+
+@pytest.mark.parametrize("trainer", ["train-refl", "train-scst"])
+def test_reward_trainers_on_two_processes_match_one_with_accumulation(trainer, prompts_file, tmp_path):
+    """One process accumulating two micro-batches equals two processes with one each: same examples, seeds and
+    trained steps (all follow the micro-batch's position in the data stream), gradients averaged alike."""
+    common = [trainer, "--prompts", prompts_file, "--reward", "brightness", "--max-steps", 2, "--lr", 1e-2,
+              "--lora-rank", 2, "--batch-size", 1, "--guidance", 1.0, *FAST]  # fmt: skip
+    if trainer == "train-scst":
+        common += ["--noise-level", 0.7, "--train-fraction", 0.5]
+    launch([*common, "--grad-accum", 2], tmp_path / "one", 1)
+    launch(common, tmp_path / "two", 2)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", 2)
