@@ -315,3 +315,39 @@ def test_bfloat16_model_trains_float32_adapters_like_a_float32_model(pairs, tmp_
     cos = torch.nn.functional.cosine_similarity(deltas["float32"], deltas["bfloat16"], dim=0)
     rel = (deltas["float32"] - deltas["bfloat16"]).norm() / deltas["float32"].norm()
     assert cos > 0.95 and rel < 0.3, (cos, rel)
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(pairs, tmp_path):
+    """A run killed after logging step 1 but before any checkpoint, rerun as it was: it starts over, and
+    metrics.parquet holds steps 1..6 once each. Rerunning the finished run trains nothing and changes nothing."""
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, trainer):
+        if step == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_dpo(config(pairs, tmp_path / "out", save_every=3), on_step=kill)
+    assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet").step) == [1]
+    train_dpo(config(pairs, tmp_path / "out", save_every=3))
+    first = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(first.step) == [1, 2, 3, 4, 5, 6]
+    weights = (tmp_path / "out" / "checkpoints" / "step-6" / "pytorch_lora_weights.safetensors").read_bytes()
+    train_dpo(config(pairs, tmp_path / "out", save_every=3))  # rerun of a finished run: resumes at its end
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "metrics.parquet"), first)
+    assert (tmp_path / "out" / "checkpoints" / "step-6" / "pytorch_lora_weights.safetensors").read_bytes() == weights
+
+
+def test_resume_under_another_lora_shape_or_no_resume_is_refused_in_one_line(pairs, tmp_path):
+    from vpotool.errors import VpoError
+
+    train_dpo(config(pairs, tmp_path / "out", max_steps=2))
+    with pytest.raises(VpoError, match=r"lora_rank 4 -> 8.*new --out") as e:
+        train_dpo(config(pairs, tmp_path / "out", max_steps=4, lora_rank=8))
+    assert "\n" not in str(e.value)
+    with pytest.raises(VpoError, match="already holds checkpoints up to step-2"):
+        train_dpo(config(pairs, tmp_path / "out", max_steps=4, resume=False))
+    train_dpo(config(pairs, tmp_path / "out", max_steps=4, lr=5e-4))  # a new learning rate may continue
+    assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet").step) == [1, 2, 3, 4]

@@ -197,7 +197,8 @@ class TrainConfig(StageConfig):
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate autocast).")
     save_every: int = opt(0, "Write checkpoints/step-N every N steps (0: only at the end).")
-    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    resume: bool = opt(True, "Continue from the latest checkpoint in --out when there is one, as every stage "
+                       "resumes when rerun (--no-resume: refuse a folder that holds checkpoints).")  # fmt: skip
     seed: int = opt(0, "Seed for data order, noise and timesteps.")
     device: str = opt("auto", "cpu, cuda or auto (under accelerate launch, accelerate decides).")
     dtype: str = opt("float32", "Frozen weights: float32, bfloat16 or float16 (adapters always train in float32).")

@@ -74,15 +74,43 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) 
         accelerator.init_trackers("vpotool", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     metrics = RowWriter(Path(cfg.out) / "metrics.parquet", "metrics", cfg.to_dict())
     trainer = Trainer(accelerator, backend, params, optimizer, scheduler, metrics)
-    if cfg.resume:
-        latest = latest_checkpoint(cfg.out)
-        if latest is None:
-            accelerator.print(f"no checkpoint in {cfg.out}/checkpoints yet: starting from step 0")
-        else:
-            trainer.start_step = load_checkpoint(trainer, latest, extra_adapters)
-            metrics.rows = [r for r in metrics.rows if r["step"] <= trainer.start_step]
-            metrics.done = {metrics.key(r) for r in metrics.rows}
+    latest = latest_checkpoint(cfg.out)
+    if latest is not None and not cfg.resume:
+        raise VpoError(
+            f"{cfg.out} already holds checkpoints up to {latest.name}; rerun without --no-resume to continue that "
+            "run, or pass a new --out to start over"
+        )
+    if latest is not None:
+        check_resumable(cfg, latest)
+        trainer.start_step = load_checkpoint(trainer, latest, extra_adapters)
+        accelerator.print(f"resuming {cfg.out} from {latest.name}")
+    # Rows past the step training restarts from (a run killed before its next checkpoint, or --no-resume) are
+    # dropped, so each step is logged once.
+    metrics.rows = [r for r in metrics.rows if r["step"] <= trainer.start_step]
+    metrics.done = {metrics.key(r) for r in metrics.rows}
     return trainer
+
+
+# What a checkpoint's adapter must share with the run that resumes it; anything else (lr, steps, batch) may change.
+RESUME_FIELDS = ("model", "model_path", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def check_resumable(cfg: TrainConfig, folder: Path) -> None:
+    """Refuse, in one line, to resume ``folder`` (a checkpoint) under settings its adapter was not trained with."""
+    try:
+        with safe_open(str(folder / STATE_FILE), "pt") as f:
+            saved = json.loads(f.metadata().get("config", "{}"))
+    except Exception as e:  # noqa: BLE001 (any damage means the same thing to the user)
+        raise VpoError(
+            f"checkpoint {folder} is damaged ({e}); delete that folder to resume from an earlier one"
+        ) from e
+    now = cfg.to_dict()
+    differ = [f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in RESUME_FIELDS if k in saved and saved[k] != now.get(k)]
+    if differ:
+        raise VpoError(
+            f"{cfg.out} holds a run trained with other settings ({'; '.join(differ)}); pass a new --out, or "
+            "--no-resume to start over there"
+        )
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
