@@ -453,3 +453,41 @@ def test_matches_upstream_stdit3_and_temporal_vae(monkeypatch):
     vdiff = max((post.mean - mean).abs().max().item(), (rec_ref - rec).abs().max().item())
     print(f"temporal VAE max abs difference vs upstream: {vdiff:.3e}")
     assert rec.shape == rec_ref.shape == (1, 4, 7, 4, 4) and vdiff < 1e-5
+
+
+def test_guidance_attends_the_null_caption_through_the_prompt_mask(backend):
+    """Upstream Open-Sora's guided step gives the null caption the prompt's token mask; vpotool's sampler does the
+    same (and the mask matters: attending every null token gives another output)."""
+    from vpotool.sampling import guided_prediction
+
+    cond = backend.encode_prompts(["a red circle", "a blue square moving up quickly on a gray background"])
+    assert (cond["mask"].sum(1) < TEXT_LEN).all()  # both prompts are padded
+    uncond = backend.encode_negative(2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *backend.latent_shape(*SIZE), generator=g)
+    t = torch.tensor(700.0)
+    with torch.no_grad():
+        guided = guided_prediction(backend, x, t, cond, uncond, 7.0)
+        tt = torch.full((2,), 700.0)
+        raw_c = backend.predict(x, tt, cond)
+        raw_u = backend.predict(x, tt, {"y": uncond["y"], "mask": cond["mask"]})
+        all_tokens = backend.predict(x, tt, uncond)
+    torch.testing.assert_close(guided, raw_u + 7.0 * (raw_c - raw_u), atol=1e-5, rtol=1e-4)
+    assert (raw_u - all_tokens).abs().max() > 1e-4
+
+
+def test_images_are_conditioned_on_fps_120_and_videos_on_24(backend):
+    """Upstream Open-Sora 1.2 conditions a single image on fps 120 and a video on its fps (24 by default)."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        cfg = backend.denoiser.cfg
+
+        def forward(self, x, timestep, y, fps=None, **kw):
+            seen.append(fps.tolist())
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    backend.denoiser = Spy()
+    for frames in (1, 3):
+        backend.predict(torch.zeros(1, 4, frames, 4, 4), torch.tensor([500.0]), {"y": None, "mask": None})
+    assert seen == [[120.0], [24.0]]

@@ -124,6 +124,9 @@ def guided_prediction(backend: Backend, x, t, cond: Conditioning, uncond: Condit
     tt = torch.full((x.shape[0],), float(t), device=x.device) if not torch.is_tensor(t) or t.ndim == 0 else t
     if uncond is None or guidance == 1.0:
         return backend.predict(x, tt, cond)
+    pair = getattr(backend, "unconditional_for", None)  # a family whose null input depends on the prompt
+    if pair is not None:
+        uncond = pair(uncond, cond)
     raw = backend.predict(torch.cat([x, x]), torch.cat([tt, tt]), cond_cat(uncond, cond))
     raw_u, raw_c = raw.chunk(2)
     return raw_u + guidance * (raw_c - raw_u)

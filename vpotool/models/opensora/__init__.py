@@ -91,6 +91,9 @@ class OpenSoraCodec:
         return vae_output(self.vae.decode(latents.to(self.dtype)))
 
 
+IMAGE_FPS = 120.0  # the fps upstream conditions single images (--frames 1) on
+
+
 class OpenSoraBackend(TextVideoBackend):
     """Open-Sora 1.2 behind vpotool's Backend protocol; ``prediction`` is ``"flow"`` in vpotool's sign."""
 
@@ -127,10 +130,16 @@ class OpenSoraBackend(TextVideoBackend):
         return {"y": hidden.to(self.dtype), "mask": mask}
 
     def encode_negative(self, n: int) -> Conditioning:
-        """The learned null caption ``y_embedding`` with every token attended (upstream reuses the prompt's mask
-        for it; vpotool's unconditional input cannot depend on the prompt)."""
+        """The learned null caption ``y_embedding``, every token attended; under guidance
+        :meth:`unconditional_for` gives it the prompt's mask, as upstream does."""
         y = self.model.null_caption(n).to(self.dtype)
         return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
+
+    def unconditional_for(self, uncond: Conditioning, cond: Conditioning) -> Conditioning:
+        """Upstream Open-Sora attends the null caption through the prompt's own token mask (the null branch of
+        each guided pair sees as many tokens as its prompt), so the guided sample depends on the prompt's
+        length; the sampler calls this before each guided step."""
+        return {"y": uncond["y"], "mask": cond["mask"]}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         c = self.codec.vae.cfg
@@ -159,7 +168,7 @@ class OpenSoraBackend(TextVideoBackend):
             timesteps.to(self.device).float().expand(b),
             cond["y"],
             mask=cond["mask"],
-            fps=torch.full((b,), self.fps, device=self.device),
+            fps=torch.full((b,), IMAGE_FPS if x_t.shape[2] == 1 else self.fps, device=self.device),
             height=h * self.spatial_factor,
             width=w * self.spatial_factor,
         )
