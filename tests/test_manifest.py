@@ -310,3 +310,25 @@ def test_merge_rejects_mixed_kinds_and_foreign_files(tmp_path):
     with pytest.raises(VpoError, match="at least one"):
         merge_manifests([], tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_stale_temp_files_of_a_dead_writer_are_removed_and_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from vpotool.manifest import RowWriter, remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited
+    stale = [tmp_path / f".scores.parquet.{pid}.tmp", tmp_path / f".p00000-c00.mp4.{pid}.tmp.mp4"]
+    live = tmp_path / f".scores.parquet.{os.getppid()}.tmp"  # our parent is alive
+    other = tmp_path / ".notes.tmp"  # not a writer's temp name
+    for p in [*stale, live, other]:
+        p.write_bytes(b"half written")
+    assert remove_stale_temps(tmp_path) == 2
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+    live.unlink()
+    (tmp_path / f".scores.parquet.{pid}.tmp").write_bytes(b"x")
+    RowWriter(tmp_path / "scores.parquet", "scores", {})  # a rerun of the stage cleans up on opening
+    assert not (tmp_path / f".scores.parquet.{pid}.tmp").exists()

@@ -190,8 +190,10 @@ def test_dynamic_scores_by_hand():
     out = dynamic_scores(m, 256, 256)
     assert out["flow_magnitude"].tolist() == pytest.approx([13.5 / 7, 16 / 7, 0.0])
     assert out["dynamic_degree"].tolist() == [1.0, 0.0, 0.0]  # 6.0 is not above the threshold
-    # soft count: min(1, m / 6) summed, over the 2 pairs asked for
+    # soft progress of the 2 pairs asked for: min(1, m / 6) over the two largest, averaged
     assert out["overall"].tolist() == pytest.approx([1.0, 1.0, 0.0])
+    slow = dynamic_scores(torch.full((1, 7), 5.0), 256, 256)  # every pair just under the threshold
+    assert slow["dynamic_degree"].item() == 0.0 and slow["overall"].item() == pytest.approx(5 / 6)
     out = dynamic_scores(torch.tensor([[7.0, 3.0, 0, 0, 0, 0, 0]]), 256, 256)
     assert (out["dynamic_degree"].item(), out["overall"].item()) == (0.0, pytest.approx(0.75))
     # VBench's quirk: two frames ask for round(0.5) = 0 pairs, so any pair is dynamic
@@ -204,7 +206,7 @@ def test_dynamic_scores_by_hand():
 def test_overall_gradient_only_below_the_threshold():
     m = torch.tensor([[3.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0]], requires_grad=True)
     dynamic_scores(m, 256, 256)["overall"].sum().backward()
-    assert m.grad[0].tolist() == pytest.approx([1 / 12, 0.0, 1 / 12, 1 / 12, 1 / 12, 1 / 12, 1 / 12])
+    assert m.grad[0].tolist() == pytest.approx([1 / 12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # only 3.0 is short of it
 
 
 class ShiftByChange(torch.nn.Module):
@@ -242,3 +244,32 @@ def test_reward_end_to_end(things):
     assert set(out["dynamic_degree"].tolist()) <= {0.0, 1.0}
     out["flow_magnitude"].sum().backward()
     assert torch.isfinite(frames.grad).all() and frames.grad.abs().sum() > 0
+
+
+class TrackBrightColumn(torch.nn.Module):
+    """An exact flow oracle for clips whose brightest column is the moving object: horizontal flow of the column's
+    displacement, read back from the (upsampled, padded) frames."""
+
+    def forward(self, a, b, iters):
+        col = lambda x: x.mean((1, 2)).argmax(-1).float()  # noqa: E731
+        u = (col(b) - col(a)).view(-1, 1, 1, 1).expand(-1, 1, *a.shape[-2:])
+        return torch.cat([u, torch.zeros_like(u)], 1)
+
+
+@pytest.mark.parametrize("fps", [8, 16, 24])
+def test_frame_stride_gives_vbench_decision_at_each_fps(fps):
+    """A 64 x 64 clip of 24 frames whose bright column moves 1 px a frame: VBench keeps every round(fps / 8)-th
+    frame, so the motion per compared pair is 1, 2 or 3 px against a threshold of 6 * 64 / 256 = 1.5 px, and
+    round(4 * kept / 16) pairs must pass. Computed here from that rule: static at 8 fps, dynamic at 16 and 24."""
+    t, size = 24, 64
+    clip = torch.zeros(1, t, 3, size, size)
+    for i in range(t):
+        clip[0, i, :, :, 10 + i] = 1.0
+    stride = max(1, round(fps / 8))
+    kept = len(range(0, t, stride))
+    pairs_over = (kept - 1) if stride * 1.0 > 6 * size / 256 else 0
+    expected = float(pairs_over >= round(4 * kept / 16))
+    reward = RaftDynamicReward(TrackBrightColumn())
+    out = reward(clip, ["a bar"], fps=fps)
+    assert out["dynamic_degree"].item() == expected == (0.0 if fps == 8 else 1.0)
+    assert out["flow_magnitude"].item() == pytest.approx(stride, abs=1e-4)

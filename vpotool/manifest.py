@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,34 @@ def resolve(manifest_path: str | Path, rel: str) -> Path:
     return p if p.is_absolute() else Path(manifest_path).resolve().parent / p
 
 
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.\w+)?$")  # .NAME.PID.tmp[.ext], as writers name them
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete the temporary files (``.NAME.PID.tmp[.ext]``) that a killed writer left in ``folder``; those of a live
+    process stay. No output is ever read from such a file. Returns how many were removed."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(".*.tmp*"):
+        m = _TEMP.match(p.name)
+        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class RowWriter:
     """Collects rows of one manifest and rewrites the file atomically at each ``flush``, so an interrupted stage
     keeps every row it flushed. Opening an existing file loads its rows for resuming: ``done`` holds their keys.
@@ -205,6 +234,7 @@ class RowWriter:
         self.path = Path(path)
         self.schema = SCHEMAS[schema_name]
         self.rows: list[dict] = []
+        remove_stale_temps(self.path.parent)
         if self.path.exists():
             table = read_manifest(self.path, schema_name)
             old = manifest_config(table).get("_resume", {})

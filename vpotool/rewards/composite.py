@@ -59,6 +59,7 @@ class CompositeReward:
         self.parts, self.weights = parts, weights
         self.name = ",".join(f"{n}:{w:g}" for n, w in weights.items())
         self.differentiable = all(p.differentiable for n, p in parts.items() if weights[n] > 0)
+        self.takes_fps = any(getattr(p, "takes_fps", False) for p in parts.values())
         self.dimensions = tuple(f"{n}.{d}" for n, p in parts.items() for d in p.dimensions) + ("overall",)
         self.device = next((p.device for p in parts.values() if hasattr(p, "device")), None)
         for n, p in parts.items():
@@ -71,12 +72,13 @@ class CompositeReward:
         return {n: {"weight": w, "range": list(self.parts[n].score_range)}
                 for n, w in self.weights.items()}  # fmt: skip
 
-    def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, frames: torch.Tensor, prompts: list[str], fps: float | None = None) -> dict[str, torch.Tensor]:
         check_frames(frames, prompts)
         out, total = {}, 0.0
         for n, part in self.parts.items():
             device = getattr(part, "device", None)
-            dims = part(frames.to(device) if device is not None else frames, prompts)
+            extra = {"fps": fps} if getattr(part, "takes_fps", False) else {}
+            dims = part(frames.to(device) if device is not None else frames, prompts, **extra)
             for d, v in dims.items():
                 out[f"{n}.{d}"] = v.float().to(frames.device)
             if self.weights[n] > 0:

@@ -243,6 +243,12 @@ def vbench_threshold(height: int, width: int) -> float:
     return 6.0 * min(height, width) / 256.0
 
 
+def vbench_stride(fps: float) -> int:
+    """VBench's frame stride for dynamic degree: ``round(fps / 8)`` (every frame at 8 fps, every third at 24;
+    at least 1, where VBench would stop on a stride of 0 below 4 fps)."""
+    return max(1, round(fps / 8))
+
+
 def vbench_count(frames: int) -> int:
     """Pairs that must pass the threshold for VBench to call a video of ``frames`` frames dynamic:
     ``round(4 * frames / 16)`` with Python's round-half-to-even (so 0 for 2 frames, 2 for 6 and for 10)."""
@@ -266,10 +272,11 @@ def dynamic_scores(pair_magnitudes: torch.Tensor, height: int, width: int) -> di
     - ``flow_magnitude``: the mean over pairs, in pixels.
     - ``dynamic_degree``: VBench's rule, 1.0 when at least ``vbench_count(P + 1)`` pairs exceed
       ``vbench_threshold(height, width)`` (with VBench's quirk: a count of 0 calls any video with a pair dynamic).
-    - ``overall``: its smooth surrogate ``min(1, sum_pairs min(1, m / threshold) / max(1, count))``: a soft count of
-      pairs over the threshold against the count VBench asks for. It is 1.0 whenever VBench calls the video dynamic
-      (count >= 1), 0.0 for a still video, and in between it rewards more motion in the pairs still below the
-      threshold, never motion beyond it.
+    - ``overall``: its smooth surrogate, the mean of ``min(1, m / threshold)`` over the ``max(1, count)`` pairs that
+      move most: the soft progress of the pairs VBench needs towards its threshold. It is 1.0 when those pairs reach
+      the threshold (so whenever VBench calls the video dynamic, for count >= 1), 0.0 for a still video, and below
+      that it keeps a gradient until they get there (many pairs of slow motion do not add up to 1.0), never for
+      motion beyond the threshold.
     """
     b, p = pair_magnitudes.shape
     m = pair_magnitudes.float()
@@ -278,8 +285,9 @@ def dynamic_scores(pair_magnitudes: torch.Tensor, height: int, width: int) -> di
         return {"flow_magnitude": zero, "dynamic_degree": zero, "overall": zero}
     threshold, count = vbench_threshold(height, width), vbench_count(p + 1)
     dynamic = ((m > threshold).sum(1) >= count).float()
-    soft = (m / threshold).clamp(max=1.0).sum(1) / max(1, count)
-    return {"flow_magnitude": m.mean(1), "dynamic_degree": dynamic, "overall": soft.clamp(max=1.0)}
+    k = max(1, count)
+    soft = (m / threshold).clamp(max=1.0).topk(min(k, p), dim=1).values.sum(1) / k
+    return {"flow_magnitude": m.mean(1), "dynamic_degree": dynamic, "overall": soft}
 
 
 def pad8(images: torch.Tensor) -> torch.Tensor:
@@ -292,13 +300,14 @@ def pad8(images: torch.Tensor) -> torch.Tensor:
 class RaftDynamicReward:
     """VBench dynamic degree with RAFT flow between consecutive frames. See ``dynamic_scores`` for the dimensions.
 
-    As VBench: frames at their own resolution (VBench reads videos at about 8 fps; pass frames at that rate for its
-    numbers), padded to multiples of 8, ``iters`` refinement steps (VBench: 20), the top-5% mean of the padded
+    As VBench: frames at their own resolution, every ``round(fps / 8)``-th frame (``score`` passes each video's
+    fps), padded to multiples of 8, ``iters`` refinement steps (VBench: 20), the top-5% mean of the padded
     flow's magnitudes per pair, and the threshold and pair count scaled by resolution and frame count. Frames with a
     short side under 64 pixels are upsampled to 64 first (RAFT's pyramid needs it) and magnitudes scaled back.
     """
 
     name = "raft"
+    takes_fps = True  # score passes each video's fps (VBench's frame stride depends on it)
     differentiable = True
     dimensions = ("flow_magnitude", "dynamic_degree", "overall")
     score_range = (0.0, 1.0)
@@ -328,8 +337,11 @@ class RaftDynamicReward:
         ]
         return (torch.cat(out) / scale if out else x.new_zeros(0)).view(b, t - 1)
 
-    def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, frames: torch.Tensor, prompts: list[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        """``fps``: the video's frame rate; as VBench, every ``vbench_stride(fps)``-th frame is compared with the
+        next one kept (about 8 fps). Without it (``fps`` None) every frame is used."""
         check_frames(frames, prompts)
+        frames = frames[:, :: vbench_stride(fps)] if fps else frames
         return dynamic_scores(self.pair_magnitudes(frames), *frames.shape[-2:])
 
 

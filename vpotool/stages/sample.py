@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from vpotool import __version__
 from vpotool.config import SampleConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter
+from vpotool.manifest import RowWriter, remove_stale_temps
 from vpotool.stages.common import load_prompts, progress_bar, shard_slice, shard_suffix, video_seed
 from vpotool.video import to_uint8, write_video
 
@@ -118,8 +118,9 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
 
     prompts = shard_slice(load_prompts(cfg.prompts), cfg.shard)
     out = Path(cfg.out)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    (out / "latents").mkdir(parents=True, exist_ok=True)
+    for sub in ("videos", "latents"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out / sub)  # a killed run's half-written files
     if backend is None:
         backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype)
         if cfg.adapter:

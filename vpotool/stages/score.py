@@ -26,8 +26,9 @@ def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[di
     prompts = [r["prompt"] for r in rows]
     out = []
     for name, reward in rewards.items():
+        extra = {"fps": rows[0]["fps"]} if getattr(reward, "takes_fps", False) else {}
         with torch.no_grad():
-            dims = reward(frames.to(getattr(reward, "device", None) or frames.device), prompts)
+            dims = reward(frames.to(getattr(reward, "device", None) or frames.device), prompts, **extra)
         values = {k: v.detach().double().cpu().tolist() for k, v in dims.items()}
         for i, r in enumerate(rows):
             row = {"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "reward": name}
@@ -71,7 +72,7 @@ def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
         advance(len(samples) - len(todo))
         groups: dict[tuple, list[dict]] = {}
         for r in todo:
-            groups.setdefault((r["frames"], r["height"], r["width"]), []).append(r)
+            groups.setdefault((r["frames"], r["height"], r["width"], r["fps"]), []).append(r)  # one size and fps
         for group in groups.values():
             for start in range(0, len(group), cfg.batch_size):
                 batch = group[start : start + cfg.batch_size]

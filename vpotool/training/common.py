@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from vpotool import __version__
 from vpotool.config import TrainConfig
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter
+from vpotool.manifest import RowWriter, remove_stale_temps
 from vpotool.training.lora import adapter_state, add_lora, load_adapter_state, save_adapter
 
 STATE_FILE = "state/trainer_state.safetensors"  # in a subfolder, so diffusers sees one weights file per step
@@ -74,6 +74,8 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) 
         accelerator.init_trackers("vpotool", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     metrics = RowWriter(Path(cfg.out) / "metrics.parquet", "metrics", cfg.to_dict())
     trainer = Trainer(accelerator, backend, params, optimizer, scheduler, metrics)
+    for folder in [*Path(cfg.out).glob("checkpoints/step-*"), *Path(cfg.out).glob("checkpoints/step-*/state")]:
+        remove_stale_temps(folder)  # a killed run's half-written checkpoint files
     latest = latest_checkpoint(cfg.out)
     if latest is not None and not cfg.resume:
         raise VpoError(
