@@ -57,9 +57,9 @@ def one(method: str, frames: int, size: int, batch: int, steps: int, big: bool) 
     if big:
         from diffusers import WanTransformer3DModel
 
-        from vpotool.models.tiny import TINY_CONFIG
+        from vpotool.models.tiny import TINY_TRANSFORMER
 
-        b.denoiser = WanTransformer3DModel(**{**TINY_CONFIG["transformer"], **BIG}).eval()
+        b.denoiser = WanTransformer3DModel(**{**TINY_TRANSFORMER, **BIG}).eval()
     frozen = copy.deepcopy(b.denoiser) if method == "dpo-copy" else None
     params = add_lora(b.denoiser, 16, 16, b.lora_target_modules)
     b.denoiser.train()

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-# Small and fast settings for the tiny model: 8 frames of 16x16, 3 denoising steps.
-FAST = ["--frames", "8", "--height", "16", "--width", "16", "--steps", "3", "--device", "cpu"]
+# Small and fast settings for the tiny model: 9 frames of 16x16 (3 latent frames of 4x4), 3 denoising steps.
+FAST = ["--frames", "9", "--height", "16", "--width", "16", "--steps", "3", "--device", "cpu"]
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def test_checkpoints_switch_on_a_backend_that_carries_a_trained_adapter(tmp_path
     trained = make_adapter(tmp_path / "trained", scale=0.05, seed=0)  # "default" adapter active
     bare = load_backend("tiny")
     g = torch.Generator().manual_seed(3)
-    x, t = torch.randn(1, 48, 2, 4, 4, generator=g), torch.tensor([500.0])
+    x, t = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([500.0])
     cond = bare.encode_prompts([WORLD[0]])
 
     def out(backend):

@@ -383,11 +383,11 @@ def test_wan_with_an_euler_scheduler_samples_what_wan_pipeline_samples(tmp_path)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampler", ["pipeline", "euler"])
-def test_wan_sample_with_its_unipc_scheduler_equals_wan_pipeline(sampler, checkpoints, tmp_path):
+@pytest.mark.parametrize(("sampler", "negative"), [("pipeline", ""), ("pipeline", "blurry, static"), ("euler", "")])
+def test_wan_sample_with_its_unipc_scheduler_equals_wan_pipeline(sampler, negative, checkpoints, tmp_path):
     """``sample --sampler pipeline`` (the default) steps Wan's saved UniPC multistep scheduler and equals
-    ``WanPipeline`` (guidance and the empty negative prompt included); ``--sampler euler`` is vpotool's own
-    first-order grid, a different solver, and differs."""
+    ``WanPipeline`` (guidance, the empty or a given negative prompt included); ``--sampler euler`` is vpotool's
+    own first-order grid, a different solver, and differs."""
     from diffusers import WanPipeline
     from families import TEXT_LEN
 
@@ -401,14 +401,15 @@ def test_wan_sample_with_its_unipc_scheduler_equals_wan_pipeline(sampler, checkp
     frames, height, width = FAMILY_SIZES["wan"]
     size = dict(frames=frames, height=height, width=width, steps=6, guidance=4.0, device="cpu")
     cfg = SampleConfig(prompts=str(tmp_path / "p.txt"), out=str(tmp_path / "run"), model="wan", model_path=folder,
-                       candidates=1, sampler=sampler, **size)  # fmt: skip
+                       candidates=1, sampler=sampler, negative_prompt=negative, **size)  # fmt: skip
     manifest = run_sample(cfg)
     row = read_manifest(manifest, "samples").to_pylist()[0]
     ours = load_latents([resolve(manifest, row["latent"])])[0]
     pipe = WanPipeline.from_pretrained(folder)
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     theirs = pipe(
-        prompt=row["prompt"], num_frames=frames, height=height, width=width, num_inference_steps=6,
+        prompt=row["prompt"], negative_prompt=negative or None, num_frames=frames, height=height, width=width,
+        num_inference_steps=6,
         guidance_scale=4.0, max_sequence_length=TEXT_LEN, output_type="latent",
         generator=torch.Generator().manual_seed(row["seed"]),
     ).frames[0]  # fmt: skip

@@ -22,9 +22,9 @@ def test_chain_writes_readable_artifacts(cli, prompts_file, tmp_path):
     assert len(samples) == 4 and set(samples.candidate) == {0, 1}
     for row in samples.itertuples():
         frames = read_video(run / row.video)
-        assert frames.shape[0] == row.frames == 8
+        assert frames.shape[0] == row.frames == 9
         assert frames.shape[1:3] == (16, 16)
-        assert load_file(run / row.latent)["latents"].shape == (48, 8, 4, 4)
+        assert load_file(run / row.latent)["latents"].shape == (16, 3, 4, 4)
     scores = pd.read_parquet(run / "scores.parquet")
     assert len(scores) == 4 and {"flicker", "smoothness", "dynamic_degree", "overall"} <= set(scores.columns)
     pairs = pd.read_parquet(run / "pairs.parquet")
@@ -36,7 +36,7 @@ def test_chain_writes_readable_artifacts(cli, prompts_file, tmp_path):
         assert (run / p.chosen_video).is_file() and (run / p.rejected_latent).is_file()
     meta = pq.read_schema(run / "pairs.parquet").metadata
     assert meta[b"vpotool.schema"] == b"pairs" and b"min_margin" in meta[b"vpotool.config"]
-    assert (run / "sample.yaml").is_file() and "frames: 8" in (run / "sample.yaml").read_text()
+    assert (run / "sample.yaml").is_file() and "frames: 9" in (run / "sample.yaml").read_text()
 
 
 def test_same_seed_same_latents_and_other_seed_differs(cli, prompts_file, tmp_path):
@@ -126,7 +126,7 @@ def test_shards_merge_to_the_full_run(cli, tmp_path):
     merged = pd.read_parquet(tmp_path / "merged" / "samples.parquet")
     assert sorted(merged.sample_id) == ["p00000-c00", "p00001-c00", "p00002-c00"]
     for v in merged.video:
-        assert read_video(tmp_path / "merged" / v).shape[0] == 8
+        assert read_video(tmp_path / "merged" / v).shape[0] == 9
     assert cli("score", "--samples", tmp_path / "merged" / "samples.parquet", "--out", tmp_path / "s.parquet")[0] == 0
 
 
@@ -146,7 +146,7 @@ def test_bad_input_gives_one_clear_line(cli, prompts_file, tmp_path):
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--model", "sora9"), "unknown model", "tiny")
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--shard", "3/2"), "--shard")
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--candidates", "0"), "--candidates")
-    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--height", "30"), "multiples of 4")
+    one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--height", "30"), "multiples of 8")
     one_line_error(cli("sample", "--prompts", prompts_file, "--out", run, "--model", "wan"), "--model-path")
     one_line_error(
         cli("sample", "--prompts", prompts_file, "--out", run, "--model", "wan", "--model-path", tmp_path / "x"),
@@ -229,16 +229,16 @@ def test_save_trajectory_stores_states_and_logps_that_the_model_reproduces(cli, 
     rows = pd.read_parquet(run / "samples.parquet")
     files = [load_file(run / p) for p in rows.latent]
     for f, seed in zip(files, rows.seed, strict=True):
-        assert f["states"].shape == (4, 48, 8, 4, 4) and f["states"].dtype == torch.float32  # S + 1 = 4 states
+        assert f["states"].shape == (4, 16, 3, 4, 4) and f["states"].dtype == torch.float32  # S + 1 = 4 states
         assert f["logps"].shape == (3,) and torch.isfinite(f["logps"]).all()
         assert torch.equal(f["states"][-1], f["latents"])
-        assert torch.equal(f["states"][0], seeded_noise((48, 8, 4, 4), [int(seed)], "cpu")[0])
+        assert torch.equal(f["states"][0], seeded_noise((16, 3, 4, 4), [int(seed)], "cpu")[0])
 
     # The unchanged model gives the stored transitions the stored log-probabilities (guidance 4: both branches).
     b = load_backend("tiny")
     states = torch.stack([f["states"] for f in files], 1)  # [S + 1, B, C, F, h, w]
     cond, uncond = b.encode_prompts(list(rows.prompt)), b.encode_negative(len(rows))
-    sched = b.schedule(3, (48, 8, 4, 4))
+    sched = b.schedule(3, (16, 3, 4, 4))
     with torch.no_grad():
         for i in range(3):
             logp, _, _ = step_logp(b, sched, i, states[i], states[i + 1], cond, uncond, 4.0, 0.7)
@@ -246,3 +246,21 @@ def test_save_trajectory_stores_states_and_logps_that_the_model_reproduces(cli, 
 
     one_line_error(cli(*args), "save_trajectory")  # resuming without the flag would mix files with and without
     one_line_error(cli(*args[:-2], "--save-trajectory"), "--noise-level", "--save-trajectory")
+
+
+def test_rerun_removes_a_killed_runs_half_written_files(cli, prompts_file, tmp_path):
+    import subprocess
+    import sys
+
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True).stdout)  # fmt: skip
+    run = tmp_path / "run"
+    stale = [run / "videos" / f".p00000-c00.mp4.{pid}.tmp.mp4", run / "latents" / f".p00000-c00.safetensors.{pid}.tmp",
+             run / f".samples.parquet.{pid}.tmp"]  # fmt: skip
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half written")
+    code, _, err = cli("sample", "--prompts", prompts_file, "--candidates", 1, "--out", run, *FAST)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in (run / "videos").iterdir()) == ["p00000-c00.mp4", "p00001-c00.mp4"]

@@ -21,14 +21,14 @@ PROMPTS = ["a red circle moving left", "a blue square moving up", "a green ring 
 
 @pytest.fixture
 def pairs(tmp_path):
-    """Four pairs on tiny latents (48 x 4 x 4 x 4): smooth ramps chosen over noise."""
+    """Four pairs on tiny latents (16 channels x 3 frames x 4 x 4): smooth ramps chosen over noise."""
     (tmp_path / "latents").mkdir()
     g = torch.Generator().manual_seed(0)
     rows = []
     for i, p in enumerate(PROMPTS):
-        ramp = torch.linspace(-1, 1, 4).view(1, 4, 1, 1).expand(48, 4, 4, 4) * (0.5 + 0.1 * i)
+        ramp = torch.linspace(-1, 1, 4).view(1, 1, 4, 1).expand(16, 3, 4, 4) * (0.5 + 0.1 * i)
         save_latent(tmp_path / "latents" / f"w{i}.safetensors", ramp.clone(), {})
-        save_latent(tmp_path / "latents" / f"l{i}.safetensors", torch.randn(48, 4, 4, 4, generator=g), {})
+        save_latent(tmp_path / "latents" / f"l{i}.safetensors", torch.randn(16, 3, 4, 4, generator=g), {})
         rows.append(
             dict(
                 pair_id=f"w{i}>l{i}", prompt_id=f"p{i}", prompt=p, chosen_id=f"w{i}", rejected_id=f"l{i}",
@@ -98,7 +98,7 @@ def test_curriculum_reference_changes_exactly_every_interval(pairs, tmp_path, in
         if not outputs:
             g = torch.Generator().manual_seed(5)
             probe = (
-                torch.randn(1, 48, 4, 4, 4, generator=g),
+                torch.randn(1, 16, 3, 4, 4, generator=g),
                 torch.tensor([500.0]),
                 trainer.backend.encode_prompts(["a red circle"]),
             )
@@ -271,7 +271,7 @@ def test_pairs_without_latents_are_encoded_from_their_videos(cli, prompts_file, 
     stored_rows = read_manifest(run / "pairs.parquet", "pairs").to_pylist()
     stored, _ = load_pair_latents(run / "pairs.parquet", stored_rows, backend, tmp_path / "unused")
     assert not (tmp_path / "unused").exists()  # pairs with latent files encode nothing
-    assert lat_w.shape == stored.shape == (2, 48, 8, 4, 4)
+    assert lat_w.shape == stored.shape == (2, 16, 3, 4, 4)
     from vpotool.video import frames_to_tensor, read_video
 
     def encoded(video):
@@ -351,3 +351,20 @@ def test_resume_under_another_lora_shape_or_no_resume_is_refused_in_one_line(pai
         train_dpo(config(pairs, tmp_path / "out", max_steps=4, resume=False))
     train_dpo(config(pairs, tmp_path / "out", max_steps=4, lr=5e-4))  # a new learning rate may continue
     assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet").step) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", ["self_pair", "corrupt_latent"])
+def test_bad_pairs_stop_with_one_line_and_no_output(damage, pairs, cli, tmp_path):
+    from vpotool.manifest import read_manifest
+
+    rows = read_manifest(pairs, "pairs").to_pylist()
+    if damage == "self_pair":
+        rows[1]["rejected_id"], rows[1]["rejected_latent"] = rows[1]["chosen_id"], rows[1]["chosen_latent"]
+        write_manifest(pairs, rows, "pairs")
+    else:
+        latent = pairs.parent / rows[2]["chosen_latent"]
+        latent.write_bytes(latent.read_bytes()[:40])  # truncated mid-header
+    code, _, err = cli("train-dpo", "--pairs", pairs, "--out", tmp_path / "o", "--max-steps", 1, "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert ("itself" if damage == "self_pair" else "unreadable latent file") in err
+    assert not (tmp_path / "o" / "checkpoints").exists()

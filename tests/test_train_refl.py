@@ -11,11 +11,11 @@ from conftest import held_out_brightness
 from vpotool.config import ReflConfig
 from vpotool.training.refl import select_frames, train_refl
 
-SIZE = dict(frames=4, height=16, width=16, steps=4, guidance=1.0)
+SIZE = dict(frames=5, height=16, width=16, steps=4, guidance=1.0)
 
 
 def config(prompts, out, **kw) -> ReflConfig:
-    base = dict(prompts=str(prompts), out=str(out), reward="brightness", max_steps=8, lr=1e-2, batch_size=2)
+    base = dict(prompts=str(prompts), out=str(out), reward="brightness", max_steps=8, lr=3e-2, batch_size=2)
     return ReflConfig(**{**base, **SIZE, "lora_rank": 4, "device": "cpu", **kw})
 
 
@@ -71,7 +71,7 @@ def test_gradient_reaches_only_through_the_window():
     params = add_lora(b.denoiser, 2, 2, b.lora_target_modules)
     for p in params:
         p.data.normal_(0, 0.01)
-    noise = seeded_noise(b.latent_shape(4, 16, 16), [1], "cpu").requires_grad_(True)
+    noise = seeded_noise(b.latent_shape(5, 16, 16), [1], "cpu").requires_grad_(True)
     traj = sample(b, b.encode_prompts(["a red dot"]), noise, steps=4, grad_steps=[3])
     traj.latents.mean().backward()
     assert noise.grad is None

@@ -15,7 +15,7 @@ from vpotool.config import ScstConfig
 from vpotool.manifest import write_manifest
 from vpotool.training.scst import collect, load_batch, load_rollouts, train_scst
 
-SIZE = dict(frames=4, height=16, width=16, steps=4, guidance=1.0)
+SIZE = dict(frames=5, height=16, width=16, steps=4, guidance=1.0)
 TRAIN_PROMPTS = "a red circle moving left\na blue square moving up\n"
 
 
@@ -44,7 +44,7 @@ def test_recomputed_step_logps_match_the_rollout(prompts, tmp_path):
     torch.testing.assert_close(
         ro.advantage, (ro.reward - ro.baseline) / ((ro.reward - ro.baseline).pow(2).mean().sqrt() + 1e-4)
     )
-    sched = b.schedule(4, b.latent_shape(4, 16, 16))
+    sched = b.schedule(4, b.latent_shape(5, 16, 16))
     for i in range(4):
         logp, _, _ = step_logp(b, sched, i, ro.states[i], ro.states[i + 1], ro.cond, ro.uncond, 1.0, cfg.noise_level)
         torch.testing.assert_close(logp, ro.logps[:, i], atol=1e-5, rtol=1e-5)
@@ -128,7 +128,7 @@ def test_offline_scst_favours_the_above_baseline_trajectories(stored, tmp_path):
     backend = load_backend("tiny")
     cfg = offline_config(stored, tmp_path / "out")
     data = load_rollouts(cfg.samples, cfg.scores, cfg)
-    assert len(data.files) == 8 and data.shape == (48, 4, 4, 4)
+    assert len(data.files) == 8 and data.shape == (16, 2, 4, 4)
     assert torch.allclose(data.baseline[:4], data.reward[:4].mean()) and (data.reward != data.baseline).all()
     seen = {}
 

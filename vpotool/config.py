@@ -58,6 +58,10 @@ SAMPLER_HELP = (
     "UniPC multistep); euler: vpotool's first-order flow/DDIM grid, which the trainers' rollouts use. Other "
     "families' pipelines step vpotool's grid already; --noise-level > 0 always takes vpotool's SDE steps."
 )
+NEGATIVE_HELP = (
+    "Text for the unconditional branch of guidance, encoded like a prompt, as the diffusers pipelines' "
+    "negative_prompt (default: the family's own unconditional input: the empty prompt, Open-Sora's null caption)."
+)
 SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
 
 
@@ -78,6 +82,7 @@ class SampleConfig(StageConfig):
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
     noise_level: float = opt(0.0, "0: deterministic ODE/DDIM sampling; > 0: stochastic SDE steps of this level.")
     sampler: str = opt("pipeline", SAMPLER_HELP)
+    negative_prompt: str = opt("", NEGATIVE_HELP)
     save_trajectory: bool = opt(False, "Also store each video's sampler states and step log-probabilities in its "
                                 "latent file, for offline train-scst (needs --noise-level > 0).")  # fmt: skip
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and candidate index.")
@@ -446,6 +451,7 @@ class EvalConfig(StageConfig):
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")
     sampler: str = opt("pipeline", SAMPLER_HELP)
+    negative_prompt: str = opt("", NEGATIVE_HELP)
     seed: int = opt(0, "Base seed; each video's seed derives from it, its prompt id and its seed index.")
     batch_size: int = opt(8, "Videos per denoiser and reward call.")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")

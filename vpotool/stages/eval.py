@@ -76,8 +76,8 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
         sample_cfg = SampleConfig(
             prompts=str(prompts_path), out=str(folder), model=cfg.model, model_path=cfg.model_path, adapter=adapter,
             candidates=cfg.seeds, frames=cfg.frames, height=cfg.height, width=cfg.width, steps=cfg.steps,
-            guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed, batch_size=cfg.batch_size, device=cfg.device,
-            dtype=cfg.dtype,
+            guidance=cfg.guidance, sampler=cfg.sampler, negative_prompt=cfg.negative_prompt, seed=cfg.seed,
+            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
         )  # fmt: skip
         with checkpoint_active(backend, adapter):
             samples_path = run_sample(sample_cfg, backend=backend)

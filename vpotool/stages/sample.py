@@ -49,8 +49,8 @@ def preset_size(size: str | None, backend) -> tuple[int, int] | None:
 
 def resolved_settings(cfg, backend) -> dict:
     """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
-    ``guidance``, and ``fps``/``noise_level``/``sampler`` where the config has them) from the backend's
-    defaults."""
+    ``guidance``, and ``fps``/``noise_level``/``sampler``/``negative_prompt`` where the config has them) from the
+    backend's defaults."""
     d = backend.defaults
     height, width = preset_size(getattr(cfg, "size", None), backend) or (d.height, d.width)
     return {
@@ -62,6 +62,7 @@ def resolved_settings(cfg, backend) -> dict:
         "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
         "noise_level": getattr(cfg, "noise_level", 0.0),
         "sampler": getattr(cfg, "sampler", "euler"),
+        "negative_prompt": getattr(cfg, "negative_prompt", ""),
     }
 
 
@@ -78,7 +79,12 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
     noise = seeded_noise(shape, seeds, backend.device)
     cond = cond if cond is not None else backend.encode_prompts(prompts)
-    uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
+    uncond = None
+    if settings["guidance"] != 1.0:
+        negative = settings.get("negative_prompt") or ""
+        uncond = (
+            backend.encode_prompts([negative] * len(prompts)) if negative else backend.encode_negative(len(prompts))
+        )
     scheduler = getattr(backend, "pipeline_scheduler", None)
     if (
         settings.get("sampler") == "pipeline"
@@ -141,7 +147,8 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     resume_keys = {**settings, **model_id, "seed": cfg.seed, "save_trajectory": cfg.save_trajectory}
     writer = RowWriter(out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare=resume_keys)
 
-    columns = {k: v for k, v in settings.items() if k != "sampler"}  # the sampler is in the config and latents
+    # the sampler and negative prompt are recorded in the config and the latent files, not as columns
+    columns = {k: v for k, v in settings.items() if k not in ("sampler", "negative_prompt")}
     jobs = [(pid, text, k) for pid, text in prompts for k in range(cfg.candidates)]
     todo = [j for j in jobs if (f"{j[0]}-c{j[2]:02d}",) not in writer.done]
     per_call = max(cfg.batch_size // cfg.candidates, 1) * cfg.candidates

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vpotool.config import DpoConfig, save_config
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, first_line
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
 from vpotool.manifest import read_manifest, resolve
 from vpotool.models.base import NoiseSchedule, cond_cat
@@ -49,11 +49,23 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
             save_latent(cached, latent, {"sample_id": row[f"{side}_id"], "encoded_from": str(video)})
         return cached
 
+    same = [r["pair_id"] for r in rows if r["chosen_id"] == r["rejected_id"]]
+    if same:
+        raise VpoError(
+            f"{pairs_path}: {len(same)} pair(s) prefer a sample to itself (e.g. {same[0]}); drop them, or rebuild "
+            "the pairs with `vpotool pair`"
+        )
     files = [(one(r, "chosen"), one(r, "rejected")) for r in rows]
     shapes = set()
     for path in (p for pair in files for p in pair):
-        with safe_open(str(path), "pt") as f:  # the header only: no tensor is read here
-            shapes.add(tuple(f.get_slice("latents").get_shape()))
+        try:
+            with safe_open(str(path), "pt") as f:  # the header only: no tensor is read here
+                shapes.add(tuple(f.get_slice("latents").get_shape()))
+        except Exception as e:  # noqa: BLE001 (a damaged file of any kind is the same user problem)
+            raise VpoError(
+                f"unreadable latent file {path} ({first_line(e)}); rerun `vpotool sample` on its --out to rewrite "
+                "it, or drop its pairs"
+            ) from e
     if len(shapes) != 1:
         raise VpoError(
             f"{pairs_path}: pairs have latents of different shapes {sorted(shapes)}; train one size at a time"
