@@ -329,7 +329,7 @@ class LoopConfig(TrainConfig, RolloutOptions):
     candidates: int = opt(4, "Candidate videos per prompt (K).")
     steps_per_iter: int = opt(8, "Optimizer steps per iteration.")
     max_steps: int = opt(0, "Stop after this many optimizer steps in all (0: iterations x steps-per-iter).")
-    lr: float = opt(1e-3, "Peak learning rate (AdamW).")
+    lr: float = opt(2e-4, "Peak learning rate (AdamW).")
     lora_rank: int = opt(8, "LoRA rank.")
     save_every: int = opt(0, "Unused by loop: it checkpoints at the end of every iteration.")
     noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0 for dpo and refl, 0.7 for scst).")
