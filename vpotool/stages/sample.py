@@ -86,28 +86,23 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
             backend.encode_prompts([negative] * len(prompts)) if negative else backend.encode_negative(len(prompts))
         )
     scheduler = getattr(backend, "pipeline_scheduler", None)
-    if (
-        settings.get("sampler") == "pipeline"
-        and scheduler is not None
-        and not settings["noise_level"]
-        and not keep_states
-    ):
+    deterministic = not settings["noise_level"] and not keep_states
+    if settings.get("sampler") == "pipeline" and scheduler is not None and deterministic:
         traj = sample_with_scheduler(
             backend, scheduler, cond, noise, steps=settings["steps"], guidance=settings["guidance"], uncond=uncond
         )
-        frames = backend.decode(traj.latents.to(backend.dtype))
-        return traj.latents, frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
-    traj = sample(
-        backend,
-        cond,
-        noise,
-        steps=settings["steps"],
-        guidance=settings["guidance"],
-        uncond=uncond,
-        noise_level=settings["noise_level"],
-        step_seeds=seeds,
-        keep_states=keep_states,
-    )
+    else:
+        traj = sample(
+            backend,
+            cond,
+            noise,
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            uncond=uncond,
+            noise_level=settings["noise_level"],
+            step_seeds=seeds,
+            keep_states=keep_states,
+        )
     frames = backend.decode(traj.latents.to(backend.dtype))
     frames = frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
     return (traj.latents, frames, traj) if keep_states else (traj.latents, frames)

@@ -39,13 +39,13 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def draw_batch(rng: random.Random, n: int, frames: int) -> tuple[list[str], torch.Tensor, list[str]]:
-    """``n`` pretraining examples: captions, clips as the VAE takes them (``[n, 3, T, H, W]`` in [-1, 1]), kinds."""
+def draw_batch(rng: random.Random, n: int, frames: int) -> tuple[list[str], torch.Tensor]:
+    """``n`` pretraining examples: captions, and clips as the VAE takes them (``[n, 3, T, H, W]`` in [-1, 1])."""
     d = TINY_DEFAULTS
     prompts = world_prompts("train")
     out = [training_example(rng.choice(prompts), rng, frames, d.height, d.width) for _ in range(n)]
     clips = torch.stack([c for _, c, _ in out]).permute(0, 2, 1, 3, 4) * 2 - 1
-    return [t for t, _, _ in out], clips, [k for _, _, k in out]
+    return [t for t, _, _ in out], clips
 
 
 class Log:
@@ -83,7 +83,7 @@ def train_vae(vae, phase: dict, seed: int, t0: float, save_to: Path | None = Non
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, phase["schedule"], lr, 50)
-        _, x, _ = draw_batch(rng, phase["batch"], phase["window"])
+        _, x = draw_batch(rng, phase["batch"], phase["window"])
         posterior = vae.encode(x).latent_dist
         # Decoding the posterior mode, not a sample: with the encoder's initial unit variance a sample drowns the
         # latent. The diffusion stage uses the mode too.
@@ -102,24 +102,24 @@ def train_vae(vae, phase: dict, seed: int, t0: float, save_to: Path | None = Non
 
 
 @torch.no_grad()
-def encode_dataset(vae, n: int, seed: int, batch: int = 32) -> tuple[torch.Tensor, list[str], list[str]]:
+def encode_dataset(vae, n: int, seed: int, batch: int = 32) -> tuple[torch.Tensor, list[str]]:
     """Stage 2: ``n`` full-length clips of the mix encoded once (posterior mode), normalised per channel; the
-    mean and std land in the VAE's config. Returns ``(latents [n, C, F, h, w], captions, kinds)``."""
+    mean and std land in the VAE's config. Returns ``(latents [n, C, F, h, w], captions)``."""
     rng = random.Random(seed)
-    latents, captions, kinds = [], [], []
+    latents, captions = [], []
     for start in range(0, n, batch):
-        c, x, k = draw_batch(rng, min(batch, n - start), TINY_DEFAULTS.frames)
+        c, x = draw_batch(rng, min(batch, n - start), TINY_DEFAULTS.frames)
         latents.append(vae.encode(x).latent_dist.mode())
         captions += c
-        kinds += k
     z = torch.cat(latents)
     mean, std = z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4))
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    return (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), captions, kinds
+    return (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), captions
 
 
 def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
-    """UMT5 states of ``captions`` with the padding zeroed, as ``WanPipeline`` and vpotool's Wan backend do."""
+    """UMT5 states of ``captions`` with the padding zeroed, as ``WanPipeline`` and vpotool's Wan backend do (the
+    backend's ``encode_prompts`` runs without gradients; here the text encoder trains)."""
     ids, mask = tokenize(tokenizer, captions, TINY_TEXT_LEN, "cpu")
     hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
@@ -299,7 +299,7 @@ def pretrain(
             record["vae_mse"] = round(train_vae(pipe.vae, phase, seed + i, t0), 5)
         record["vae_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     t1 = time.perf_counter()
-    latents, captions, _ = encode_dataset(pipe.vae, clips, seed + 1)
+    latents, captions = encode_dataset(pipe.vae, clips, seed + 1)
     loss = train_denoiser(pipe, latents, captions, steps, batch, lr, drop, seed + 2, t0)
     record.update(
         clips=clips, steps=steps, batch=batch, lr=lr, drop=drop, loss=round(loss, 5),
