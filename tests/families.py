@@ -153,3 +153,17 @@ def make_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> str:
     )
     pipe.save_pretrained(folder)  # model_index.json too, so ``DiffusionPipeline.from_pretrained`` loads it
     return str(folder)
+
+
+def make_tiny_wan22(folder: str | Path, boundary_ratio: float = 0.9, seed: int = 0) -> str:
+    """A tiny two-expert Wan 2.2 (A14B layout): the tiny Wan checkpoint plus a second, differently initialised
+    transformer as ``transformer_2`` (the low-noise expert) and ``boundary_ratio`` in ``model_index.json``."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    folder = Path(make_tiny_checkpoint("wan", folder, seed=seed))
+    pipe = WanPipeline.from_pretrained(folder)
+    torch.manual_seed(seed + 1)
+    low = WanTransformer3DModel.from_config(pipe.transformer.config)
+    pipe = WanPipeline(**pipe.components | {"transformer_2": low}, boundary_ratio=boundary_ratio)
+    pipe.save_pretrained(folder)
+    return str(folder)

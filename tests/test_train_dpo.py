@@ -368,3 +368,17 @@ def test_bad_pairs_stop_with_one_line_and_no_output(damage, pairs, cli, tmp_path
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert ("itself" if damage == "self_pair" else "unreadable latent file") in err
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_refused_in_one_line(pairs, tmp_path):
+    """Asking for gradient checkpointing on a denoiser that cannot do it stops with one line, instead of silently
+    training without the memory saving."""
+    from vpotool.errors import VpoError
+    from vpotool.models import load_backend
+    from vpotool.training.common import setup
+
+    backend = load_backend("tiny", None, "cpu")
+    backend.denoiser._supports_gradient_checkpointing = False
+    with pytest.raises(VpoError, match="does not support it; drop the flag"):
+        setup(config(pairs, tmp_path / "run", gradient_checkpointing=True), backend=backend)
+    setup(config(pairs, tmp_path / "run", gradient_checkpointing=False), backend=load_backend("tiny", None, "cpu"))

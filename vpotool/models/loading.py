@@ -59,6 +59,16 @@ def scheduler_shift(path: str, default: float) -> float:
     return float(cfg.get("flow_shift") or cfg.get("shift") or default)
 
 
+def pipeline_index(path: str) -> dict:
+    """The checkpoint's ``model_index.json`` (component classes and pipeline settings); ``{}`` when it has none."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path))
+    except (OSError, ValueError):
+        return {}
+
+
 def checkpoint_schedulers(path: str):
     """The checkpoint's own scheduler as ``(euler, other)``: a ``FlowMatchEulerDiscreteScheduler`` in ``euler``
     (its sigma grid is then vpotool's sampling grid, equal to the pipeline's), any other class (Wan's UniPC

@@ -1,4 +1,5 @@
-"""Wan 2.1/2.2 text-to-video backend (diffusers): flow-matching transformer, UMT5 text encoder, Wan VAE.
+"""Wan 2.1/2.2 text-to-video backend (diffusers): flow-matching transformer, UMT5 text encoder, Wan VAE. A Wan 2.2
+A14B folder (``transformer_2`` and ``boundary_ratio`` in ``model_index.json``) loads both experts.
 
 The built-in ``tiny`` model is a Wan pipeline folder and loads through :func:`load_wan`.
 """
@@ -9,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from vpotool.errors import VpoError
 from vpotool.models.base import (
     Conditioning,
     ModelInfo,
@@ -116,17 +118,42 @@ class WanBackend(TextVideoBackend):
         return out
 
 
+def expert_boundary(path: str, scheduler) -> float | None:
+    """The timestep below which a two-expert Wan 2.2 checkpoint switches to ``transformer_2``:
+    ``boundary_ratio * num_train_timesteps`` from ``model_index.json``, as ``WanPipeline`` computes it; None for a
+    one-transformer checkpoint. A ``transformer_2`` without a ratio (or the reverse) is refused."""
+    from vpotool.models.loading import pipeline_index
+
+    index = pipeline_index(path)
+    ratio = index.get("boundary_ratio")
+    second = (index.get("transformer_2") or [None])[0] is not None
+    if ratio is None and not second:
+        return None
+    if ratio is None or not second:
+        have, missing = ("transformer_2", "boundary_ratio") if second else ("boundary_ratio", "transformer_2")
+        raise VpoError(
+            f"{path}/model_index.json names {have} but no {missing}; a two-expert Wan 2.2 folder needs both"
+        )
+    steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+    return float(ratio) * steps
+
+
 def load_wan(path: str, device="cpu", dtype=torch.float32, name: str = "wan", defaults=WAN_DEFAULTS) -> WanBackend:
     """A Wan text-to-video checkpoint in diffusers layout (local folder or hub id); ``name`` and ``defaults`` let
     the built-in ``tiny`` model, itself a Wan pipeline folder, load through the same path."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    from vpotool.models.loading import checkpoint_schedulers, load_parts, scheduler_shift
+    from vpotool.models.experts import TimestepExperts
+    from vpotool.models.loading import checkpoint_schedulers, load_component, load_parts, scheduler_shift
 
     parts = load_parts(path, name, WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, device, dtype)
     transformer, vae, text_encoder, tokenizer = parts
     euler, other = checkpoint_schedulers(path)
+    boundary = expert_boundary(path, euler or other)
+    if boundary is not None:  # Wan 2.2 A14B: a low-noise expert below the boundary timestep
+        low = load_component(WanTransformer3DModel, path, "transformer_2", name, dtype=dtype).to(device).eval()
+        transformer = TimestepExperts(transformer, low, boundary)
     return WanBackend(
         info=ModelInfo(name=name, path=str(path)),
         transformer=transformer,

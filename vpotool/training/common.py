@@ -63,12 +63,21 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) 
     for name in extra_adapters:
         add_lora(backend.denoiser, cfg.lora_rank, alpha, targets, name=name, trainable=False)
     backend.denoiser.set_adapter("default")
-    if cfg.gradient_checkpointing and getattr(backend.denoiser, "_supports_gradient_checkpointing", False):
+    if cfg.gradient_checkpointing:
+        if not getattr(backend.denoiser, "_supports_gradient_checkpointing", False):
+            kind = type(backend.model).__name__
+            raise VpoError(f"--gradient-checkpointing: {kind} ({cfg.model}) does not support it; drop the flag")
         backend.denoiser.enable_gradient_checkpointing()
     backend.denoiser.train()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    if getattr(backend.denoiser, "experts", None) and accelerator.ddp_handler is None:
+        # A micro-batch whose timesteps all fall on one side of the boundary leaves the other expert's adapter
+        # without gradients, which DDP must be told to expect.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
     if cfg.report_to:
         accelerator.init_trackers("vpotool", config={k: v for k, v in cfg.to_dict().items() if v is not None})

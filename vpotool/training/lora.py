@@ -1,6 +1,8 @@
 """LoRA adapters on a backend's denoiser (peft through diffusers), saved in the format diffusers'
 ``load_lora_weights`` reads: ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed keys and the
-adapter config in the ``lora_adapter_metadata`` entry, plus vpotool's own metadata."""
+adapter config in the ``lora_adapter_metadata`` entry, plus vpotool's own metadata. A two-expert denoiser
+(:class:`~vpotool.models.experts.TimestepExperts`) saves both experts' adapters in one file, under
+``transformer.`` and ``transformer_2.``."""
 
 from __future__ import annotations
 
@@ -75,12 +77,16 @@ def save_adapter(denoiser, folder: str | Path, meta: dict, name: str = "default"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = adapter_state(denoiser, name)
-    weights = {f"{PREFIX}.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
+    # One component (prefix "transformer."), or two experts whose keys already carry their component names.
+    components = list(getattr(denoiser, "experts", None) or [PREFIX])
+    prefix = "" if len(components) > 1 else f"{PREFIX}."
+    weights = {f"{prefix}{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
     config = denoiser.peft_config[name].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config = {f"{c}.{k}": v for c in components for k, v in config.items()}
     metadata = {
         "format": "pt",
-        "lora_adapter_metadata": json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, default=str),
+        "lora_adapter_metadata": json.dumps(config, default=str),
         "vpotool.schema": "adapter",
         "vpotool.version": __version__,
         **{f"vpotool.{k}": v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()},
