@@ -460,7 +460,7 @@ def test_guidance_attends_the_null_caption_through_the_prompt_mask(backend):
     same (and the mask matters: attending every null token gives another output)."""
     from vpotool.sampling import guided_prediction
 
-    cond = backend.encode_prompts(["a red circle", "a blue square moving up quickly on a gray background"])
+    cond = backend.encode_prompts(["a red circle", "a blue square moving up"])
     assert (cond["mask"].sum(1) < TEXT_LEN).all()  # both prompts are padded
     uncond = backend.encode_negative(2)
     g = torch.Generator().manual_seed(0)
@@ -491,3 +491,50 @@ def test_images_are_conditioned_on_fps_120_and_videos_on_24(backend):
     for frames in (1, 3):
         backend.predict(torch.zeros(1, 4, frames, 4, 4), torch.tensor([500.0]), {"y": None, "mask": None})
     assert seen == [[120.0], [24.0]]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("A red circle moving left", "a red circle moving left aesthetic score: 6.5."),
+        ("See https://example.com <b>A CAT</b> by @someone", "see a cat by aesthetic score: 6.5."),
+        ("a dog, aesthetic score: 5.0.", "a dog, aesthetic score: 5.0."),
+    ],
+)
+def test_prompts_get_upstreams_suffix_and_cleaning(backend, prompt, expected):
+    """Open-Sora 1.2's inference rule: append " aesthetic score: 6.5." unless the prompt names a score, then the
+    T5 cleaning (URLs, HTML tags and @names dropped, lower case, spaces collapsed); expected texts by hand."""
+    assert backend.prompt_text(prompt) == expected
+
+
+def test_model_options_switch_the_suffix_and_cleaning_off(folder):
+    """``--model-options aesthetic_score=none,clean_prompts=false``: the raw prompt, lower-cased as upstream does
+    without cleaning; the encoded text changes accordingly; a negative prompt never gets the suffix."""
+    plain = load_backend("opensora", folder, options="aesthetic_score=none,clean_prompts=false")
+    assert plain.prompt_text("  A <b>Red</b> circle ") == "a <b>red</b> circle"
+    default = load_backend("opensora", folder)
+    assert default.prompt_text("a red circle", suffix=False) == "a red circle"
+    mask = lambda b, p: b.encode_prompts([p])["mask"].sum().item()  # noqa: E731
+    assert mask(default, "a red circle") > mask(plain, "a red circle")  # the suffix's tokens
+    negative = default.encode_negative(1, "a red circle")
+    torch.testing.assert_close(negative["y"], plain.encode_prompts(["a red circle"])["y"])
+
+
+def test_model_options_that_the_family_lacks_are_refused(folder):
+    with pytest.raises(VpoError, match="has no option aesthetic; it takes aesthetic_score, clean_prompts"):
+        load_backend("opensora", folder, options="aesthetic=6")
+    with pytest.raises(VpoError, match="--model tiny has no option clean_prompts; it takes none"):
+        load_backend("tiny", None, options="clean_prompts=false")
+
+
+def test_a_folder_without_tokenizer_files_is_refused_in_one_line(folder, tmp_path):
+    """Without ``tokenizer/`` the tokenizer is read from ``text_encoder/``, which holds no vocabulary: every word
+    would become <unk>, so loading stops and names the files to add."""
+    import shutil
+
+    broken = tmp_path / "opensora"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(VpoError, match="maps every word to <unk>.*spiece.model") as err:
+        load_backend("opensora", str(broken))
+    assert "\n" not in str(err.value)

@@ -62,6 +62,10 @@ NEGATIVE_HELP = (
     "Text for the unconditional branch of guidance, encoded like a prompt, as the diffusers pipelines' "
     "negative_prompt (default: the family's own unconditional input: the empty prompt, Open-Sora's null caption)."
 )
+MODEL_OPTIONS_HELP = (
+    "Options of the model family as option=value pairs; opensora: aesthetic_score=6.5 (the suffix upstream appends "
+    "to each prompt; none: no suffix), clean_prompts=true (upstream's T5 caption cleaning; false: lower-case only)."
+)
 SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
 
 
@@ -71,6 +75,7 @@ class SampleConfig(StageConfig):
     out: str = opt("", "Run folder for samples.parquet, videos/ and latents/.")
     model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
     model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model_options: str = opt("", MODEL_OPTIONS_HELP)
     adapter: str | None = opt(None, "A LoRA checkpoint folder (checkpoints/step-N) to sample with.")
     candidates: int = opt(4, "Videos per prompt (K).")
     frames: int | None = opt(None, "Frames per video (default: the model's).")
@@ -189,6 +194,7 @@ class TrainConfig(StageConfig):
     out: str = opt("", "Run folder for checkpoints/, metrics.parquet and the resolved config.")
     model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
     model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model_options: str = opt("", MODEL_OPTIONS_HELP)
     max_steps: int = opt(100, "Optimizer steps to train for.")
     lr: float = opt(1e-4, "Peak learning rate (AdamW).")
     warmup_steps: int = opt(0, "Linear warm-up steps before the constant learning rate.")
@@ -437,6 +443,7 @@ class EvalConfig(StageConfig):
     out: str = opt("", "Eval folder: eval.parquet, prompts.parquet and one sample/score run per checkpoint.")
     model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
     model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model_options: str = opt("", MODEL_OPTIONS_HELP)
     adapters: str = opt("", "LoRA checkpoint folders to compare with the base model, comma-separated (flag "
                         "--adapter, repeatable).")  # fmt: skip
     prompts: str = opt("world:heldout", "Held-out prompts: a .txt, a prompts .parquet or world:heldout/train/all.")

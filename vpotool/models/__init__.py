@@ -1,4 +1,4 @@
-"""Model registry: a plain dict from ``--model`` name to a loader ``(path, device, dtype) -> Backend``."""
+"""Model registry: a plain dict from ``--model`` name to a loader ``(path, device, dtype, **options) -> Backend``."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def _ltx(path, device, dtype):
     return load_ltx(path, device, dtype)
 
 
-def _opensora(path, device, dtype):
+def _opensora(path, device, dtype, **options):
     from vpotool.models.opensora import load_opensora
 
-    return load_opensora(path, device, dtype)
+    return load_opensora(path, device, dtype, **options)
 
 
 MODELS: dict[str, Callable[..., Backend]] = {
@@ -47,6 +47,9 @@ MODELS: dict[str, Callable[..., Backend]] = {
     "ltx": _ltx,
     "opensora": _opensora,
 }
+
+# ``--model-options`` each family takes, with their defaults (the reference implementation's).
+MODEL_OPTIONS: dict[str, dict] = {"opensora": {"aesthetic_score": 6.5, "clean_prompts": True}}
 
 DTYPES = {
     "float32": torch.float32,
@@ -70,18 +73,37 @@ def check_model_name(name: str) -> None:
         raise VpoError(f"unknown model '{name}'; choose from: {', '.join(sorted(MODELS))}")
 
 
+def model_options(name: str, text: str | dict | None) -> dict:
+    """``--model-options`` for ``--model name``, parsed and checked against the options the family takes."""
+    from vpotool.options import parse_pairs
+
+    options = text if isinstance(text, dict) else parse_pairs(text, "--model-options", "aesthetic_score=6.5")
+    known = MODEL_OPTIONS.get(name, {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise VpoError(f"--model-options: --model {name} has no option {', '.join(unknown)}; {takes}")
+    return options
+
+
 def load_backend(
-    name: str, path: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32"
+    name: str,
+    path: str | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    options: str | dict | None = None,
 ) -> Backend:
-    """Load the backend registered under ``name``, weights from ``path`` (a local folder or hub id)."""
+    """Load the backend registered under ``name``, weights from ``path`` (a local folder or hub id), with the
+    family's ``options`` (``--model-options`` text or a dict)."""
     check_model_name(name)
+    options = model_options(name, options)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     # Small gradients and attention weights turn denormal during training, and x86 CPUs compute on denormals
     # about ten times slower (measured on the tiny model's VAE); flushing them to zero changes no result that
     # matters. Process-wide, and a no-op on GPUs.
     torch.set_flush_denormal(True)
-    backend = MODELS[name](path, device, dtype)
+    backend = MODELS[name](path, device, dtype, **options)
     for module in (getattr(backend, "text_encoder", None), getattr(getattr(backend, "codec", None), "vae", None)):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)  # frozen: ReFL backpropagates through the VAE to the adapter only

@@ -74,8 +74,9 @@ class Backend(Protocol):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Text conditioning for ``prompts`` (no grad)."""
 
-    def encode_negative(self, n: int) -> Conditioning:
-        """The unconditional (empty or negative prompt) conditioning for a batch of ``n``, for guidance."""
+    def encode_negative(self, n: int, prompt: str = "") -> Conditioning:
+        """The unconditional conditioning for a batch of ``n``, for guidance: the family's own (the empty prompt,
+        a learned null caption), or the negative ``prompt`` when one is given."""
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, F, h, w)`` of the latent for a video of ``frames`` x ``height`` x ``width`` pixels."""
@@ -237,8 +238,8 @@ class TextVideoBackend:
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
-    def encode_negative(self, n: int) -> Conditioning:
-        return self._negative(n)
+    def encode_negative(self, n: int, prompt: str = "") -> Conditioning:
+        return self.encode_prompts([prompt] * n) if prompt else self._negative(n)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return video_latent_shape(self.codec, frames, height, width)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from vpotool.errors import VpoError
+from vpotool.options import parse_value
 from vpotool.rewards.base import Reward, check_frames
 from vpotool.rewards.composite import CompositeReward, parse_weights
 from vpotool.rewards.simple import BrightnessReward
@@ -111,15 +112,6 @@ def _dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def parse_options(text: str | None) -> dict[str, dict]:
     """``--reward-options`` -> per-reward keyword options: ``"videoscore.frames=16,clip.frames=8"`` ->
     ``{"videoscore": {"frames": 16}, "clip": {"frames": 8}}`` (numbers and true/false/none converted)."""
@@ -133,7 +125,7 @@ def parse_options(text: str | None) -> dict[str, dict]:
             raise VpoError(
                 f"--reward-options: '{item}' should look like reward.option=value, e.g. videoscore.frames=16"
             )
-        out.setdefault(_check_name(name), {})[option.strip()] = _value(value.strip())
+        out.setdefault(_check_name(name), {})[option.strip()] = parse_value(value.strip())
     return out
 
 

@@ -66,7 +66,7 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
 
     device = resolve_device(cfg.device)
     if backend is None:
-        backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype)
+        backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype, cfg.model_options)
     check_base_models(checkpoints, backend.info.name)
     rewards = load_rewards(cfg.reward, cfg.reward_path, device, cfg.dtype, cfg.reward_options, have=rewards)
 

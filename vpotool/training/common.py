@@ -56,7 +56,7 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) 
     set_seed(cfg.seed)
     if backend is None:
         device = str(accelerator.device) if cfg.device == "auto" else resolve_device(cfg.device)
-        backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype)
+        backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype, cfg.model_options)
     targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
     alpha = cfg.lora_alpha or cfg.lora_rank
     params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)
@@ -103,7 +103,7 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) 
 
 
 # What a checkpoint's adapter must share with the run that resumes it; anything else (lr, steps, batch) may change.
-RESUME_FIELDS = ("model", "model_path", "lora_rank", "lora_alpha", "lora_targets")
+RESUME_FIELDS = ("model", "model_path", "model_options", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def check_resumable(cfg: TrainConfig, folder: Path) -> None:

@@ -101,9 +101,13 @@ class OpenSoraBackend(TextVideoBackend):
     lora_targets = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
 
     def __init__(
-        self, *, transformer, vae, defaults: SamplingDefaults = OPENSORA_DEFAULTS, dtype=torch.float32, **parts
-    ):
-        """``vae``: an ``OpenSoraVAE``; ``parts``: the other :class:`TextVideoBackend` arguments."""
+        self, *, transformer, vae, defaults: SamplingDefaults = OPENSORA_DEFAULTS, dtype=torch.float32,
+        aesthetic_score: float | None = 6.5, clean_prompts: bool = True, **parts,
+    ):  # fmt: skip
+        """``vae``: an ``OpenSoraVAE``; ``aesthetic_score``, ``clean_prompts``: see :meth:`prompt_text` (upstream
+        v1.2's defaults); ``parts``: the other :class:`TextVideoBackend` arguments."""
+        self.aesthetic_score = aesthetic_score
+        self.clean_prompts = clean_prompts
         cfg = transformer.cfg
         super().__init__(
             transformer=transformer,
@@ -122,16 +126,29 @@ class OpenSoraBackend(TextVideoBackend):
         resolution, _, ratio = name.partition(":")
         return preset_size(resolution, ratio or "9:16", self.size_multiple)
 
+    def prompt_text(self, prompt: str, suffix: bool = True) -> str:
+        """What upstream's inference hands T5 for ``prompt``: `` aesthetic score: 6.5.`` appended (unless the prompt
+        already names one, or ``aesthetic_score`` is None), then the caption cleaning its training used (DeepFloyd
+        IF's cleaner, twice), or only lower-casing with ``clean_prompts`` off."""
+        if suffix and self.aesthetic_score is not None and "aesthetic score:" not in prompt:
+            prompt = f"{prompt} aesthetic score: {self.aesthetic_score:.1f}."
+        return clean_caption(clean_caption(prompt)) if self.clean_prompts else prompt.lower().strip()
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """``y [B, 300, 4096]`` T5 states and ``mask [B, 300]`` (1 for real tokens), as Open-Sora's T5 encoder."""
-        ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
+    def encode_prompts(self, prompts: list[str], suffix: bool = True) -> Conditioning:
+        """``y [B, 300, 4096]`` T5 states and ``mask [B, 300]`` (1 for real tokens) of :meth:`prompt_text`, as
+        Open-Sora's T5 encoder."""
+        texts = [self.prompt_text(p, suffix) for p in prompts]
+        ids, mask = tokenize(self.tokenizer, texts, self.max_text_len, self.device)
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         return {"y": hidden.to(self.dtype), "mask": mask}
 
-    def encode_negative(self, n: int) -> Conditioning:
+    def encode_negative(self, n: int, prompt: str = "") -> Conditioning:
         """The learned null caption ``y_embedding``, every token attended; under guidance
-        :meth:`unconditional_for` gives it the prompt's mask, as upstream does."""
+        :meth:`unconditional_for` gives it the prompt's mask, as upstream does. A negative ``prompt`` (upstream
+        has none) is cleaned like a prompt, without the aesthetic-score suffix."""
+        if prompt:
+            return self.encode_prompts([prompt] * n, suffix=False)
         y = self.model.null_caption(n).to(self.dtype)
         return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
 
@@ -175,6 +192,22 @@ class OpenSoraBackend(TextVideoBackend):
         return -out[:, :c]
 
 
+def clean_caption(text: str) -> str:
+    """One pass of the caption cleaner Open-Sora 1.2 (after PixArt and DeepFloyd IF) applies to T5 prompts: URLs,
+    HTML, @names, CJK and stray punctuation removed, lower-cased. Diffusers' copy of the cleaner (``IFPipeline``)
+    does it; it needs beautifulsoup4 and ftfy."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    if not (is_bs4_available() and is_ftfy_available()):
+        raise VpoError(
+            "Open-Sora's prompt cleaning needs beautifulsoup4 and ftfy: pip install beautifulsoup4 ftfy "
+            "(or pass --model-options clean_prompts=false)"
+        )
+    from diffusers import IFPipeline
+
+    return IFPipeline._clean_caption(IFPipeline, text)  # uses only class attributes of the pipeline
+
+
 def missing_weights_message(path) -> str:
     return (
         f"no Open-Sora 1.2 weights at {path}: download {HUB_IDS['transformer']} into DIR/transformer, "
@@ -183,8 +216,9 @@ def missing_weights_message(path) -> str:
     )
 
 
-def load_opensora(path, device="cpu", dtype=torch.float32) -> OpenSoraBackend:
-    """Open-Sora 1.2 from a local folder laid out as ``transformer/``, ``vae/``, ``text_encoder/`` [``tokenizer/``]."""
+def load_opensora(path, device="cpu", dtype=torch.float32, **options) -> OpenSoraBackend:
+    """Open-Sora 1.2 from a local folder laid out as ``transformer/``, ``vae/``, ``text_encoder/`` [``tokenizer/``];
+    ``options``: ``aesthetic_score``, ``clean_prompts`` (see :meth:`OpenSoraBackend.prompt_text`)."""
     from vpotool.models.opensora.stdit3 import STDiT3
     from vpotool.models.opensora.vae import OpenSoraVAE
 
@@ -207,6 +241,13 @@ def load_opensora(path, device="cpu", dtype=torch.float32) -> OpenSoraBackend:
     text_encoder = load_component(T5EncoderModel, sub["text_encoder"], None, "opensora", dtype=dtype)
     tok_dir = sub["tokenizer"] if os.path.isdir(sub["tokenizer"]) else sub["text_encoder"]
     tokenizer = load_component(AutoTokenizer, tok_dir, None, "opensora")
+    probe = tokenizer.convert_ids_to_tokens(tokenizer("a cat", add_special_tokens=False).input_ids)
+    if not [t for t in probe if t not in (tokenizer.unk_token, "\u2581")]:  # only <unk> and word starts
+        raise VpoError(
+            f"the tokenizer read from {tok_dir} maps every word to {tokenizer.unk_token} (no tokenizer files there?); "
+            f"put {HUB_IDS['text_encoder']}'s tokenizer files (spiece.model, tokenizer_config.json) in "
+            f"{path}/tokenizer"
+        )
     return OpenSoraBackend(
         info=ModelInfo(name="opensora", path=str(path)),
         transformer=transformer.to(device),
@@ -215,4 +256,5 @@ def load_opensora(path, device="cpu", dtype=torch.float32) -> OpenSoraBackend:
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
+        **options,
     )
