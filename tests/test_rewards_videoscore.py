@@ -225,8 +225,10 @@ def test_checkpoints_of_the_wrong_shape_are_rejected(tmp_path, checkpoint):
 
 
 def test_options(checkpoint, tmp_path):
-    with pytest.raises(VpoError, match="unknown option.*known options: frames, prompt_template"):
+    with pytest.raises(VpoError, match="unknown option.*known options: frames, prompt_template, frame_pick"):
         load_videoscore(path=str(checkpoint), fps=8)
+    with pytest.raises(VpoError, match="frame_pick must be upstream or spaced"):
+        load_videoscore(path=str(checkpoint), frame_pick="random")
     with pytest.raises(VpoError, match="frames must be"):
         load_videoscore(path=str(checkpoint), frames=0)
     assert load_videoscore(path=str(checkpoint)).frames == 16
@@ -271,3 +273,34 @@ def test_build_query_and_resize_size():
     assert resize_size(1920, 1080, 378, 980) == (980, 551)
     assert resize_size(32, 32, 378, 980) == (378, 378)  # each side raised to shortest_edge
     assert resize_size(200, 3000, 378, 980) == (378, 980)  # 65 after capping, raised to 378 on its own
+
+
+@pytest.mark.parametrize(("t", "n"), [(24, 16), (17, 16), (49, 48), (10, 16)])
+def test_frames_are_picked_as_upstream_picks_them(t, n):
+    """VideoScore's inference keeps floor(i * T / N) for i < N when T > N (so 17 frames to 16 drops the last),
+    else every frame; the indices here are integer arithmetic, not the implementation's float arange."""
+    from vpotool.rewards.videoscore import upstream_frames
+
+    frames = torch.arange(t, dtype=torch.float32).view(1, t, 1, 1, 1)
+    expected = [i * t // n for i in range(n)] if t > n else list(range(t))
+    assert upstream_frames(frames, n).flatten().long().tolist() == expected
+
+
+def test_the_model_cards_instruction_is_the_default_template(checkpoint, tmp_path):
+    """A checkpoint whose README.md prints ``REGRESSION_QUERY_PROMPT`` is queried with that text; without a card
+    the shipped template serves; ``prompt_template`` overrides both."""
+    carded = tmp_path / "carded"
+    carded.mkdir()
+    for f in checkpoint.iterdir():
+        (carded / f.name).write_bytes(f.read_bytes())
+    instruction = '\nRate this clip.\nThe text prompt is "{text_prompt}",\nframes follow:\n'
+    card = f'# Model\n\n```python\nMAX_NUM_FRAMES=16\nREGRESSION_QUERY_PROMPT = """{instruction}"""\n```\n'
+    (carded / "README.md").write_text(card)
+    reward = load_videoscore(path=str(carded), frames=2)
+    assert reward.template == instruction and reward.pick == "upstream"
+    query = build_query(reward.template, "a red circle", "<F> ")
+    assert query == '\nRate this clip.\nThe text prompt is "a red circle",\nframes follow:\n<F> '
+    assert load_videoscore(path=str(checkpoint)).template == PROMPT_TEMPLATE
+    own = tmp_path / "own.txt"
+    own.write_text("score {prompt}")
+    assert load_videoscore(path=str(carded), prompt_template=str(own)).template == "score {prompt}"

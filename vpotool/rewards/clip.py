@@ -170,7 +170,9 @@ class AestheticReward:
     name = "aesthetic"
     differentiable = True
     dimensions = ("aesthetic", "overall")
-    # nominal 1-10; VBench's aesthetic quality (this score / 10) of current video models is about 0.45-0.65
+    # Nominal 1-10. VBench's aesthetic quality is not this head: it uses LAION's v1 predictor (one Linear(768, 1) on
+    # the same normalised CLIP ViT-L/14 embedding, sa_0_4_vit_l_14_linear.pth) divided by 10, so its numbers
+    # (about 0.45-0.65 for current video models) are not this score / 10.
     score_range = (4.0, 7.0)
 
     def __init__(self, model, head: AestheticMLP, frames: int | None = DEFAULT_FRAMES):

@@ -24,9 +24,9 @@ from vpotool.rewards.pretrained import (
     weights_path,
 )
 
-DINO_ID = "facebook/dinov2-base"
+DINO_ID = "facebook/dino-vitb16"  # VBench: torch.hub facebookresearch/dino dino_vitb16
 VIDEO_ID = "facebook/vjepa2-vitl-fpc64-256"
-DINO_WHAT = "a DINO checkpoint folder (DINOv2, DINOv3 or a DINO ViT such as facebook/dino-vitb16)"
+DINO_WHAT = "a DINO checkpoint folder (a DINO ViT such as facebook/dino-vitb16, or DINOv2/DINOv3)"
 VIDEO_WHAT = "a V-JEPA 2 or VideoMAE checkpoint folder"
 
 

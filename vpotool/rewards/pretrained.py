@@ -113,17 +113,22 @@ def check_options(reward: str, options: dict, known: dict) -> dict:
     return out
 
 
-def read_json(path: str, filename: str) -> dict:
-    """A checkpoint's optional json file (local folder or hub id, e.g. ``preprocessor_config.json``) as a dict;
-    ``{}`` when it has none or the hub cannot be reached."""
+def optional_file(path: str, filename: str) -> str | None:
+    """The local path of a checkpoint's optional file (local folder or hub id); None when it has none or the hub
+    cannot be reached."""
     from transformers.utils import cached_file
 
     try:
-        found = cached_file(
+        return cached_file(
             path, filename, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
         )
     except (OSError, ValueError):
-        found = None
+        return None
+
+
+def read_json(path: str, filename: str) -> dict:
+    """A checkpoint's optional json file (e.g. ``preprocessor_config.json``) as a dict; ``{}`` when it has none."""
+    found = optional_file(path, filename)
     if not found:
         return {}
     with open(found) as f:

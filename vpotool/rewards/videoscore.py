@@ -26,15 +26,20 @@ checkpoint's tokenizer (BOS added), frames are resized with the processor's shor
 and normalised with its mean/std, without image splitting (Mantis trained with ``do_image_splitting=False``).
 
 The query text: VideoScore was trained with a fixed instruction that embeds the text prompt, followed by one
-``<image>`` per frame. vpotool ships its own short ``PROMPT_TEMPLATE``; scores match the published ones only with the
-upstream instruction, which users can save to a file and pass as ``prompt_template=PATH`` (``{prompt}`` or the
-upstream ``{text_prompt}`` marks the prompt; ``{frames}`` marks the frames, else they are appended at the end, as
-upstream does).
+``<image>`` per frame. Its model card (the checkpoint's ``README.md``) prints that instruction in its example code as
+``REGRESSION_QUERY_PROMPT``; vpotool reads it from there by default, so the published scores come out. A folder
+without that model card falls back to vpotool's own short ``PROMPT_TEMPLATE`` (scores then shift, by up to about 1 in
+the logits); ``prompt_template=PATH`` names a template file instead (``{prompt}`` or the upstream ``{text_prompt}``
+marks the prompt; ``{frames}`` marks the frames, else they are appended at the end, as upstream does).
+
+Frames: upstream keeps ``floor(i * T / N)`` for ``i < N`` of a video's T frames when T > N (the first frame, not
+always the last), else all of them; ``frame_pick=spaced`` takes N evenly spaced frames, first and last included.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +52,7 @@ from vpotool.rewards.pretrained import (
     check_options,
     load_pretrained,
     normalize,
+    optional_file,
     pick_frames,
     read_json,
     weights_path,
@@ -61,7 +67,8 @@ DIMENSIONS = (
 )
 DEFAULT_ID = "TIGER-Lab/VideoScore-v1.1"
 WHAT = "a VideoScore checkpoint folder (v1 or v1.1)"
-OPTIONS = ("frames", "prompt_template")
+OPTIONS = ("frames", "prompt_template", "frame_pick")
+CARD_TEMPLATE = re.compile(r'REGRESSION_QUERY_PROMPT\s*=\s*"""(.*?)"""', re.DOTALL)
 IMAGE_TOKEN, FAKE_TOKEN = "<image>", "<fake_token_around_image>"
 V1_FRAMES, V11_FRAMES = 16, 48  # the frame counts the model cards give for VideoScore and VideoScore-v1.1
 
@@ -136,12 +143,24 @@ def build_query(template: str, prompt: str, frames_text: str) -> str:
     return text.replace("{text_prompt}", prompt).replace("{prompt}", prompt)
 
 
+def upstream_frames(frames: torch.Tensor, n: int) -> torch.Tensor:
+    """The frames VideoScore's inference code keeps of ``[B, T, ...]``: ``floor(i * T / n)`` for ``i < n``, computed
+    as its ``np.arange(0, T, T / n).astype(int)``, when T > n; all T frames otherwise."""
+    import numpy as np
+
+    t = frames.shape[1]
+    if t <= n:
+        return frames
+    index = torch.from_numpy(np.arange(0, t, t / n).astype(np.int64)).to(frames.device)
+    return frames.index_select(1, index)
+
+
 class VideoScoreReward:
     """VideoScore's five dimensions (about 1 to 4, higher is better); ``overall`` is their mean.
 
-    Each video gives ``frames`` evenly spaced frames, first and last included (all of them when it has fewer;
-    upstream repeats frames instead, and floors the spaced indices where ``pick_frames`` rounds). The whole batch
-    goes through the model at once, prompts right-padded.
+    Each video gives at most ``frames`` frames, picked as upstream picks them (:func:`upstream_frames`) or, with
+    ``pick="spaced"``, evenly spaced with first and last. The whole batch goes through the model at once, prompts
+    right-padded.
     """
 
     name = "videoscore"
@@ -149,9 +168,13 @@ class VideoScoreReward:
     dimensions = (*DIMENSIONS, "overall")
     score_range = (1.0, 4.0)
 
-    def __init__(self, model: VideoScoreModel, tokenizer, frames: int, template: str = PROMPT_TEMPLATE, image=None):
+    def __init__(
+        self, model: VideoScoreModel, tokenizer, frames: int, template: str = PROMPT_TEMPLATE, image=None,
+        pick: str = "upstream",
+    ):  # fmt: skip
         image = image or {}
         self.model, self.tokenizer, self.frames, self.template = model, tokenizer, frames, template
+        self.pick = pick
         self.device = next(model.parameters()).device
         self.image_seq_len = model.config.perceiver_config.resampler_n_latents
         size = image.get("size") or {}
@@ -190,7 +213,8 @@ class VideoScoreReward:
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         check_frames(frames, prompts)
-        x = pick_frames(frames.to(self.device), self.frames)
+        pick = upstream_frames if self.pick == "upstream" else pick_frames
+        x = pick(frames.to(self.device), self.frames)
         b, t = x.shape[:2]
         images = self.pixels(x.flatten(0, 1))
         ids, mask = self.tokens(prompts, t)
@@ -211,12 +235,30 @@ def default_frames(config, path: str) -> int:
     return V11_FRAMES if "v1.1" in name else V1_FRAMES
 
 
+def card_template(where: str) -> str | None:
+    """The query instruction printed in the checkpoint's model card (``README.md``, ``REGRESSION_QUERY_PROMPT``);
+    None when the folder has no such card."""
+    card = optional_file(where, "README.md")
+    if not card:
+        return None
+    with open(card, encoding="utf-8", errors="replace") as f:
+        found = CARD_TEMPLATE.search(f.read())
+    if not found or ("{text_prompt}" not in found.group(1) and "{prompt}" not in found.group(1)):
+        return None
+    return found.group(1)
+
+
 def read_template(path: str) -> str:
     """A query template file: text holding ``{prompt}`` (or ``{text_prompt}``) and optionally ``{frames}``."""
     if not os.path.isfile(path):
         raise VpoError(f"reward videoscore: prompt_template file not found: {path} (pass a text file path)")
     with open(path) as f:
         template = f.read()
+    return check_template(template, path)
+
+
+def check_template(template: str, path: str) -> str:
+    """``template`` if it marks the prompt and holds no image tokens, else a one-line ``VpoError``."""
     if "{prompt}" not in template and "{text_prompt}" not in template:
         raise VpoError(f"reward videoscore: prompt_template {path} has no {{prompt}} placeholder; add one")
     if IMAGE_TOKEN in template or FAKE_TOKEN in template:
@@ -228,7 +270,8 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
     """The ``videoscore`` reward from a VideoScore checkpoint folder or hub id (default ``DEFAULT_ID``).
 
     Options: ``frames`` (frames per video; see ``default_frames``), ``prompt_template`` (path of a query template
-    file; see the module docstring). The tokenizer and ``preprocessor_config.json`` come from the same checkpoint.
+    file; default: the model card's, see the module docstring), ``frame_pick`` (upstream or spaced). The tokenizer
+    and ``preprocessor_config.json`` come from the same checkpoint.
     """
     from transformers import AutoTokenizer
 
@@ -258,5 +301,12 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
             f"not trained with and vpotool does not do; set do_image_splitting to false"
         )
     frames = options["frames"] or default_frames(model.config, where)
-    template = PROMPT_TEMPLATE if options.get("prompt_template") is None else read_template(options["prompt_template"])
-    return VideoScoreReward(model, tokenizer, frames, template, image)
+    if options.get("prompt_template") is not None:
+        template = read_template(options["prompt_template"])
+    else:
+        card = card_template(where)
+        template = PROMPT_TEMPLATE if card is None else check_template(card, f"{where}/README.md")
+    pick = options.get("frame_pick") or "upstream"
+    if pick not in ("upstream", "spaced"):
+        raise VpoError(f"reward videoscore: frame_pick must be upstream or spaced (got {pick!r})")
+    return VideoScoreReward(model, tokenizer, frames, template, image, pick)
