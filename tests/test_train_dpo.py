@@ -382,3 +382,21 @@ def test_gradient_checkpointing_on_a_model_without_it_is_refused_in_one_line(pai
     with pytest.raises(VpoError, match="does not support it; drop the flag"):
         setup(config(pairs, tmp_path / "run", gradient_checkpointing=True), backend=backend)
     setup(config(pairs, tmp_path / "run", gradient_checkpointing=False), backend=load_backend("tiny", None, "cpu"))
+
+
+def test_beta_defaults_by_prediction_type_and_is_recorded(pairs, tmp_path):
+    """Unset ``--beta`` is 500 for flow models and Diffusion-DPO's 5000 for epsilon and v-prediction ones; the
+    resolved value lands in train-dpo.yaml; a given --beta wins."""
+    import types
+
+    import yaml
+
+    from vpotool.training.dpo import dpo_beta
+
+    unset = DpoConfig(pairs="x", out="x")
+    assert unset.beta is None
+    for prediction, beta in (("flow", 500.0), ("epsilon", 5000.0), ("v", 5000.0)):
+        assert dpo_beta(unset, types.SimpleNamespace(prediction=prediction)) == beta
+    assert dpo_beta(DpoConfig(pairs="x", out="x", beta=42.0), types.SimpleNamespace(prediction="v")) == 42.0
+    train_dpo(config(pairs, tmp_path / "run", max_steps=1, beta=None))
+    assert yaml.safe_load((tmp_path / "run" / "train-dpo.yaml").read_text())["beta"] == 500.0

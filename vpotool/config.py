@@ -228,7 +228,8 @@ class TrainConfig(StageConfig):
 @dataclass
 class DpoConfig(TrainConfig):
     pairs: str = opt("", "pairs.parquet written by `vpotool pair` (or human labels).")
-    beta: float = opt(5000.0, "DPO temperature on the denoising-error difference (flow models often 100-2000).")
+    beta: float | None = opt(None, "DPO temperature on the denoising-error difference (default: 500 for flow "
+                             "models, 5000 for epsilon/v ones; see docs/training.md).")  # fmt: skip
     loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo.")
     ipo_tau: float = opt(500.0, "IPO regularisation: the loss pulls the error margin to 1 / (2 tau).")
     ref_update_interval: int = opt(0, "Copy the policy into the reference every N optimizer steps (0: never).")
@@ -237,7 +238,7 @@ class DpoConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self._check(bool(self.pairs), "pairs", "is required")
-        self._check(self.beta > 0, "beta", "must be positive")
+        self._check(self.beta is None or self.beta > 0, "beta", "must be positive")
         self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
         self._check(self.ref_update_interval >= 0, "ref_update_interval", "must be >= 0")
 
@@ -342,7 +343,7 @@ class LoopConfig(TrainConfig, RolloutOptions):
     sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
     pair_strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every pair above the margin.")
     min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
-    beta: float = opt(500.0, "DPO temperature on the denoising-error difference.")
+    beta: float | None = opt(None, "DPO temperature (default: the model's, as train-dpo: 500 for flow models).")
     loss_type: str = opt("sigmoid", "DPO loss: sigmoid, hinge or ipo.")
     ipo_tau: float = opt(500.0, "IPO regularisation.")
     ref_update_interval: int = opt(16, "Copy the policy into the DPO reference every N steps (0: the base model).")
@@ -370,7 +371,7 @@ class LoopConfig(TrainConfig, RolloutOptions):
             self._check(self.noise_level is None or self.noise_level > 0, "noise_level", "must be > 0 for scst")
         self._check(self.pair_strategy in ("best-worst", "all"), "pair_strategy", "must be best-worst or all")
         self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
-        self._check(self.beta > 0, "beta", "must be positive")
+        self._check(self.beta is None or self.beta > 0, "beta", "must be positive")
 
 
 def sub_config(cls, cfg, **overrides):
@@ -433,8 +434,11 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from vpotool.manifest import crash_point
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    crash_point()
     os.replace(tmp, path)
 
 

@@ -114,6 +114,18 @@ def reference_mode(denoiser, mode: str):
             denoiser.set_adapter("default")
 
 
+# Default --beta by what the denoiser predicts. epsilon / v: 5000, Diffusion-DPO's value for SD 1.5 and SDXL (Wallace
+# et al. 2024; 2500 where the 0.5 is folded into beta). flow: the velocity target has twice the noise's variance and
+# flow-model DPO runs report beta between about 100 and 2000; 500 is what the tiny model's loop was measured with
+# (docs/training.md). Pass --beta to override.
+DEFAULT_BETA = {"epsilon": 5000.0, "v": 5000.0, "flow": 500.0}
+
+
+def dpo_beta(cfg, backend) -> float:
+    """``cfg.beta``, or the default for the backend's prediction type when it is unset."""
+    return cfg.beta if cfg.beta is not None else DEFAULT_BETA[backend.prediction]
+
+
 def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoConfig, ref_mode: str) -> DpoOutput:
     """The Diffusion-DPO loss on one batch: winner and loser share noise and timestep; policy and reference run
     on the same inputs (policy with grad, reference without). ``x0_* [B, C, F, h, w]``; ``cond`` for B prompts;
@@ -131,7 +143,7 @@ def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoCon
     policy_w, policy_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
     with torch.no_grad(), reference_mode(denoiser, ref_mode):
         ref_w, ref_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
-    return dpo_loss(policy_w, policy_l, ref_w, ref_l, cfg.beta, cfg.loss_type, cfg.ipo_tau)
+    return dpo_loss(policy_w, policy_l, ref_w, ref_l, dpo_beta(cfg, backend), cfg.loss_type, cfg.ipo_tau)
 
 
 @lru_cache(maxsize=4)
@@ -213,6 +225,7 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     b, acc = trainer.backend, trainer.accelerator
     files = latent_files(pairs_path, rows, b, Path(cfg.out) / "encoded-latents")  # read per batch, not all at once
     ref_mode = init_reference(trainer, cfg)
+    cfg.beta = dpo_beta(cfg, b)  # the resolved config records the value used
     save_config(cfg, Path(cfg.out) / "train-dpo.yaml")
 
     # --- loop
