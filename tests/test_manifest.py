@@ -227,11 +227,21 @@ def test_row_writer_refuses_other_settings(tmp_path):
     w.add([sample_row("a")])
     w.flush()
     with pytest.raises(VpoError) as e:
-        RowWriter(path, "samples", {}, compare={"steps": 20, "seed": 0})
+        RowWriter(path, "samples", {}, compare={"steps": 20, "seed": 1})
     msg = one_line_error(e)
-    assert "steps=30" in msg and "20" in msg and "--out" in msg
-    # Same settings (and settings the old file did not record) resume.
-    assert RowWriter(path, "samples", {}, compare={"steps": 30, "seed": 0, "new": 1}).done == {("a",)}
+    assert "steps 30 -> 20" in msg and "seed 0 -> 1" in msg and "new --out" in msg
+    # Same settings (and settings the old file did not record) resume; the new ones are recorded from then on.
+    w = RowWriter(path, "samples", {}, compare={"steps": 30, "seed": 0, "new": 1})
+    assert w.done == {("a",)}
+    w.flush()
+    assert manifest_config(read_manifest(path, "samples"))["_resume"] == {"steps": 30, "seed": 0, "new": 1}
+    with pytest.raises(VpoError, match="new 1 -> 2"):
+        RowWriter(path, "samples", {}, compare={"new": 2})
+    # A long value (a digest, a reward's options) is named, not printed.
+    w = RowWriter(tmp_path / "s.parquet", "samples", {}, compare={"prompts": "x" * 60})
+    w.flush()
+    with pytest.raises(VpoError, match=r"settings \(prompts\)"):
+        RowWriter(tmp_path / "s.parquet", "samples", {}, compare={"prompts": "y" * 60})
 
 
 def test_row_writer_checks_the_existing_file(tmp_path):

@@ -7,6 +7,12 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def one_line(text) -> str:
+    """``text`` (or an exception's message) with newlines and other control characters as single spaces, so an
+    error quoting a library's message (pyarrow puts control bytes in some) stays one line."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+
+
 class VpoError(Exception):
     """A user-facing error. The CLI prints its message as one line and exits non-zero.
 

@@ -7,9 +7,11 @@ manifest's own folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vpotool import __version__
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, one_line
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,29 @@ def to_table(rows: list[dict], schema_name: str, config: dict | None = None) -> 
     return pa.Table.from_pydict(cols, schema=arrow)
 
 
+CRASH_ENV = "VPOTOOL_CRASH_AT"
+_crash_count = 0
+
+
+def crash_point() -> int:
+    """Mark a point where a kill would leave a half-done write (a temporary file not yet renamed, or a file renamed
+    and the rest not yet done). Returns how many points this process has passed.
+
+    For the crash-safety tests only: with ``VPOTOOL_CRASH_AT=N`` in the environment, the process SIGKILLs itself
+    at its N-th point, as a power cut or an out-of-memory kill would stop it. Unset, this only counts.
+    """
+    global _crash_count
+    _crash_count += 1
+    if os.environ.get(CRASH_ENV, "") == str(_crash_count):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _crash_count
+
+
+def crash_points() -> int:
+    """How many :func:`crash_point` marks this process has passed (the crash-safety tests spread kills over them)."""
+    return _crash_count
+
+
 def write_table(table: pa.Table, path: str | Path) -> None:
     """Write a Parquet file atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
@@ -133,9 +158,11 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)
+        crash_point()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    crash_point()
 
 
 def write_manifest(path: str | Path, rows: list[dict], schema_name: str, config: dict | None = None) -> None:
@@ -144,8 +171,12 @@ def write_manifest(path: str | Path, rows: list[dict], schema_name: str, config:
 
 
 def manifest_kind(path: str | Path) -> str | None:
-    """The schema name recorded in a Parquet file's metadata (None for foreign files)."""
-    meta = pq.read_schema(path).metadata or {}
+    """The schema name recorded in a Parquet file's metadata (None for foreign files). A file that is not
+    readable Parquet (truncated, another format) is a VpoError naming it."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as e:
+        raise VpoError(f"{path} is not a readable Parquet file ({one_line(e)}); regenerate it or leave it out") from e
     kind = meta.get(b"vpotool.schema")
     return kind.decode() if kind else None
 
@@ -162,8 +193,10 @@ def read_manifest(path: str | Path, schema_name: str, flag: str = "") -> pa.Tabl
         raise VpoError(f"{schema_name} manifest not found: {path}{via}; it is written by {schema.written_by}")
     try:
         table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise VpoError(f"{path} is not a readable Parquet file ({e}); regenerate it with {schema.written_by}") from e
+    except (pa.ArrowException, OSError) as e:
+        raise VpoError(
+            f"{path} is not a readable Parquet file ({one_line(e)}); regenerate it with {schema.written_by}"
+        ) from e
     kind = (table.schema.metadata or {}).get(b"vpotool.schema", b"").decode() or None
     if kind and kind != schema_name:
         raise VpoError(
@@ -222,12 +255,37 @@ def remove_stale_temps(folder: str | Path) -> int:
     return removed
 
 
+def _change(name: str, old, new) -> str:
+    """``name 3 -> 5`` for short values, the bare name for long ones (a digest of prompts says nothing)."""
+    shown = f"{name} {old!r} -> {new!r}"
+    return shown if len(shown) <= 80 else name
+
+
+def check_same_settings(path: str | Path, old: dict, new: dict, flag: str = "--out") -> None:
+    """Refuse, in one line naming every differing setting, to add to ``path`` (written under settings ``old``)
+    under settings ``new``. Settings only one side has are not compared."""
+    differ = [_change(k, old[k], v) for k, v in new.items() if k in old and old[k] != v]
+    if differ:
+        raise VpoError(
+            f"{path} was made with other settings ({'; '.join(differ)}); rerun with the same settings to resume, "
+            f"or pass a new {flag}"
+        )
+
+
+def digest(value) -> str:
+    """A short stable fingerprint of a JSON-able value (e.g. a prompt list), for resume checks."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 class RowWriter:
     """Collects rows of one manifest and rewrites the file atomically at each ``flush``, so an interrupted stage
     keeps every row it flushed. Opening an existing file loads its rows for resuming: ``done`` holds their keys.
 
-    ``config`` is stored in the metadata; resuming a file written with a different ``compare`` subset of the
-    config is refused, since mixing rows made under different settings would corrupt the manifest.
+    ``config`` is stored in the metadata. ``compare`` holds the settings that change the rows (model, prompts,
+    sampler settings, reward, ...); resuming a file whose recorded ones differ is refused in one line naming each
+    differing setting, since mixing rows made under different settings would corrupt the manifest. Settings the
+    file did not record are accepted and recorded from then on.
     """
 
     def __init__(self, path: str | Path, schema_name: str, config: dict, compare: dict | None = None):
@@ -235,17 +293,13 @@ class RowWriter:
         self.schema = SCHEMAS[schema_name]
         self.rows: list[dict] = []
         remove_stale_temps(self.path.parent)
+        old: dict = {}
         if self.path.exists():
             table = read_manifest(self.path, schema_name)
             old = manifest_config(table).get("_resume", {})
-            for k, v in (compare or {}).items():
-                if k in old and old[k] != v:
-                    raise VpoError(
-                        f"{self.path} was written with {k}={old[k]!r}, not {v!r}; rerun with the same settings "
-                        f"to resume, or choose a new --out"
-                    )
+            check_same_settings(self.path, old, compare or {})
             self.rows = table.to_pylist()
-        self.config = {**config, "_resume": compare or {}}
+        self.config = {**config, "_resume": {**old, **(compare or {})}}
         self.done = {self.key(r) for r in self.rows}
 
     def key(self, row: dict) -> tuple:
@@ -267,12 +321,36 @@ PATH_COLUMNS = {
 }
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links and relative paths); a missing path is no file."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_merge_paths(inputs: list[str | Path], out: str | Path) -> None:
+    """Refuse an input given twice (its rows would count once, hiding a missing shard) and an ``out`` that is one
+    of the inputs (it would be overwritten while it is an input)."""
+    for i, p in enumerate(inputs):
+        twice = next((q for q in inputs[:i] if _same_file(p, q)), None)
+        if twice is not None:
+            raise VpoError(f"merge: {p} is given twice (also as {twice}); list each shard once")
+        if _same_file(p, out):
+            raise VpoError(f"merge: --out {out} is also an input; write the merged manifest to a new file")
+    if Path(out).is_dir():
+        raise VpoError(
+            f"merge: --out {out} is a folder; pass a manifest file path, e.g. {Path(out) / 'samples.parquet'}"
+        )
+
+
 def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int]:
     """Combine manifests of one kind (e.g. shards) into ``out``: relative paths are rewritten against ``out``'s
     folder and rows are deduplicated by the schema's key (a key with different contents is an error).
     Returns ``(kind, rows written)``."""
     if not inputs:
         raise VpoError("merge needs at least one input manifest")
+    check_merge_paths(inputs, out)
     kinds = {str(p): manifest_kind(p) if Path(p).is_file() else None for p in inputs}
     for p, k in kinds.items():
         if k is None:
@@ -297,5 +375,8 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
                 raise VpoError(f"{p}: row {key} differs from the same row in another input; merge runs of one job")
             rows[key] = r
     config = {**config, "merged_from": [str(p) for p in inputs]}
-    write_manifest(out, list(rows.values()), kind, config)
+    try:
+        write_manifest(out, list(rows.values()), kind, config)
+    except OSError as e:
+        raise VpoError(f"merge: cannot write {out} ({one_line(e)}); pass a writable --out") from e
     return kind, len(rows)

@@ -10,7 +10,7 @@ import typer
 from vpotool import __version__
 from vpotool.cli import eval as evaluate
 from vpotool.cli import label, loop, merge, pair, report, sample, score, train_dpo, train_refl, train_scst
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, one_line
 
 app = typer.Typer(
     name="vpotool",
@@ -58,7 +58,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except VpoError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
+        typer.secho(f"error: {one_line(e)}", fg="red", err=True)
         sys.exit(2)
     except click_errors.ClickException as e:  # usage errors: click's own message and exit status
         e.show()

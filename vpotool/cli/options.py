@@ -19,16 +19,25 @@ def _python_type(annotation: str):
     return _TYPES.get(parts[0], str)
 
 
-def config_command(cls, runner: str, summary: str, short: dict[str, str] | None = None):
+def config_command(cls, runner: str, summary: str, short: dict[str, str] | None = None, run_folder: bool = False):
     """A typer command for config class ``cls`` that runs ``runner`` (``"module:function"``) on the resolved
-    config and prints the path it returns. ``short`` adds short flags, e.g. ``{"candidates": "-k"}``."""
+    config and prints the path it returns. ``short`` adds short flags, e.g. ``{"candidates": "-k"}``.
+    ``run_folder``: ``--out`` is a run folder the runner does not check itself (the trainers); it is checked to be a
+    writable folder and locked for the run, so a read-only folder or a second run there stops with one line."""
     short = short or {}
 
     def command(**kwargs):
         config_file = kwargs.pop("config")
         cfg = build_config(cls, config_file, **kwargs)
         module, fn = runner.split(":")
-        typer.echo(f"wrote {getattr(importlib.import_module(module), fn)(cfg)}")
+        run = getattr(importlib.import_module(module), fn)
+        if run_folder:
+            from vpotool.stages.common import output_folder, writer_lock
+
+            with writer_lock(output_folder(cfg.out)):
+                typer.echo(f"wrote {run(cfg)}")
+        else:
+            typer.echo(f"wrote {run(cfg)}")
 
     params = []
     for f in dataclasses.fields(cls):

@@ -7,4 +7,5 @@ command = config_command(
     DpoConfig,
     "vpotool.training.dpo:train_dpo",
     "Train a LoRA adapter with Diffusion-DPO on pairs.parquet -> OUT/checkpoints/step-N, OUT/metrics.parquet.",
+    run_folder=True,
 )

@@ -7,4 +7,5 @@ command = config_command(
     ReflConfig,
     "vpotool.training.refl:train_refl",
     "Fine-tune a LoRA adapter on the gradient of a differentiable reward -> OUT/checkpoints, OUT/metrics.parquet.",
+    run_folder=True,
 )

@@ -7,4 +7,5 @@ command = config_command(
     ScstConfig,
     "vpotool.training.scst:train_scst",
     "Train a LoRA adapter with self-critical policy gradients (greedy or group-mean baseline) -> OUT/checkpoints.",
+    run_folder=True,
 )

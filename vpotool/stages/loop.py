@@ -22,9 +22,9 @@ from vpotool.config import (
     save_config,
     sub_config,
 )
-from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, write_manifest
-from vpotool.stages.common import console, load_prompts, sparkline
+from vpotool.errors import VpoError, one_line
+from vpotool.manifest import check_same_settings, read_manifest, write_manifest
+from vpotool.stages.common import console, load_prompts, output_folder, sparkline, writer_lock
 from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import resolved_settings, run_sample
 from vpotool.stages.score import run_score
@@ -60,11 +60,43 @@ def method_config(cfg: LoopConfig, pairs: str):
     return sub_config(ScstConfig, cfg, baseline="group-mean", group_size=cfg.candidates, **common)
 
 
+# Options a resumed loop may change: they extend the run or change where and how fast it runs, not its results.
+HARMLESS = frozenset(
+    {"out", "iterations", "max_steps", "resume", "sample_batch_size", "device", "reward_device", "report_to",
+     "gradient_checkpointing", "offload_text_encoder", "eval_prompts", "eval_seeds"}
+)  # fmt: skip
+
+
+def check_loop_resumable(cfg: LoopConfig, out: Path) -> None:
+    """Refuse, in one line naming the differing options, to resume a loop in ``out`` under options that change its
+    results (prompts, model, reward, sampler settings, LoRA shape, learning rate, ...; see ``HARMLESS``)."""
+    import yaml
+
+    saved_path = out / "loop.yaml"
+    started = latest_checkpoint(out) is not None or any(out.glob("iter-*"))
+    if not (started and saved_path.is_file()):
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise VpoError(f"{saved_path} is not readable ({one_line(e)}); pass a new --out") from e
+    now = {k: v for k, v in cfg.to_dict().items() if k not in HARMLESS}
+    check_same_settings(out, saved if isinstance(saved, dict) else {}, now)
+
+
 def run_loop(cfg: LoopConfig) -> Path:
     """Run ``cfg.iterations`` online iterations into ``cfg.out``, then compare base and aligned on held-out
-    prompts. Returns the run folder."""
+    prompts. Returns the run folder. A rerun resumes from the last finished iteration; one process runs a loop
+    folder at a time."""
+    out = output_folder(cfg.out)
+    with writer_lock(out):
+        check_loop_resumable(cfg, out)
+        return loop_into(cfg, out)
+
+
+def loop_into(cfg: LoopConfig, out: Path) -> Path:
+    """The body of :func:`run_loop` once ``out`` is checked and locked."""
     # --- setup: one backend, one reward, one trainer for the whole run
-    out = Path(cfg.out)
     prompts = load_prompts(cfg.prompts)
     noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if cfg.algo == "scst" else 0.0)
     mcfg = method_config(cfg, pairs=str(out / "iter-0000" / "pairs.parquet"))

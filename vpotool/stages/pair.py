@@ -10,6 +10,7 @@ from pathlib import Path
 from vpotool.config import PairConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import read_manifest, resolve, write_manifest
+from vpotool.stages.common import output_file, writer_lock
 
 LABEL_CHOICES = ("left", "right", "tie", "skip")  # the answers of `vpotool label`
 PATHS = ("video", "latent")
@@ -143,7 +144,11 @@ def run_pair(cfg: PairConfig) -> Path:
     """Write ``cfg.out``: one row per preference pair from ``cfg.scores`` (source: the reward) and/or
     ``cfg.labels`` (source: ``human``), with scores, margin and paths to both videos and latents (relative to the
     pairs manifest's folder, so ``train-dpo`` needs nothing else)."""
-    samples_path, out = Path(cfg.samples), Path(cfg.out)
+    samples_path, out = Path(cfg.samples), output_file(cfg.out)
+    for flag in ("samples", "scores", "labels"):
+        given = getattr(cfg, flag)
+        if given and Path(given).resolve() == out.resolve():
+            raise VpoError(f"--out {out} is also --{flag}; write the pairs to a new file, e.g. pairs.parquet")
     samples = {r["sample_id"]: r for r in read_manifest(samples_path, "samples", "--samples").to_pylist()}
     found = (score_pairs(cfg, samples) if cfg.scores else []) + (human_pairs(cfg, samples) if cfg.labels else [])
 
@@ -165,6 +170,7 @@ def run_pair(cfg: PairConfig) -> Path:
         if cfg.labels:
             why.append(f"{cfg.labels} holds no answer preferring one video (tie and skip give none); label more")
         raise VpoError("no pairs: " + "; and ".join(why))
-    save_config(cfg, out.with_name("pair.yaml"))
-    write_manifest(out, pairs, "pairs", cfg.to_dict())
+    with writer_lock(out):
+        save_config(cfg, out.with_name(f"{out.stem}.yaml"))
+        write_manifest(out, pairs, "pairs", cfg.to_dict())
     return out

@@ -13,8 +13,16 @@ from safetensors.torch import save_file
 from vpotool import __version__
 from vpotool.config import SampleConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter, remove_stale_temps
-from vpotool.stages.common import load_prompts, progress_bar, shard_slice, shard_suffix, video_seed
+from vpotool.manifest import RowWriter, crash_point, digest, remove_stale_temps
+from vpotool.stages.common import (
+    load_prompts,
+    output_folder,
+    progress_bar,
+    shard_slice,
+    shard_suffix,
+    video_seed,
+    writer_lock,
+)
 from vpotool.video import to_uint8, write_video
 
 
@@ -26,6 +34,7 @@ def save_latent(path: Path, latent: torch.Tensor, metadata: dict, extra: dict | 
     meta = {"vpotool.schema": "latent", "vpotool.version": __version__, **{k: str(v) for k, v in metadata.items()}}
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in {"latents": latent, **(extra or {})}.items()}
     save_file(tensors, str(tmp), metadata=meta)
+    crash_point()
     os.replace(tmp, path)
 
 
@@ -82,9 +91,7 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     uncond = None
     if settings["guidance"] != 1.0:
         negative = settings.get("negative_prompt") or ""
-        uncond = (
-            backend.encode_prompts([negative] * len(prompts)) if negative else backend.encode_negative(len(prompts))
-        )
+        uncond = backend.encode_negative(len(prompts), negative)
     scheduler = getattr(backend, "pipeline_scheduler", None)
     deterministic = not settings["noise_level"] and not keep_states
     if settings.get("sampler") == "pipeline" and scheduler is not None and deterministic:
@@ -112,18 +119,35 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     """Write ``cfg.out/samples.parquet`` (one row per video), ``videos/*.mp4`` and ``latents/*.safetensors``
     (with ``--save-trajectory`` also holding each video's sampler states and step log-probabilities).
 
-    Rerunning on the same ``--out`` skips videos already recorded; rows are flushed after every batch.
-    ``backend`` may pass an already loaded model (``loop`` keeps one resident).
+    Rerunning on the same ``--out`` skips videos already recorded; rows are flushed after every batch. A rerun
+    under settings that change the videos (prompts, model, sampler settings, seed, ...) is refused. One process
+    writes a manifest at a time (shards write their own). ``backend`` may pass an already loaded model (``loop``
+    keeps one resident).
     """
+    every = load_prompts(cfg.prompts)
+    prompts = shard_slice(every, cfg.shard)
+    if not prompts:
+        n = len(every)
+        raise VpoError(
+            f"--shard {cfg.shard} has no prompts: {cfg.prompts} holds {n} prompt{'s' * (n != 1)}, so only shards "
+            f"0 to {n - 1} get any; split into at most {n} shards"
+        )
+    out = output_folder(cfg.out)
+    suffix = shard_suffix(cfg.shard)
+    with writer_lock(out / f"samples{suffix}.parquet"):
+        return sample_into(cfg, out, suffix, every, prompts, backend)
+
+
+def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts: list, backend=None) -> Path:
+    """The body of :func:`run_sample` once ``out`` is checked and locked: ``prompts`` are this shard's of
+    ``every``."""
     from vpotool.models import load_backend, resolve_device
 
-    prompts = shard_slice(load_prompts(cfg.prompts), cfg.shard)
-    out = Path(cfg.out)
     for sub in ("videos", "latents"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        output_folder(out / sub)
         remove_stale_temps(out / sub)  # a killed run's half-written files
     if backend is None:
-        backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype)
+        backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype, cfg.model_options)
         if cfg.adapter:
             from vpotool.training.lora import load_adapter
 
@@ -136,11 +160,13 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
             f"(got {settings['height']}x{settings['width']})"
         )
     cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"
-    suffix = shard_suffix(cfg.shard)
-    save_config(cfg, out / f"sample{suffix}.yaml")
     model_id = {"model": backend.info.name, "model_path": backend.info.path, "adapter": backend.info.adapter}
-    resume_keys = {**settings, **model_id, "seed": cfg.seed, "save_trajectory": cfg.save_trajectory}
+    resume_keys = {
+        **settings, **model_id, "seed": cfg.seed, "save_trajectory": cfg.save_trajectory, "prompts": digest(every),
+        "candidates": cfg.candidates, "dtype": cfg.dtype, "crf": cfg.crf, "model_options": cfg.model_options,
+    }  # fmt: skip
     writer = RowWriter(out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare=resume_keys)
+    save_config(cfg, out / f"sample{suffix}.yaml")  # after the resume check: a refused run leaves it alone
 
     # the sampler and negative prompt are recorded in the config and the latent files, not as columns
     columns = {k: v for k, v in settings.items() if k not in ("sampler", "negative_prompt")}

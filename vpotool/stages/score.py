@@ -9,8 +9,8 @@ import torch
 
 from vpotool.config import ScoreConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter, read_manifest, resolve
-from vpotool.stages.common import progress_bar, shard_slice, shard_suffix
+from vpotool.manifest import RowWriter, digest, manifest_config, read_manifest, resolve
+from vpotool.stages.common import output_file, progress_bar, shard_slice, shard_suffix, writer_lock
 from vpotool.video import frames_to_tensor, read_video
 
 
@@ -43,30 +43,63 @@ def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[di
     return out
 
 
-def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
-    """Write ``cfg.out`` with one row per (sample, reward). Rerunning skips rows already scored."""
-    from vpotool.models import resolve_device
-    from vpotool.rewards import load_rewards, reward_names
+def samples_identity(table) -> str:
+    """A fingerprint of the samples a manifest holds: the settings ``sample`` recorded for resuming (model,
+    prompts, sampler settings, seed; the same for every shard and resume of one job), else its rows' ids, prompts
+    and seeds."""
+    recorded = manifest_config(table).get("_resume")
+    if recorded:
+        return digest(recorded)
+    return digest(sorted(zip(*(table.column(c).to_pylist() for c in ("sample_id", "prompt", "seed")), strict=True)))
 
+
+def reward_identity(cfg: ScoreConfig, name: str) -> dict:
+    """What decides reward ``name``'s scores besides the videos: the weights and options of each part."""
+    from vpotool.rewards import parse_options, reward_path
+    from vpotool.rewards.composite import parse_weights
+
+    options = parse_options(cfg.reward_options)
+    parts = parse_weights(name) if ":" in name else {name: 1.0}
+    return {p: {"path": reward_path(cfg.reward_path, p, cfg.reward), "options": options.get(p, {})} for p in parts}
+
+
+def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
+    """Write ``cfg.out`` with one row per (sample, reward). Rerunning skips rows already scored; a rerun on other
+    samples, or with other weights or options for a reward already scored, is refused. One process writes a
+    scores file at a time (shards write their own)."""
+    from vpotool.rewards import reward_names
+
+    out = output_file(cfg.out)
     names = reward_names(cfg.reward)
     samples_path = Path(cfg.samples)
-    samples = shard_slice(read_manifest(samples_path, "samples", "--samples").to_pylist(), cfg.shard)
+    table = read_manifest(samples_path, "samples", "--samples")
+    samples = shard_slice(table.to_pylist(), cfg.shard)
     if not samples:
-        raise VpoError(f"{samples_path} has no samples; run `vpotool sample` first")
-    device = resolve_device(cfg.device)
-    rewards = load_rewards(cfg.reward, cfg.reward_path, device, cfg.dtype, cfg.reward_options, have=rewards)
-    out = Path(cfg.out)
-    if out.suffix != ".parquet":
-        raise VpoError(f"--out {out} should be a .parquet file path, e.g. RUN/scores.parquet")
+        raise VpoError(f"{samples_path} has no samples for --shard {cfg.shard}; run `vpotool sample` first")
     suffix = shard_suffix(cfg.shard)
     if suffix:
         out = out.with_name(f"{out.stem}{suffix}.parquet")
-    save_config(cfg, out.with_name(f"score{suffix}.yaml"))
+    with writer_lock(out):
+        return score_into(cfg, out, names, samples_path, samples, samples_identity(table), rewards)
+
+
+def score_into(
+    cfg: ScoreConfig, out: Path, names: list, samples_path: Path, samples: list, identity: str, rewards=None
+):
+    """The body of :func:`run_score` once ``out`` is checked and locked: score ``samples`` (this shard's rows of
+    ``samples_path``, whose :func:`samples_identity` is ``identity``) with every reward of ``names``."""
+    from vpotool.models import resolve_device
+    from vpotool.rewards import load_rewards
+
+    compare = {"samples": identity, "dtype": cfg.dtype, **{f"reward {n}": reward_identity(cfg, n) for n in names}}
     meta = cfg.to_dict()
+    writer = RowWriter(out, "scores", meta, compare=compare)  # checks a resumed file before any model loads
+    device = resolve_device(cfg.device)
+    rewards = load_rewards(cfg.reward, cfg.reward_path, device, cfg.dtype, cfg.reward_options, have=rewards)
     composites = {n: r.describe() for n, r in rewards.items() if hasattr(r, "describe")}
     if composites:  # each part's weight and normalisation range, so a composite score can be read back
-        meta["composites"] = composites
-    writer = RowWriter(out, "scores", meta)
+        writer.config["composites"] = composites
+    save_config(cfg, out.with_name(f"{out.stem}.yaml"))  # after the checks: a refused run leaves it alone
     todo = [r for r in samples if any((r["sample_id"], n) not in writer.done for n in names)]
     with progress_bar("score " + ",".join(names), total=len(samples)) as advance:
         advance(len(samples) - len(todo))
