@@ -63,8 +63,9 @@ NEGATIVE_HELP = (
     "negative_prompt (default: the family's own unconditional input: the empty prompt, Open-Sora's null caption)."
 )
 MODEL_OPTIONS_HELP = (
-    "Options of the model family as option=value pairs; opensora: aesthetic_score=6.5 (the suffix upstream appends "
-    "to each prompt; none: no suffix), clean_prompts=true (upstream's T5 caption cleaning; false: lower-case only)."
+    "Options of the model family as option=value pairs: vae_tiling=true, vae_slicing=true (decode in tiles or one "
+    "video at a time: less memory; tiny, wan, cogvideox, ltx); opensora: aesthetic_score=6.5 (the suffix upstream "
+    "appends to each prompt; none: no suffix), clean_prompts=true (upstream's T5 caption cleaning; false: lower-case)."
 )
 SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
 
@@ -206,6 +207,8 @@ class TrainConfig(StageConfig):
     lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1).")
     lora_targets: str | None = opt(None, "Comma-separated module names to adapt (default: the model's attention).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    offload_text_encoder: bool = opt(False, "Encode the run's prompts once, then keep the text encoder and the "
+                                     "embeddings in CPU memory (each prompt is encoded once either way).")  # fmt: skip
     mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate autocast).")
     save_every: int = opt(0, "Write checkpoints/step-N every N steps (0: only at the end).")
     resume: bool = opt(True, "Continue from the latest checkpoint in --out when there is one, as every stage "
@@ -258,6 +261,7 @@ class RolloutOptions:
     size: str | None = opt(None, SIZE_HELP)
     steps: int | None = opt(None, "Denoising steps of each rollout (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's).")
+    reward_device: str | None = opt(None, "Device of the reward model, e.g. cuda:1 (default: the policy's).")
 
 
 @dataclass
@@ -267,6 +271,8 @@ class ReflConfig(TrainConfig, RolloutOptions):
                              "model's x0 prediction there (ReFL).")  # fmt: skip
     reward_frames: str = opt("all", "Frames the reward sees: all, N (evenly spaced) or first-middle-last.")
     reward_target: float | None = opt(None, "Minimise |target - reward| instead of -reward.")
+    vae_checkpointing: bool = opt(False, "Recompute the VAE decode in the backward pass instead of keeping its "
+                                  "activations (memory of long or large videos).")  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -349,6 +355,7 @@ class LoopConfig(TrainConfig, RolloutOptions):
     ref_update_interval: int = opt(16, "Copy the policy into the DPO reference every N steps (0: the base model).")
     backprop_steps: int = opt(1, "refl: keep gradients through this many final denoising steps.")
     reward_frames: str = opt("all", "refl: frames the reward sees: all, N or first-middle-last.")
+    vae_checkpointing: bool = opt(False, "refl: recompute the VAE decode in the backward pass.")
     adv_clip: float = opt(5.0, "scst: clip advantages to +-this (0 disables).")
     clip_eps: float = opt(1e-4, "scst: ratio clip of the stored rollouts' log-probabilities.")
     kl_beta: float = opt(0.0, "scst: weight of the KL to the base model (0: off).")
@@ -434,11 +441,8 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from vpotool.manifest import crash_point
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    crash_point()
     os.replace(tmp, path)
 
 

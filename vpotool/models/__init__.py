@@ -48,8 +48,16 @@ MODELS: dict[str, Callable[..., Backend]] = {
     "opensora": _opensora,
 }
 
-# ``--model-options`` each family takes, with their defaults (the reference implementation's).
-MODEL_OPTIONS: dict[str, dict] = {"opensora": {"aesthetic_score": 6.5, "clean_prompts": True}}
+# ``--model-options`` each family takes, with their defaults (the reference implementation's). The VAE options apply
+# to the diffusers VAEs (``enable_tiling``/``enable_slicing``) after loading; the others go to the family's loader.
+VAE_OPTIONS = {"vae_tiling": False, "vae_slicing": False}
+MODEL_OPTIONS: dict[str, dict] = {
+    "tiny": VAE_OPTIONS,
+    "wan": VAE_OPTIONS,
+    "cogvideox": VAE_OPTIONS,
+    "ltx": VAE_OPTIONS,
+    "opensora": {"aesthetic_score": 6.5, "clean_prompts": True},
+}
 
 DTYPES = {
     "float32": torch.float32,
@@ -96,14 +104,18 @@ def load_backend(
     """Load the backend registered under ``name``, weights from ``path`` (a local folder or hub id), with the
     family's ``options`` (``--model-options`` text or a dict)."""
     check_model_name(name)
-    options = model_options(name, options)
+    options = dict(model_options(name, options))
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     # Small gradients and attention weights turn denormal during training, and x86 CPUs compute on denormals
     # about ten times slower (measured on the tiny model's VAE); flushing them to zero changes no result that
     # matters. Process-wide, and a no-op on GPUs.
     torch.set_flush_denormal(True)
+    vae = {k: options.pop(k) for k in list(options) if k in VAE_OPTIONS}
     backend = MODELS[name](path, device, dtype, **options)
+    for option, on in vae.items():
+        if on:  # vae_tiling -> enable_tiling(), vae_slicing -> enable_slicing()
+            getattr(backend.codec.vae, "enable_" + option.removeprefix("vae_"))()
     for module in (getattr(backend, "text_encoder", None), getattr(getattr(backend, "codec", None), "vae", None)):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)  # frozen: ReFL backpropagates through the VAE to the adapter only

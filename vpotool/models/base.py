@@ -10,6 +10,7 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -192,6 +193,25 @@ def text_length(tokenizer, cap: int) -> int:
     return min(cap, getattr(tokenizer, "model_max_length", cap) or cap)
 
 
+def uses_text_encoder(encode):
+    """Decorator for a backend's ``encode_prompts``: no grad, and the text encoder on the backend's device for the
+    call when :meth:`TextVideoBackend.offload_text_encoder` moved it to the CPU."""
+
+    @functools.wraps(encode)
+    @torch.no_grad()
+    def wrapper(self, *args, **kwargs):
+        home = next(self.text_encoder.parameters()).device
+        if home == self.device:
+            return encode(self, *args, **kwargs)
+        self.text_encoder.to(self.device)
+        try:
+            return encode(self, *args, **kwargs)
+        finally:
+            self.text_encoder.to(home)
+
+    return wrapper
+
+
 class TextVideoBackend:
     """What the text-to-video families share: a denoiser, a codec (pixels <-> latents, with ``latent_channels``,
     ``temporal_factor`` and ``spatial_factor``), a text encoder and tokenizer, and the unconditional prompt ``""``
@@ -226,6 +246,8 @@ class TextVideoBackend:
         self.lora_target_modules = list(self.lora_targets)
         self.size_multiple = codec.spatial_factor * patch_size
         self._negative = NegativeCache(self.encode_prompts)
+        self._cond_cache: dict[str, Conditioning] = {}
+        self._cache_device = self.device
 
     @property
     def model(self):
@@ -240,6 +262,26 @@ class TextVideoBackend:
 
     def encode_negative(self, n: int, prompt: str = "") -> Conditioning:
         return self.encode_prompts([prompt] * n) if prompt else self._negative(n)
+
+    def condition(self, prompts: list[str]) -> Conditioning:
+        """:meth:`encode_prompts` with each prompt encoded once per run: trainers see the same prompts every epoch,
+        and a large text encoder (UMT5-XXL, T5-XXL) costs a forward per micro-batch otherwise."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            cond = self.encode_prompts(missing)
+            for i, p in enumerate(missing):
+                self._cond_cache[p] = {k: v[i : i + 1].to(self._cache_device) for k, v in cond.items()}
+        return {k: v.to(self.device) for k, v in cond_cat(*(self._cond_cache[p] for p in prompts)).items()}
+
+    def offload_text_encoder(self, prompts: list[str]) -> None:
+        """Encode ``prompts`` (and the empty prompt) now, then keep the text encoder and the cached embeddings in
+        CPU memory: the accelerator holds neither. A prompt seen later is encoded with the encoder brought back for
+        that call (:func:`uses_text_encoder`)."""
+        self.condition(list(prompts))
+        self._negative(1)
+        self.text_encoder.to("cpu")
+        self._cache_device = torch.device("cpu")
+        self._cond_cache = {p: {k: v.cpu() for k, v in c.items()} for p, c in self._cond_cache.items()}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return video_latent_shape(self.codec, frames, height, width)

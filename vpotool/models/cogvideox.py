@@ -12,6 +12,7 @@ from vpotool.models.base import (
     SamplingDefaults,
     TextVideoBackend,
     tokenize,
+    uses_text_encoder,
     vae_input,
     vae_output,
 )
@@ -85,7 +86,7 @@ class CogVideoXBackend(TextVideoBackend):
         self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
         self._rotary_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @torch.no_grad()
+    @uses_text_encoder
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """``{"encoder_hidden_states": [B, max_text_len, text_dim]}``."""
         ids, _ = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)

@@ -21,6 +21,7 @@ from vpotool.models.base import (
     text_length,
     tokenize,
     uniform_sigmas,
+    uses_text_encoder,
     vae_input,
     vae_output,
 )
@@ -155,7 +156,7 @@ class LtxBackend(TextVideoBackend):
         self.frame_rate = float(defaults.fps)
         self.default_shape = self.latent_shape(defaults.frames, defaults.height, defaults.width)
 
-    @torch.no_grad()
+    @uses_text_encoder
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """``{"encoder_hidden_states": [B, L, text_dim], "encoder_attention_mask": [B, L]}`` (mask 1 on tokens)."""
         ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)

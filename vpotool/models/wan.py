@@ -21,6 +21,7 @@ from vpotool.models.base import (
     flow_training_timesteps,
     text_length,
     tokenize,
+    uses_text_encoder,
     vae_input,
     vae_output,
 )
@@ -89,7 +90,7 @@ class WanBackend(TextVideoBackend):
         self.euler_scheduler = euler_scheduler
         self.pipeline_scheduler = pipeline_scheduler
 
-    @torch.no_grad()
+    @uses_text_encoder
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state

@@ -41,9 +41,10 @@ class Trainer:
         return self.accelerator.unwrap_model(self.backend.denoiser)
 
 
-def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) -> Trainer:
+def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), prompts=()) -> Trainer:
     """Accelerator, backend with a trainable LoRA adapter (plus frozen ``extra_adapters``), AdamW, warm-up
-    schedule and the metrics writer; resumes from the latest checkpoint when ``cfg.resume``."""
+    schedule and the metrics writer; resumes from the latest checkpoint when ``cfg.resume``. With
+    ``cfg.offload_text_encoder`` the run's ``prompts`` are encoded now and the text encoder leaves the device."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -57,6 +58,8 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = ()) 
     if backend is None:
         device = str(accelerator.device) if cfg.device == "auto" else resolve_device(cfg.device)
         backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype, cfg.model_options)
+    if cfg.offload_text_encoder:
+        backend.offload_text_encoder(list(prompts))
     targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
     alpha = cfg.lora_alpha or cfg.lora_rank
     params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)

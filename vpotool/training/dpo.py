@@ -194,7 +194,7 @@ def dpo_step(trainer, cfg: DpoConfig, rows: list[dict], files: list, step: int, 
         slot = (step * cfg.grad_accum + micro) * world + rank
         idx = batch_indices(len(rows), cfg.batch_size, slot, cfg.seed)
         seeds = [cfg.seed * 7_919 + 2 * (slot * cfg.batch_size + j) for j in range(len(idx))]
-        cond = b.encode_prompts([rows[i]["prompt"] for i in idx])
+        cond = b.condition([rows[i]["prompt"] for i in idx])
         x0_w = load_latents([files[i][0] for i in idx]).to(b.device)
         x0_l = load_latents([files[i][1] for i in idx]).to(b.device)
         with grad_sync(trainer, last=micro == cfg.grad_accum - 1):
@@ -221,7 +221,7 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     if not rows:
         raise VpoError(f"{pairs_path} has no pairs; run `vpotool pair` first")
     extra = reference_adapters(cfg)
-    trainer = setup(cfg, backend, extra)
+    trainer = setup(cfg, backend, extra, prompts=dict.fromkeys(r["prompt"] for r in rows))
     b, acc = trainer.backend, trainer.accelerator
     files = latent_files(pairs_path, rows, b, Path(cfg.out) / "encoded-latents")  # read per batch, not all at once
     ref_mode = init_reference(trainer, cfg)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from vpotool.config import ReflConfig, save_config
 from vpotool.errors import VpoError
@@ -33,9 +34,11 @@ def select_frames(frames: torch.Tensor, spec: str) -> torch.Tensor:
 
 
 def load_rollout_reward(cfg, device, need_grad: bool):
-    """The training reward; reward-gradient training refuses a non-differentiable one."""
+    """The training reward, on ``cfg.reward_device`` when set, else ``device``; reward-gradient training refuses a
+    non-differentiable one."""
     from vpotool.rewards import load_reward
 
+    device = getattr(cfg, "reward_device", None) or device
     reward = load_reward(cfg.reward, cfg.reward_path, device, options=cfg.reward_options)
     if need_grad and not reward.differentiable:
         raise VpoError(f"reward '{cfg.reward}' is not differentiable; train-refl needs one (e.g. temporal, flicker)")
@@ -45,12 +48,20 @@ def load_rollout_reward(cfg, device, need_grad: bool):
     return reward
 
 
+def reward_values(reward, frames: torch.Tensor, prompts: list[str], cfg) -> torch.Tensor:
+    """``cfg.reward_dimension`` of ``reward`` on float ``frames``, computed on ``cfg.reward_device`` when set and
+    returned on the frames' device (gradients cross the devices)."""
+    device = getattr(cfg, "reward_device", None)
+    x = frames.float() if device is None else frames.float().to(device)
+    return reward(x, prompts)[cfg.reward_dimension].to(frames.device)
+
+
 def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, cfg: ReflConfig, gen) -> torch.Tensor:
     """Sample with the gradient window of ``cfg`` and decode -> frames ``[B, T, 3, H, W]`` with the graph."""
     steps = settings["steps"]
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
     noise = seeded_noise(shape, seeds, backend.device)
-    cond = backend.encode_prompts(prompts)
+    cond = backend.condition(prompts)
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
     k = min(cfg.backprop_steps, steps)
     if cfg.backprop_mode == "last":
@@ -68,7 +79,13 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
         grad_steps=window,
         stop_at=stop,
     )
-    frames = backend.decode(traj.latents.to(backend.dtype))
+    latents = traj.latents.to(backend.dtype)
+    if getattr(cfg, "vae_checkpointing", False) and torch.is_grad_enabled():
+        # The decode's activations are not kept: the backward pass runs the decode again. Every family's VAE,
+        # whether or not it supports checkpointing inside.
+        frames = torch.utils.checkpoint.checkpoint(backend.decode, latents, use_reentrant=False)
+    else:
+        frames = backend.decode(latents)
     return frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
 
 
@@ -86,7 +103,7 @@ def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: di
         batch = [prompts[i] for i in idx]
         with grad_sync(trainer, last=micro == cfg.grad_accum - 1):
             frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
-            value = reward(select_frames(frames, cfg.reward_frames).float(), batch)[cfg.reward_dimension]
+            value = reward_values(reward, select_frames(frames, cfg.reward_frames), batch, cfg)
             loss = refl_loss(value, cfg.reward_target)
             acc.backward(loss / cfg.grad_accum)
         rewards.append(value.detach().mean())
@@ -100,7 +117,7 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
     """Train a LoRA adapter to raise a differentiable reward; writes checkpoints and metrics under ``cfg.out``."""
     # --- setup
     prompts = [p for _, p in load_prompts(cfg.prompts)]
-    trainer = setup(cfg, backend)
+    trainer = setup(cfg, backend, prompts=prompts)
     b, acc = trainer.backend, trainer.accelerator
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
     settings = resolved_settings(cfg, b)

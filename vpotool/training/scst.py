@@ -25,7 +25,7 @@ from vpotool.stages.pair import reward_rows
 from vpotool.stages.sample import resolved_settings
 from vpotool.training.common import finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.dpo import batch_indices, reference_mode
-from vpotool.training.refl import load_rollout_reward
+from vpotool.training.refl import load_rollout_reward, reward_values
 
 
 @dataclass
@@ -52,14 +52,14 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     seeds = [s * 101 + j for s in seeds for j in range(k)]
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
     noise = seeded_noise(shape, seeds, backend.device)
-    cond = backend.encode_prompts(prompts)
+    cond = backend.condition(prompts)
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
     common = dict(steps=settings["steps"], guidance=settings["guidance"], uncond=uncond)
     traj = sample(backend, cond, noise, noise_level=cfg.noise_level, step_seeds=seeds, keep_states=True, **common)
 
     def score(latents):
         frames = backend.decode(latents.to(backend.dtype))[:, : settings["frames"], :, : settings["height"]]
-        return reward(frames[..., : settings["width"]].float(), prompts)[cfg.reward_dimension].float()
+        return reward_values(reward, frames[..., : settings["width"]], prompts, cfg).float()
 
     r = score(traj.latents)
     if cfg.baseline == "greedy":
@@ -243,7 +243,7 @@ def load_batch(backend, stored: StoredRollouts, idx: list[int], cfg: ScstConfig)
             states.append(f.get_tensor("states").float())
             logps.append(f.get_tensor("logps").float())
     dev = backend.device
-    cond = backend.encode_prompts([stored.prompts[i] for i in idx])
+    cond = backend.condition([stored.prompts[i] for i in idx])
     uncond = backend.encode_negative(len(idx)) if stored.settings["guidance"] != 1.0 else None
     adv = normalize_advantage(stored.advantage[idx], cfg.adv_clip or None, scale=cfg.normalize).to(dev)
     visited = list(torch.stack(states, 1).to(dev).unbind(0))  # S + 1 tensors [B, C, F, h, w]
@@ -321,7 +321,7 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
         cfg = dataclasses.replace(cfg, reward=stored.reward_name, **stored.settings)
     else:
         prompts = [p for _, p in load_prompts(cfg.prompts)]
-    trainer = setup(cfg, backend)
+    trainer = setup(cfg, backend, prompts=stored.prompts if stored is not None else prompts)
     b, acc = trainer.backend, trainer.accelerator
     settings = resolved_settings(cfg, b)
     if stored is None:

@@ -32,6 +32,7 @@ from vpotool.models.base import (
     flow_schedule,
     shifted,
     tokenize,
+    uses_text_encoder,
     vae_input,
     vae_output,
 )
@@ -134,7 +135,7 @@ class OpenSoraBackend(TextVideoBackend):
             prompt = f"{prompt} aesthetic score: {self.aesthetic_score:.1f}."
         return clean_caption(clean_caption(prompt)) if self.clean_prompts else prompt.lower().strip()
 
-    @torch.no_grad()
+    @uses_text_encoder
     def encode_prompts(self, prompts: list[str], suffix: bool = True) -> Conditioning:
         """``y [B, 300, 4096]`` T5 states and ``mask [B, 300]`` (1 for real tokens) of :meth:`prompt_text`, as
         Open-Sora's T5 encoder."""
