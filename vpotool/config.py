@@ -210,7 +210,6 @@ class TrainConfig(StageConfig):
     offload_text_encoder: bool = opt(False, "Encode the run's prompts once, then keep the text encoder and the "
                                      "embeddings in CPU memory (each prompt is encoded once either way).")  # fmt: skip
     mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate autocast).")
-    save_every: int = opt(0, "Write checkpoints/step-N every N steps (0: only at the end).")
     resume: bool = opt(True, "Continue from the latest checkpoint in --out when there is one, as every stage "
                        "resumes when rerun (--no-resume: refuse a folder that holds checkpoints).")  # fmt: skip
     seed: int = opt(0, "Seed for data order, noise and timesteps.")
@@ -224,13 +223,23 @@ class TrainConfig(StageConfig):
             self._check(getattr(self, name) >= 1, name, "must be at least 1")
         self._check(self.lr > 0, "lr", "must be positive")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        self._check(self.save_every >= 0, "save_every", "must be >= 0")
         self._check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "must be no, bf16 or fp16")
 
 
 @dataclass
-class DpoConfig(TrainConfig):
-    pairs: str = opt("", "pairs.parquet written by `vpotool pair` (or human labels).")
+class CheckpointOptions:
+    """When the trainers write checkpoints (``loop`` writes one at the end of every iteration instead)."""
+
+    save_every: int = opt(0, "Write checkpoints/step-N every N steps (0: only at the end).")
+
+    def check_checkpoints(self) -> None:
+        self._check(self.save_every >= 0, "save_every", "must be >= 0")
+
+
+@dataclass
+class DpoOptions:
+    """The Diffusion-DPO options of ``train-dpo`` and ``loop --algo dpo`` (one declaration, one default each)."""
+
     beta: float | None = opt(None, "DPO temperature on the denoising-error difference (default: 500 for flow "
                              "models, 5000 for epsilon/v ones; see docs/training.md).")  # fmt: skip
     loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo.")
@@ -238,12 +247,21 @@ class DpoConfig(TrainConfig):
     ref_update_interval: int = opt(0, "Copy the policy into the reference every N optimizer steps (0: never).")
     ref_adapter: str | None = opt(None, "A checkpoint to use as the reference (default: the base model).")
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._check(bool(self.pairs), "pairs", "is required")
+    def check_dpo(self) -> None:
         self._check(self.beta is None or self.beta > 0, "beta", "must be positive")
         self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
         self._check(self.ref_update_interval >= 0, "ref_update_interval", "must be >= 0")
+
+
+@dataclass
+class DpoConfig(DpoOptions, CheckpointOptions, TrainConfig):
+    pairs: str = opt("", "pairs.parquet written by `vpotool pair` (or human labels).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.pairs), "pairs", "is required")
+        self.check_checkpoints()
+        self.check_dpo()
 
 
 @dataclass
@@ -265,7 +283,9 @@ class RolloutOptions:
 
 
 @dataclass
-class ReflConfig(TrainConfig, RolloutOptions):
+class ReflOptions:
+    """The reward-gradient options of ``train-refl`` and ``loop --algo refl``."""
+
     backprop_steps: int = opt(1, "K: keep gradients through this many denoising steps (VADER/DRaFT-K).")
     backprop_mode: str = opt("last", "last: the last K steps; random: stop at a random late step and decode the "
                              "model's x0 prediction there (ReFL).")  # fmt: skip
@@ -274,9 +294,7 @@ class ReflConfig(TrainConfig, RolloutOptions):
     vae_checkpointing: bool = opt(False, "Recompute the VAE decode in the backward pass instead of keeping its "
                                   "activations (memory of long or large videos).")  # fmt: skip
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._check(bool(self.prompts), "prompts", "is required")
+    def check_refl(self) -> None:
         self._check(self.backprop_steps >= 1, "backprop_steps", "must be at least 1")
         self._check(self.backprop_mode in ("last", "random"), "backprop_mode", "must be last or random")
         ok = self.reward_frames in ("all", "first-middle-last") or (
@@ -286,7 +304,29 @@ class ReflConfig(TrainConfig, RolloutOptions):
 
 
 @dataclass
-class ScstConfig(TrainConfig, RolloutOptions):
+class ReflConfig(ReflOptions, CheckpointOptions, RolloutOptions, TrainConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.prompts), "prompts", "is required")
+        self.check_checkpoints()
+        self.check_refl()
+
+
+@dataclass
+class ScstLossOptions:
+    """The policy-gradient options of ``train-scst`` and ``loop --algo scst``."""
+
+    adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables).")
+    clip_eps: float = opt(1e-4, "PPO ratio clip, for --ppo-epochs > 1 and for stored rollouts (--samples, loop).")
+    kl_beta: float = opt(0.0, "Weight of the KL to the base model on the step means (0: off).")
+    train_fraction: float = opt(1.0, "Fraction of each trajectory's steps to train on (chosen at random).")
+
+    def check_scst(self) -> None:
+        self._check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class ScstConfig(ScstLossOptions, CheckpointOptions, RolloutOptions, TrainConfig):
     samples: str = opt("", "Offline: stored rollouts, a samples.parquet from `vpotool sample --save-trajectory` "
                        "(instead of --prompts).")  # fmt: skip
     scores: str = opt("", "Offline: the scores.parquet of --samples, from `vpotool score`.")
@@ -298,14 +338,12 @@ class ScstConfig(TrainConfig, RolloutOptions):
                                "K samples (with --samples: the prompt's stored candidates).")  # fmt: skip
     group_size: int = opt(4, "Samples per prompt for --baseline group-mean (with --samples: the stored ones).")
     normalize: bool = opt(False, "Scale advantages to unit RMS over the batch.")
-    adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables).")
     ppo_epochs: int = opt(1, "Optimizer passes over each batch of rollouts (> 1 uses the clipped ratio).")
-    clip_eps: float = opt(1e-4, "PPO ratio clip for --ppo-epochs > 1 and for --samples.")
-    kl_beta: float = opt(0.0, "Weight of the KL to the base model on the step means (0: off).")
-    train_fraction: float = opt(1.0, "Fraction of each trajectory's steps to train on (chosen at random).")
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_checkpoints()
+        self.check_scst()
         offline = bool(self.samples)
         why = "is required (or --samples with --scores, to train on stored rollouts)"
         self._check(bool(self.prompts) or offline, "prompts", why)
@@ -326,12 +364,15 @@ class ScstConfig(TrainConfig, RolloutOptions):
         self._check(not offline or self.baseline == "group-mean", "baseline", why)
         self._check(self.group_size >= 2 or self.baseline == "greedy", "group_size", "must be at least 2")
         self._check(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
-        self._check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
 
 
 @dataclass
-class LoopConfig(TrainConfig, RolloutOptions):
-    """``vpotool loop``: sample, score, pair and train online in one process (OnlineVPO), or ReFL / SCST steps."""
+class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, TrainConfig):
+    """``vpotool loop``: sample, score, pair and train online in one process (OnlineVPO), or ReFL / SCST steps.
+
+    The method options are the trainers' own (:class:`DpoOptions`, :class:`ReflOptions`, :class:`ScstLossOptions`);
+    the fields below are the loop's, and the few trainer defaults it changes for its short online runs, each
+    saying why."""
 
     out: str = opt("runs/loop", "Run folder: iter-NNNN/ manifests, checkpoints/, metrics.parquet, eval/.")
     algo: str = opt("dpo", "dpo (OnlineVPO), refl (reward gradients) or scst (self-critical, group-mean baseline).")
@@ -342,24 +383,17 @@ class LoopConfig(TrainConfig, RolloutOptions):
     candidates: int = opt(4, "Candidate videos per prompt (K).")
     steps_per_iter: int = opt(8, "Optimizer steps per iteration.")
     max_steps: int = opt(0, "Stop after this many optimizer steps in all (0: iterations x steps-per-iter).")
+    # Measured on the tiny model (docs/training.md): 1e-3 made it flicker; a rank-8 adapter suffices for ~100 steps.
     lr: float = opt(2e-4, "Peak learning rate (AdamW).")
     lora_rank: int = opt(8, "LoRA rank.")
-    save_every: int = opt(0, "Unused by loop: it checkpoints at the end of every iteration.")
     noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0 for dpo and refl, 0.7 for scst).")
     sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
     pair_strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every pair above the margin.")
     min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
-    beta: float | None = opt(None, "DPO temperature (default: the model's, as train-dpo: 500 for flow models).")
-    loss_type: str = opt("sigmoid", "DPO loss: sigmoid, hinge or ipo.")
-    ipo_tau: float = opt(500.0, "IPO regularisation.")
-    ref_update_interval: int = opt(16, "Copy the policy into the DPO reference every N steps (0: the base model).")
-    backprop_steps: int = opt(1, "refl: keep gradients through this many final denoising steps.")
-    reward_frames: str = opt("all", "refl: frames the reward sees: all, N or first-middle-last.")
-    vae_checkpointing: bool = opt(False, "refl: recompute the VAE decode in the backward pass.")
-    adv_clip: float = opt(5.0, "scst: clip advantages to +-this (0 disables).")
-    clip_eps: float = opt(1e-4, "scst: ratio clip of the stored rollouts' log-probabilities.")
-    kl_beta: float = opt(0.0, "scst: weight of the KL to the base model (0: off).")
-    train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on.")
+    # OnlineVPO's curriculum reference (its 200 steps scaled to the loop's ~100), where train-dpo keeps the base.
+    ref_update_interval: int = opt(16, "dpo: copy the policy into the reference every N steps (0: the base model).")
+    # The loop trains SCST on its own K candidates (group-mean baseline); half the steps per update halve its cost.
+    train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on (chosen at random).")
     eval_prompts: str | None = opt(None, "Held-out prompts for base vs aligned at the end (default: world:heldout "
                                    "for world prompts; none: skip).")  # fmt: skip
     eval_seeds: int = opt(1, "Videos per held-out prompt in the final comparison.")
@@ -377,8 +411,9 @@ class LoopConfig(TrainConfig, RolloutOptions):
         if self.algo == "scst":
             self._check(self.noise_level is None or self.noise_level > 0, "noise_level", "must be > 0 for scst")
         self._check(self.pair_strategy in ("best-worst", "all"), "pair_strategy", "must be best-worst or all")
-        self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
-        self._check(self.beta is None or self.beta > 0, "beta", "must be positive")
+        self.check_dpo()
+        self.check_refl()
+        self.check_scst()
 
 
 def sub_config(cls, cfg, **overrides):

@@ -137,24 +137,34 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def gathered_state(trainer: Trainer) -> dict | None:
+    """Under FSDP each process holds a shard of every weight, the adapter's too: the full state dict is gathered
+    (a collective every process joins) for rank 0 to save. None otherwise: the unwrapped module holds it all."""
+    from accelerate.utils import DistributedType
+
+    if trainer.accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.backend.denoiser)
+
+
 def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapters: tuple[str, ...] = ()) -> Path:
     """``OUT/checkpoints/step-N``: the adapter (diffusers format) and ``state/trainer_state.safetensors`` with the
     optimizer moments, extra adapters (e.g. the DPO reference) and, in its metadata, step, schedule and config."""
     acc = trainer.accelerator
     folder = Path(cfg.out) / "checkpoints" / f"step-{step}"
+    full = gathered_state(trainer)  # every process takes part; rank 0 writes
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return folder
     b = trainer.backend
     meta = {"base_model": b.info.name, "base_model_path": b.info.path, "step": step, "config": cfg.to_dict()}
-    save_adapter(trainer.denoiser, folder, meta)
+    save_adapter(trainer.denoiser, folder, meta, full_state=full)
     opt = trainer.optimizer.state_dict()
     tensors = {f"optim.{i}.{k}": torch.as_tensor(v).detach().cpu().contiguous() for i, s in opt["state"].items()
                for k, v in s.items()}  # fmt: skip
     for name in extra_adapters:
-        tensors.update(
-            {f"adapter.{name}.{k}": v.cpu().contiguous() for k, v in adapter_state(trainer.denoiser, name).items()}
-        )
+        state = adapter_state(trainer.denoiser, name, full)
+        tensors.update({f"adapter.{name}.{k}": v.cpu().contiguous() for k, v in state.items()})
     sched = {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"}
     state_meta = {
         "vpotool.schema": "trainer_state",

@@ -48,11 +48,12 @@ def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = 
     return params
 
 
-def adapter_state(denoiser, name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights keyed as peft saves them (no adapter name), e.g. ``blocks.0.attn1.to_q.lora_A.weight``."""
+def adapter_state(denoiser, name: str = "default", full_state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights keyed as peft saves them (no adapter name), e.g. ``blocks.0.attn1.to_q.lora_A.weight``;
+    taken from ``full_state`` (the model's gathered state dict, under FSDP) when given."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(denoiser, adapter_name=name)
+    return get_peft_model_state_dict(denoiser, state_dict=full_state, adapter_name=name)
 
 
 def load_adapter_state(denoiser, state: dict[str, torch.Tensor], name: str = "default") -> None:
@@ -72,11 +73,12 @@ def copy_adapter(denoiser, src: str = "default", dst: str = "ref") -> None:
         load_adapter_state(denoiser, {k: v.detach().clone() for k, v in adapter_state(denoiser, src).items()}, dst)
 
 
-def save_adapter(denoiser, folder: str | Path, meta: dict, name: str = "default") -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` atomically; ``meta`` lands as ``vpotool.*`` metadata."""
+def save_adapter(denoiser, folder: str | Path, meta: dict, name: str = "default", full_state=None) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` atomically; ``meta`` lands as ``vpotool.*`` metadata.
+    ``full_state``: see :func:`adapter_state`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = adapter_state(denoiser, name)
+    state = adapter_state(denoiser, name, full_state)
     # One component (prefix "transformer."), or two experts whose keys already carry their component names.
     components = list(getattr(denoiser, "experts", None) or [PREFIX])
     prefix = "" if len(components) > 1 else f"{PREFIX}."
