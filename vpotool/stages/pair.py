@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vpotool.config import PairConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, resolve, write_manifest
+from vpotool.manifest import read_manifest, remove_stale_temps, resolve, write_manifest
 from vpotool.stages.common import output_file, writer_lock
 
 LABEL_CHOICES = ("left", "right", "tie", "skip")  # the answers of `vpotool label`
@@ -171,6 +171,7 @@ def run_pair(cfg: PairConfig) -> Path:
             why.append(f"{cfg.labels} holds no answer preferring one video (tie and skip give none); label more")
         raise VpoError("no pairs: " + "; and ".join(why))
     with writer_lock(out):
+        remove_stale_temps(out.parent)  # a killed run's half-written manifest
         save_config(cfg, out.with_name(f"{out.stem}.yaml"))
         write_manifest(out, pairs, "pairs", cfg.to_dict())
     return out
