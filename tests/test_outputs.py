@@ -100,6 +100,27 @@ def test_a_second_writer_of_one_output_is_refused(cli, prompts_file, tmp_path):
     assert snapshot(run) == before
 
 
+def test_two_sample_processes_on_one_out_leave_one_consistent_run(tmp_path):
+    run = tmp_path / "run"
+    procs = []
+    for i, text in enumerate(["a red circle moving left\na blue square moving up\n", "a green ring moving down\n"]):
+        (tmp_path / f"p{i}.txt").write_text(text)
+        args = ["sample", "--prompts", tmp_path / f"p{i}.txt", "--candidates", 2, "--out", run, *FAST]
+        procs.append(subprocess.Popen([sys.executable, "-m", "vpotool", *map(str, args)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env()))  # fmt: skip
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert len(loser.strip().splitlines()) == 1 and "Traceback" not in loser, loser
+    assert "another vpotool process" in loser or "other settings" in loser  # refused while, or after, the other ran
+    rows = pd.read_parquet(run / "samples.parquet")
+    assert len(rows) in (2, 4) and rows.sample_id.is_unique
+    assert sorted(p.name for p in (run / "videos").iterdir()) == sorted(f"{s}.mp4" for s in rows.sample_id)
+
+
 def test_shards_of_one_job_write_one_folder_at_the_same_time(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle moving left\na blue square moving up\na green ring moving down\n")
