@@ -310,7 +310,8 @@ def method_step(method: str, trainer, cfg, args, tmp: Path):
     """``step(i)``: optimizer step ``i`` of ``method`` through vpotool's own step functions."""
     from vpotool.stages.sample import save_latent
     from vpotool.training.dpo import dpo_step
-    from vpotool.training.refl import load_rollout_reward, refl_step
+    from vpotool.training.refl import refl_step
+    from vpotool.training.reward import load_rollout_reward
     from vpotool.training.scst import fresh_batches, scst_update
 
     b = trainer.backend

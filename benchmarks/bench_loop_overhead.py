@@ -61,8 +61,8 @@ def time_parts(iterations: int) -> float:
     from vpotool.stages.common import load_prompts, video_seed
     from vpotool.stages.loop import iteration_prompts, sampling
     from vpotool.stages.sample import generate, resolved_settings
-    from vpotool.training.common import optimizer_step, setup
-    from vpotool.training.dpo import batch_indices, init_reference, pair_loss, reference_adapters
+    from vpotool.training.common import batch_indices, optimizer_step, setup
+    from vpotool.training.dpo import init_reference, pair_loss, reference_adapters
     from vpotool.training.lora import copy_adapter
 
     cfg = loop_config(Path(tempfile.mkdtemp(prefix="vpotool-parts-")), iterations)

@@ -83,7 +83,7 @@ def test_dpo_changes_the_adapter_and_raises_implicit_accuracy(pairs, tmp_path):
 
 
 def reference_output(trainer, probe):
-    from vpotool.training.dpo import reference_mode
+    from vpotool.training.lora import reference_mode
 
     x, t, cond = probe
     with torch.no_grad(), reference_mode(trainer.denoiser, "ref" if "ref" in trainer.denoiser.peft_config else "base"):

@@ -9,7 +9,8 @@ import torch
 from conftest import held_out_brightness
 
 from vpotool.config import ReflConfig
-from vpotool.training.refl import select_frames, train_refl
+from vpotool.training.refl import train_refl
+from vpotool.training.reward import select_frames
 
 SIZE = dict(frames=5, height=16, width=16, steps=4, guidance=1.0)
 

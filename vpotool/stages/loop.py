@@ -28,9 +28,10 @@ from vpotool.stages.common import console, load_prompts, output_folder, sparklin
 from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import resolved_settings, run_sample
 from vpotool.stages.score import run_score
-from vpotool.training.common import finish_step, latest_checkpoint, setup
-from vpotool.training.dpo import batch_indices, dpo_step, init_reference, latent_files, reference_adapters
-from vpotool.training.refl import load_rollout_reward, refl_step
+from vpotool.training.common import batch_indices, finish_step, latest_checkpoint, setup
+from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
+from vpotool.training.refl import refl_step
+from vpotool.training.reward import load_rollout_reward
 from vpotool.training.scst import load_rollouts, offline_step
 
 

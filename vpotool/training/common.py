@@ -8,6 +8,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from vpotool import __version__
 from vpotool.config import TrainConfig
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter, remove_stale_temps
+from vpotool.manifest import RowWriter, crash_point, remove_stale_temps
 from vpotool.training.lora import adapter_state, add_lora, load_adapter_state, save_adapter
 
 STATE_FILE = "state/trainer_state.safetensors"  # in a subfolder, so diffusers sees one weights file per step
@@ -39,6 +40,20 @@ class Trainer:
     def denoiser(self):
         """The unwrapped denoiser (adapter switching works on it, not on a DDP wrapper)."""
         return self.accelerator.unwrap_model(self.backend.denoiser)
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
+    """Indices of micro-batch ``slot`` in a seeded, per-epoch shuffled stream over ``n`` examples (resumable)."""
+    out = []
+    for p in range(slot * batch_size, (slot + 1) * batch_size):
+        epoch, i = divmod(p, n)
+        out.append(int(_permutation(n, seed, epoch)[i]))
+    return out
 
 
 def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), prompts=()) -> Trainer:
@@ -179,6 +194,7 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata=state_meta)
+        crash_point()  # the adapter is saved, the state not yet: the crash-safety tests kill here
         os.replace(tmp, path)  # written last: a step folder counts as a checkpoint only once this exists
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,8 +7,6 @@ when ``--ref-update-interval`` or ``--ref-adapter`` asks for one; either way it 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,8 +21,8 @@ from vpotool.models.base import NoiseSchedule, cond_cat
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.stages.common import progress_bar
 from vpotool.stages.sample import save_latent
-from vpotool.training.common import finish_step, grad_sync, optimizer_step, setup
-from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state
+from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
+from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state, reference_mode
 from vpotool.video import frames_to_tensor, read_video
 
 
@@ -97,23 +95,6 @@ def load_pair_latents(
     return load_latents([w for w, _ in files]), load_latents([r for _, r in files])
 
 
-@contextmanager
-def reference_mode(denoiser, mode: str):
-    """Run the denoiser as the reference: ``"base"`` disables the adapter, ``"ref"`` activates the frozen one."""
-    if mode == "base":
-        denoiser.disable_adapters()
-        try:
-            yield
-        finally:
-            denoiser.enable_adapters()
-    else:
-        denoiser.set_adapter("ref")
-        try:
-            yield
-        finally:
-            denoiser.set_adapter("default")
-
-
 # Default --beta by what the denoiser predicts. epsilon / v: 5000, Diffusion-DPO's value for SD 1.5 and SDXL (Wallace
 # et al. 2024; 2500 where the 0.5 is folded into beta). flow: the velocity target has twice the noise's variance and
 # flow-model DPO runs report beta between about 100 and 2000; 500 is what the tiny model's loop was measured with
@@ -144,20 +125,6 @@ def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoCon
     with torch.no_grad(), reference_mode(denoiser, ref_mode):
         ref_w, ref_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
     return dpo_loss(policy_w, policy_l, ref_w, ref_l, dpo_beta(cfg, backend), cfg.loss_type, cfg.ipo_tau)
-
-
-@lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
-    """Indices of micro-batch ``slot`` in a seeded, per-epoch shuffled stream over ``n`` examples (resumable)."""
-    out = []
-    for p in range(slot * batch_size, (slot + 1) * batch_size):
-        epoch, i = divmod(p, n)
-        out.append(int(_permutation(n, seed, epoch)[i]))
-    return out
 
 
 def reference_adapters(cfg: DpoConfig) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,6 +66,23 @@ def load_adapter_state(denoiser, state: dict[str, torch.Tensor], name: str = "de
     if unexpected:
         n = len(unexpected)
         raise VpoError(f"adapter weights do not fit this model ({n} unexpected keys, e.g. {unexpected[0]})")
+
+
+@contextmanager
+def reference_mode(denoiser, mode: str):
+    """Run the denoiser as the reference: ``"base"`` disables the adapter, ``"ref"`` activates the frozen one."""
+    if mode == "base":
+        denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            denoiser.enable_adapters()
+    else:
+        denoiser.set_adapter("ref")
+        try:
+            yield
+        finally:
+            denoiser.set_adapter("default")
 
 
 def copy_adapter(denoiser, src: str = "default", dst: str = "ref") -> None:

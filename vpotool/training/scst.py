@@ -23,9 +23,9 @@ from vpotool.sampling import sample, seeded_noise, step_logp
 from vpotool.stages.common import load_prompts, progress_bar
 from vpotool.stages.pair import reward_rows
 from vpotool.stages.sample import resolved_settings
-from vpotool.training.common import finish_step, grad_sync, optimizer_step, setup
-from vpotool.training.dpo import batch_indices, reference_mode
-from vpotool.training.refl import load_rollout_reward, reward_values
+from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
+from vpotool.training.lora import reference_mode
+from vpotool.training.reward import load_rollout_reward, reward_values
 
 
 @dataclass
