@@ -79,3 +79,29 @@ def test_reward_trainers_on_two_processes_match_one_with_accumulation(trainer, p
     launch([*common, "--grad-accum", 2], tmp_path / "one", 1)
     launch(common, tmp_path / "two", 2)
     assert_same_adapter(tmp_path / "one", tmp_path / "two", 2)
+
+
+def test_loop_on_two_processes_writes_the_manifests_of_one(tmp_path):
+    """``torchrun --nproc_per_node 2 -m vpotool loop``: each process samples and scores half of every iteration's
+    prompts; the merged manifests hold the same samples (ids, seeds, scores) and pairs as one process's, and the
+    adapter one process trains at batch 2 is the one two processes train at batch 1 each."""
+    import pandas as pd
+
+    common = ["loop", "--prompts", "world:train", "--iterations", 2, "--prompts-per-iter", 4, "--candidates", 2,
+              "--steps-per-iter", 2, "--reward", "world", "--eval-prompts", "none", "--lr", 1e-2, "--guidance", 1.0,
+              *FAST]  # fmt: skip
+    launch([*common, "--batch-size", 2], tmp_path / "one", 1)
+    launch([*common, "--batch-size", 1], tmp_path / "two", 2)
+    for it in ("iter-0000", "iter-0001"):
+        for kind, key in (("samples", "sample_id"), ("scores", "sample_id"), ("pairs", "pair_id")):
+            one = pd.read_parquet(tmp_path / "one" / it / f"{kind}.parquet").sort_values(key).reset_index(drop=True)
+            two = pd.read_parquet(tmp_path / "two" / it / f"{kind}.parquet").sort_values(key).reset_index(drop=True)
+            assert list(one[key]) == list(two[key]), (it, kind)
+            if kind == "samples":
+                assert list(one["seed"]) == list(two["seed"])
+            if kind == "scores":
+                # float differences of other batch compositions, through the mp4's rounding to 8 bits
+                torch.testing.assert_close(
+                    torch.tensor(one["overall"]), torch.tensor(two["overall"]), atol=2e-3, rtol=0
+                )
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", 4)

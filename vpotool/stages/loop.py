@@ -1,12 +1,15 @@
-"""``vpotool loop``: OnlineVPO in one process. Each iteration samples K candidates per prompt with the current
-policy, scores them, pairs best against worst and takes DPO steps (or ReFL / SCST steps), with the model, reward
-and optimizer resident throughout. Every iteration writes the same manifests as the separate stages
-(``RUN/iter-NNNN/{prompts,samples,scores,pairs}.parquet``); checkpoints close each iteration, so a rerun resumes."""
+"""``vpotool loop``: OnlineVPO with the model resident. Each iteration samples K candidates per prompt with the
+current policy, scores them, pairs best against worst and takes DPO steps (or ReFL / SCST steps), with the model,
+reward and optimizer resident throughout. Every iteration writes the same manifests as the separate stages
+(``RUN/iter-NNNN/{prompts,samples,scores,pairs}.parquet``); checkpoints close each iteration, so a rerun resumes.
+Under torchrun or accelerate launch each process samples and scores its share of the prompts (shard manifests the
+main process merges) and training runs under DDP; the main process writes the rest."""
 
 from __future__ import annotations
 
+import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from vpotool.config import (
     sub_config,
 )
 from vpotool.errors import VpoError, one_line
-from vpotool.manifest import check_same_settings, read_manifest, write_manifest
+from vpotool.manifest import check_same_settings, merge_manifests, read_manifest, write_manifest
 from vpotool.stages.common import console, load_prompts, output_folder, sparkline, writer_lock
 from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import resolved_settings, run_sample
@@ -37,12 +40,37 @@ from vpotool.training.scst import load_rollouts, offline_step
 
 @contextmanager
 def sampling(trainer):
-    """The policy in eval mode for sampling, back to training mode afterwards."""
+    """The policy in eval mode for sampling, called directly rather than through its DDP wrapper (processes sample
+    their own shares, and a wrapped forward would wait for the others); training mode and the wrapper afterwards."""
+    b, wrapped = trainer.backend, trainer.backend.denoiser
+    b.denoiser = trainer.denoiser
     trainer.denoiser.eval()
     try:
         yield
     finally:
         trainer.denoiser.train()
+        b.denoiser = wrapped
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun or accelerate launch (0 when it runs alone), before accelerate starts."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def shard_manifests(trainer, d: Path, samples: Path, scores: Path) -> tuple[Path, Path]:
+    """Under several processes each wrote its share of the iteration's samples and scores; the main process merges
+    them into ``samples.parquet`` and ``scores.parquet``, the manifests one process writes, and every process
+    continues from those. Alone: the manifests as written."""
+    acc = trainer.accelerator
+    if acc.num_processes == 1:
+        return samples, scores
+    acc.wait_for_everyone()  # every shard written
+    if acc.is_main_process:
+        n = acc.num_processes
+        for kind in ("samples", "scores"):
+            merge_manifests(sorted(d.glob(f"{kind}-*-of-{n:05d}.parquet")), d / f"{kind}.parquet")
+    acc.wait_for_everyone()
+    return d / "samples.parquet", d / "scores.parquet"
 
 
 def iteration_prompts(prompts: list[tuple[str, str]], cfg: LoopConfig, it: int) -> list[tuple[str, str]]:
@@ -90,7 +118,8 @@ def run_loop(cfg: LoopConfig) -> Path:
     prompts. Returns the run folder. A rerun resumes from the last finished iteration; one process runs a loop
     folder at a time."""
     out = output_folder(cfg.out)
-    with writer_lock(out):
+    # Under several processes the main one holds the folder's lock; the others write only their own shards.
+    with writer_lock(out) if process_rank() == 0 else nullcontext():
         check_loop_resumable(cfg, out)
         return loop_into(cfg, out)
 
@@ -104,14 +133,17 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     resuming = latest_checkpoint(out) is not None
     extra = reference_adapters(mcfg) if cfg.algo == "dpo" else ()
     trainer = setup(sub_config(type(mcfg), mcfg, resume=resuming), None, extra)
-    b = trainer.backend
+    b, acc = trainer.backend, trainer.accelerator
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    say = console().print if main else (lambda *_: None)
     reward = load_rollout_reward(cfg, b.device, need_grad=cfg.algo == "refl")
     ref_mode = init_reference(trainer, mcfg) if cfg.algo == "dpo" else "base"
     settings = resolved_settings(cfg, b)
-    save_config(cfg, out / "loop.yaml")
+    if main:
+        save_config(cfg, out / "loop.yaml")
     step, start_iter = trainer.start_step, trainer.start_step // cfg.steps_per_iter
     if resuming:
-        console().print(f"resuming {out} at iteration {start_iter} (step {step})")
+        say(f"resuming {out} at iteration {start_iter} (step {step})")
 
     # --- loop
     history = []
@@ -120,27 +152,35 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
             break
         t0, d = time.perf_counter(), out / f"iter-{it:04d}"
         rows = [dict(prompt_id=pid, prompt=text) for pid, text in iteration_prompts(prompts, cfg, it)]
-        write_manifest(d / "prompts.parquet", rows, "prompts", {"iteration": it})
+        if main:
+            write_manifest(d / "prompts.parquet", rows, "prompts", {"iteration": it})
+        acc.wait_for_everyone()
+        shard = f"{rank}/{world}"  # each process samples and scores its share of the prompts
         scfg = sub_config(
             SampleConfig, cfg, prompts=str(d / "prompts.parquet"), out=str(d), seed=cfg.seed * 100_003 + it,
-            batch_size=cfg.sample_batch_size, save_trajectory=cfg.algo == "scst",
+            batch_size=cfg.sample_batch_size, save_trajectory=cfg.algo == "scst", shard=shard,
             **{**settings, "noise_level": noise_level},
         )  # fmt: skip
         with sampling(trainer):
             samples = run_sample(scfg, backend=b)
         scores = run_score(
-            ScoreConfig(samples=str(samples), out=str(d / "scores.parquet"), reward=cfg.reward, device=str(b.device)),
+            ScoreConfig(samples=str(samples), out=str(d / samples.name.replace("samples", "scores")),
+                        reward=cfg.reward, device=str(b.device)),
             rewards={cfg.reward: reward},
-        )
+        )  # fmt: skip
+        samples, scores = shard_manifests(trainer, d, samples, scores)
         sample_reward = mean_score(scores, cfg.reward_dimension)
         t_sample = time.perf_counter() - t0
         if cfg.algo == "dpo":
-            pairs = run_pair(
-                PairConfig(
-                    samples=str(samples), scores=str(scores), out=str(d / "pairs.parquet"),
-                    dimension=cfg.reward_dimension, strategy=cfg.pair_strategy, min_margin=cfg.min_margin,
-                )
-            )  # fmt: skip
+            if main:
+                run_pair(
+                    PairConfig(
+                        samples=str(samples), scores=str(scores), out=str(d / "pairs.parquet"),
+                        dimension=cfg.reward_dimension, strategy=cfg.pair_strategy, min_margin=cfg.min_margin,
+                    )
+                )  # fmt: skip
+            acc.wait_for_everyone()
+            pairs = d / "pairs.parquet"
             pair_rows = read_manifest(pairs, "pairs", "--pairs").to_pylist()
             files = latent_files(pairs, pair_rows, b, d / "encoded-latents")
         elif cfg.algo == "scst":
@@ -164,18 +204,20 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
             summary += f"  dpo loss {last['loss']:.4f}  acc {last['implicit_acc']:.2f}"
         elif "loss" in last:
             summary += f"  loss {last['loss']:.4f}"
-        console().print(f"{summary}  sample {t_sample:.0f}s  total {time.perf_counter() - t0:.0f}s")
+        say(f"{summary}  sample {t_sample:.0f}s  total {time.perf_counter() - t0:.0f}s")
 
-    # --- save and compare: the final checkpoint is written in the loop
-    trainer.accelerator.end_training()
+    # --- save and compare: the final checkpoint is written in the loop; the main process compares
     if history:
-        console().print(f"{cfg.reward_dimension} reward per iteration: {sparkline(history)}")
+        say(f"{cfg.reward_dimension} reward per iteration: {sparkline(history)}")
     final = latest_checkpoint(out)
     eval_prompts = cfg.eval_prompts
     if eval_prompts is None:
         eval_prompts = "world:heldout" if cfg.prompts.startswith("world:") else "none"
-    if final is not None and eval_prompts != "none":
-        compare(cfg, b, eval_prompts, final, reward)
+    if main and final is not None and eval_prompts != "none":
+        with sampling(trainer):
+            compare(cfg, b, eval_prompts, final, reward)
+    acc.wait_for_everyone()
+    acc.end_training()  # ends the trackers and the process group: last
     return out
 
 
