@@ -161,6 +161,8 @@ def test_an_output_path_that_is_a_file_or_a_folder_is_one_line(cli, prompts_file
     before[fake.name] = fake.read_bytes()
     refused(cli("score", "--samples", samples, "--out", fake), "not a readable Parquet file")
     refused(cli("pair", "--samples", samples, "--scores", run / "scores.parquet", "--out", samples), "also --samples")
+    refused(cli("score", "--samples", samples, "--out", samples), "is a samples manifest")
+    refused(cli("train-dpo", "--pairs", run / "pairs.parquet", "--out", notes, "--device", "cpu"), "existing file")
     assert snapshot(tmp_path) == before
 
 
