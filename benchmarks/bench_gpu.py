@@ -308,7 +308,7 @@ def lora_step(trainer, cfg, x0: torch.Tensor, cond: dict, step: int) -> None:
 
 def method_step(method: str, trainer, cfg, args, tmp: Path):
     """``step(i)``: optimizer step ``i`` of ``method`` through vpotool's own step functions."""
-    from vpotool.stages.sample import save_latent
+    from vpotool.latents import save_latent
     from vpotool.training.dpo import dpo_step
     from vpotool.training.refl import refl_step
     from vpotool.training.reward import load_rollout_reward

@@ -57,10 +57,12 @@ def time_loop(tmp: Path, iterations: int) -> float:
 def time_parts(iterations: int) -> float:
     """Seconds per iteration of the same work done directly in memory, after a setup that is not timed."""
     from vpotool.config import DpoConfig, sub_config
+    from vpotool.prompts import load_prompts
     from vpotool.rewards import load_reward
-    from vpotool.stages.common import load_prompts, video_seed
+    from vpotool.sampling import resolved_settings
+    from vpotool.stages.common import video_seed
     from vpotool.stages.loop import iteration_prompts, sampling
-    from vpotool.stages.sample import generate, resolved_settings
+    from vpotool.stages.sample import generate
     from vpotool.training.common import batch_indices, optimizer_step, setup
     from vpotool.training.dpo import init_reference, pair_loss, reference_adapters
     from vpotool.training.lora import copy_adapter
@@ -110,7 +112,7 @@ def time_parts(iterations: int) -> float:
 def time_cli(tmp: Path) -> float:
     """Seconds for one iteration chained as four ``vpotool`` processes (each loads its own model)."""
     from vpotool.manifest import write_manifest
-    from vpotool.stages.common import load_prompts
+    from vpotool.prompts import load_prompts
     from vpotool.stages.loop import iteration_prompts
 
     cfg = loop_config(tmp / "unused", 1)

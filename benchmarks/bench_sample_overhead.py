@@ -29,8 +29,10 @@ def main() -> None:
 
     from vpotool.config import SampleConfig
     from vpotool.models import load_backend
-    from vpotool.stages.common import load_prompts, video_seed
-    from vpotool.stages.sample import generate, resolved_settings, run_sample
+    from vpotool.prompts import load_prompts
+    from vpotool.sampling import resolved_settings
+    from vpotool.stages.common import video_seed
+    from vpotool.stages.sample import generate, run_sample
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     backend = load_backend("tiny")

@@ -356,9 +356,9 @@ def test_wan_with_an_euler_scheduler_samples_what_wan_pipeline_samples(tmp_path)
     from families import TEXT_LEN
 
     from vpotool.config import SampleConfig
+    from vpotool.latents import load_latents
     from vpotool.manifest import read_manifest, resolve
     from vpotool.stages.sample import run_sample
-    from vpotool.training.dpo import load_latents
 
     folder = make_tiny_checkpoint("wan", tmp_path / "wan")
     pipe = WanPipeline.from_pretrained(folder)
@@ -392,9 +392,9 @@ def test_wan_sample_with_its_unipc_scheduler_equals_wan_pipeline(sampler, negati
     from families import TEXT_LEN
 
     from vpotool.config import SampleConfig
+    from vpotool.latents import load_latents
     from vpotool.manifest import read_manifest, resolve
     from vpotool.stages.sample import run_sample
-    from vpotool.training.dpo import load_latents
 
     folder = checkpoints("wan")
     (tmp_path / "p.txt").write_text("a red circle moving left\n")

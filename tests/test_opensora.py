@@ -123,7 +123,7 @@ def test_preset_sizes():
 
 def test_size_flag_picks_a_preset_and_height_width_override_it(backend):
     from vpotool.config import SampleConfig
-    from vpotool.stages.sample import resolved_settings
+    from vpotool.sampling import resolved_settings
 
     def settings(**kw):
         s = resolved_settings(SampleConfig(prompts="p.txt", out="o", **kw), backend)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from vpotool.config import SampleConfig
+from vpotool.latents import load_latents
 from vpotool.manifest import read_manifest, resolve
 from vpotool.models.tiny import ASSET_DIR, TINY_TEXT_LEN, build_tiny_pipeline
 from vpotool.stages.sample import run_sample
-from vpotool.training.dpo import load_latents
 
 PROMPTS = [
     "a red circle moving left slowly on a black background",

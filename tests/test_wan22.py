@@ -51,9 +51,9 @@ def test_sample_equals_wan_pipeline_with_transformer_2(sampler, wan22, tmp_path)
     from diffusers import WanPipeline
 
     from vpotool.config import SampleConfig
+    from vpotool.latents import load_latents
     from vpotool.manifest import read_manifest, resolve
     from vpotool.stages.sample import run_sample
-    from vpotool.training.dpo import load_latents
 
     (tmp_path / "p.txt").write_text("a red circle moving left\n")
     frames, height, width = FAMILY_SIZES["wan"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vpotool.errors import VpoError
+from vpotool.prompts import load_prompts
 from vpotool.rewards import load_reward
-from vpotool.stages.common import load_prompts
 from vpotool.world import parse_prompt, render_batch, render_clip, world_prompts
 from vpotool.world.render import shape_coverage, shape_radius
 

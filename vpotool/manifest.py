@@ -380,3 +380,22 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
     except OSError as e:
         raise VpoError(f"merge: cannot write {out} ({one_line(e)}); pass a writable --out") from e
     return kind, len(rows)
+
+
+def reward_rows(scores: list[dict], reward: str | None, dimension: str, path: Path, dimension_flag: str):
+    """``(reward name, its rows)`` of a scores manifest: ``reward``, or the only one there; its rows must hold
+    ``dimension``. Ambiguity and absence stop with one line naming ``--reward`` or ``dimension_flag``."""
+    rewards = sorted({r["reward"] for r in scores})
+    if not rewards:
+        raise VpoError(f"{path} has no scores; run `vpotool score` first")
+    name = reward or (rewards[0] if len(rewards) == 1 else None)
+    if name is None:
+        raise VpoError(f"{path} holds several rewards ({', '.join(rewards)}); choose one with --reward")
+    if name not in rewards:
+        raise VpoError(f"{path} has no scores of reward '{name}' (--reward); it has: {', '.join(rewards)}")
+    rows = [r for r in scores if r["reward"] == name]
+    dims = sorted(k for k, v in rows[0].items() if k not in ("sample_id", "prompt_id", "reward") and v is not None)
+    if dimension not in dims:
+        known = ", ".join(dims)
+        raise VpoError(f"reward '{name}' has no dimension '{dimension}'; choose {dimension_flag} from: {known}")
+    return name, rows

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vpotool.errors import VpoError
 from vpotool.models.base import Backend, Conditioning, NoiseSchedule, cond_cat
 
 
@@ -225,3 +226,32 @@ def sample_with_scheduler(
         raw = guided_prediction(backend, x.to(backend.dtype), t, cond, uncond, guidance)
         x = sched.step(raw.float(), t, x, return_dict=False)[0]
     return Trajectory(latents=x)
+
+
+def preset_size(size: str | None, backend) -> tuple[int, int] | None:
+    """``(height, width)`` of a ``--size`` preset the backend names (its ``size_preset``), or None when unset."""
+    if not size:
+        return None
+    lookup = getattr(backend, "size_preset", None)
+    if lookup is None:
+        raise VpoError(f"--size {size}: --model {backend.info.name} has no size presets; pass --height and --width")
+    return lookup(size)
+
+
+def resolved_settings(cfg, backend) -> dict:
+    """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
+    ``guidance``, and ``fps``/``noise_level``/``sampler``/``negative_prompt`` where the config has them) from the
+    backend's defaults."""
+    d = backend.defaults
+    height, width = preset_size(getattr(cfg, "size", None), backend) or (d.height, d.width)
+    return {
+        "frames": cfg.frames or d.frames,
+        "height": cfg.height or height,
+        "width": cfg.width or width,
+        "fps": getattr(cfg, "fps", None) or d.fps,
+        "steps": cfg.steps or d.steps,
+        "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
+        "noise_level": getattr(cfg, "noise_level", 0.0),
+        "sampler": getattr(cfg, "sampler", "euler"),
+        "negative_prompt": getattr(cfg, "negative_prompt", ""),
+    }

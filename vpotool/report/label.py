@@ -338,7 +338,7 @@ def make_server(cfg: LabelConfig) -> LabelServer:
 
 def run_label(cfg: LabelConfig) -> Path:
     """Serve the labelling page until Ctrl-C; every answer is already in ``cfg.out`` when it is acknowledged."""
-    from vpotool.stages.common import console
+    from vpotool.progress import console
 
     server = make_server(cfg)
     con, state = console(), server.session.state()

@@ -17,8 +17,10 @@ import torch
 from vpotool.config import EvalConfig, SampleConfig, ScoreConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import read_manifest, write_manifest
+from vpotool.progress import console
+from vpotool.prompts import load_prompts
 from vpotool.report.strip import frame_strip
-from vpotool.stages.common import console, load_prompts, video_seed
+from vpotool.stages.common import video_seed
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import load_frames, run_score
 from vpotool.world.features import clip_features, frechet_distance

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vpotool.config import PairConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, remove_stale_temps, resolve, write_manifest
+from vpotool.manifest import read_manifest, remove_stale_temps, resolve, reward_rows, write_manifest
 from vpotool.stages.common import output_file, writer_lock
 
 LABEL_CHOICES = ("left", "right", "tie", "skip")  # the answers of `vpotool label`
@@ -32,25 +32,6 @@ def select_pairs(scored: list[tuple[str, float]], strategy: str, min_margin: flo
         candidates = [(i, j) for i in range(len(scored)) for j in range(len(scored)) if i != j]
     margin = max(min_margin, 0.0)
     return [(i, j) for i, j in candidates if scored[i][1] - scored[j][1] > 0 and scored[i][1] - scored[j][1] >= margin]
-
-
-def reward_rows(scores: list[dict], reward: str | None, dimension: str, path: Path, dimension_flag: str):
-    """``(reward name, its rows)`` of a scores manifest: ``reward``, or the only one there; its rows must hold
-    ``dimension``. Ambiguity and absence stop with one line naming ``--reward`` or ``dimension_flag``."""
-    rewards = sorted({r["reward"] for r in scores})
-    if not rewards:
-        raise VpoError(f"{path} has no scores; run `vpotool score` first")
-    name = reward or (rewards[0] if len(rewards) == 1 else None)
-    if name is None:
-        raise VpoError(f"{path} holds several rewards ({', '.join(rewards)}); choose one with --reward")
-    if name not in rewards:
-        raise VpoError(f"{path} has no scores of reward '{name}' (--reward); it has: {', '.join(rewards)}")
-    rows = [r for r in scores if r["reward"] == name]
-    dims = sorted(k for k, v in rows[0].items() if k not in ("sample_id", "prompt_id", "reward") and v is not None)
-    if dimension not in dims:
-        known = ", ".join(dims)
-        raise VpoError(f"reward '{name}' has no dimension '{dimension}'; choose {dimension_flag} from: {known}")
-    return name, rows
 
 
 def tally_labels(labels: list[dict]) -> list[dict]:

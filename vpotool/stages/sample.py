@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from vpotool import __version__
 from vpotool.config import SampleConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter, crash_point, digest, remove_stale_temps
-from vpotool.stages.common import (
-    load_prompts,
-    output_folder,
-    progress_bar,
-    shard_slice,
-    shard_suffix,
-    video_seed,
-    writer_lock,
-)
+from vpotool.latents import save_latent
+from vpotool.manifest import RowWriter, digest, remove_stale_temps
+from vpotool.progress import progress_bar
+from vpotool.prompts import load_prompts
+from vpotool.sampling import resolved_settings
+from vpotool.stages.common import output_folder, shard_slice, shard_suffix, video_seed, writer_lock
 from vpotool.video import to_uint8, write_video
-
-
-def save_latent(path: Path, latent: torch.Tensor, metadata: dict, extra: dict | None = None) -> None:
-    """One sample's final latent ``[C, F, h, w]`` as safetensors (key ``latents``), atomically, with metadata.
-
-    ``extra`` adds tensors under their own keys (the sampler's ``states`` and ``logps``), stored as float32."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    meta = {"vpotool.schema": "latent", "vpotool.version": __version__, **{k: str(v) for k, v in metadata.items()}}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in {"latents": latent, **(extra or {})}.items()}
-    save_file(tensors, str(tmp), metadata=meta)
-    crash_point()
-    os.replace(tmp, path)
 
 
 def trajectory_tensors(traj) -> list[dict]:
@@ -44,35 +25,6 @@ def trajectory_tensors(traj) -> list[dict]:
     :func:`save_latent` stores them for offline ``train-scst``."""
     states = torch.stack([s.cpu() for s in traj.states], 1)  # on the CPU: no second copy in GPU memory
     return [{"states": s, "logps": lp} for s, lp in zip(states, traj.logps.cpu(), strict=True)]
-
-
-def preset_size(size: str | None, backend) -> tuple[int, int] | None:
-    """``(height, width)`` of a ``--size`` preset the backend names (its ``size_preset``), or None when unset."""
-    if not size:
-        return None
-    lookup = getattr(backend, "size_preset", None)
-    if lookup is None:
-        raise VpoError(f"--size {size}: --model {backend.info.name} has no size presets; pass --height and --width")
-    return lookup(size)
-
-
-def resolved_settings(cfg, backend) -> dict:
-    """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
-    ``guidance``, and ``fps``/``noise_level``/``sampler``/``negative_prompt`` where the config has them) from the
-    backend's defaults."""
-    d = backend.defaults
-    height, width = preset_size(getattr(cfg, "size", None), backend) or (d.height, d.width)
-    return {
-        "frames": cfg.frames or d.frames,
-        "height": cfg.height or height,
-        "width": cfg.width or width,
-        "fps": getattr(cfg, "fps", None) or d.fps,
-        "steps": cfg.steps or d.steps,
-        "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
-        "noise_level": getattr(cfg, "noise_level", 0.0),
-        "sampler": getattr(cfg, "sampler", "euler"),
-        "negative_prompt": getattr(cfg, "negative_prompt", ""),
-    }
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import torch
 from vpotool.config import ScoreConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import RowWriter, digest, manifest_config, read_manifest, resolve
-from vpotool.stages.common import output_file, progress_bar, shard_slice, shard_suffix, writer_lock
+from vpotool.progress import progress_bar
+from vpotool.stages.common import output_file, shard_slice, shard_suffix, writer_lock
 from vpotool.video import frames_to_tensor, read_video
 
 

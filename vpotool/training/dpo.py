@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from vpotool.config import DpoConfig, save_config
 from vpotool.errors import VpoError, first_line
+from vpotool.latents import load_latents, save_latent
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
 from vpotool.manifest import read_manifest, resolve
 from vpotool.models.base import NoiseSchedule, cond_cat
+from vpotool.progress import progress_bar
 from vpotool.sampling import seeded_noise, training_target
-from vpotool.stages.common import progress_bar
-from vpotool.stages.sample import save_latent
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state, reference_mode
 from vpotool.video import frames_to_tensor, read_video
@@ -73,18 +73,6 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
         raise VpoError(f"{pairs_path}: latents have {channels} channels, --model {backend.info.name} "
                        f"expects {expected}; were these pairs sampled with another model?")  # fmt: skip
     return files
-
-
-def load_latents(paths: list[Path]) -> torch.Tensor:
-    """Stack latent files -> ``[N, C, F, h, w]`` float32 on the CPU. Reads only the ``latents`` tensor, not a
-    stored trajectory next to it (``sample --save-trajectory`` files are S + 1 times larger)."""
-    from safetensors import safe_open
-
-    out = []
-    for p in paths:
-        with safe_open(str(p), "pt") as f:
-            out.append(f.get_tensor("latents").float())
-    return torch.stack(out)
 
 
 def load_pair_latents(
