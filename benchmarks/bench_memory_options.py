@@ -3,15 +3,16 @@ text-embedding cache, text-encoder offload and VAE checkpointing.
 
 Each configuration runs in a fresh process on the tiny model with a ~40M-parameter denoiser and a ~0.2B-parameter
 UMT5 text encoder (both random, built in code), so that the text encoder weighs what a real one does relative to
-the denoiser. The figure is the process's peak memory above its memory after imports (CPU: resident memory; CUDA:
-``torch.cuda.max_memory_allocated``), and the wall time of the step after one warm-up step.
+the denoiser; the ReFL rows decode through a random CogVideoX VAE (widths 64-128, 16 latent channels), whose
+decoder blocks can be recomputed. The figure is the process's peak memory above its memory after imports (CPU:
+resident memory; CUDA: ``torch.cuda.max_memory_allocated``), and the wall time of the step after one warm-up step.
 
 - dpo-encode: the prompts re-encoded every micro-batch (what trainers did before the cache);
 - dpo-cache: each prompt encoded once per run (``backend.condition``, the default);
 - dpo-offload: ``--offload-text-encoder``: after encoding, the encoder and embeddings sit in CPU memory. On a CPU
   run this moves nothing (the figure equals dpo-cache); on a GPU it frees the encoder's weights from the device;
 - refl: train-refl's step, gradients through the last denoising step and the VAE decode;
-- refl-vae-ckpt: the same with ``--vae-checkpointing`` (the decode recomputed in the backward pass).
+- refl-vae-ckpt: the same with ``--vae-checkpointing`` (the decoder's blocks recomputed in the backward pass).
 
     python benchmarks/bench_memory_options.py [--frames 17] [--size 64] [--batch 2] [--steps 4] [--device cpu]
 """
@@ -39,8 +40,21 @@ def memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(device: str):
-    """The tiny backend with the large denoiser and text encoder, on ``device``."""
+def cogvideox_codec(device: str):
+    """A random CogVideoX VAE (8x spatial, 4x temporal, 16 channels) as the tiny backend's codec."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    from vpotool.models.cogvideox import CogVideoXVaeCodec
+
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(64, 128, 128, 128), latent_channels=16, layers_per_block=1, norm_num_groups=32,
+        temporal_compression_ratio=4,
+    )  # fmt: skip
+    return CogVideoXVaeCodec(vae.to(device).eval().requires_grad_(False))
+
+
+def build(device: str, method: str):
+    """The tiny backend with the large denoiser and text encoder (and, for ReFL, a CogVideoX VAE) on ``device``."""
     import torch
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -54,6 +68,8 @@ def build(device: str):
     b.denoiser = WanTransformer3DModel(**denoiser).to(device).eval()
     config = UMT5Config(**{**b.text_encoder.config.to_dict(), **BIG_TEXT})
     b.text_encoder = UMT5EncoderModel(config).to(device).eval().requires_grad_(False)
+    if method.startswith("refl"):
+        b.codec = cogvideox_codec(device)
     return b
 
 
@@ -64,10 +80,10 @@ def one(method: str, frames: int, size: int, batch: int, steps: int, device: str
     from vpotool.config import DpoConfig, ReflConfig
     from vpotool.training.dpo import pair_loss
     from vpotool.training.lora import add_lora
-    from vpotool.training.refl import refl_rollout
+    from vpotool.training.refl import enable_vae_checkpointing, refl_rollout
 
     start = memory_mb(device)
-    b = build(device)
+    b = build(device, method)
     params = add_lora(b.denoiser, 16, 16, b.lora_target_modules)
     b.denoiser.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -77,7 +93,9 @@ def one(method: str, frames: int, size: int, batch: int, steps: int, device: str
     if method == "dpo-offload":
         b.offload_text_encoder(prompts)
     dcfg = DpoConfig(pairs="x", out="x", beta=500.0)
-    rcfg = ReflConfig(prompts="x", out="x", backprop_steps=1, vae_checkpointing=method == "refl-vae-ckpt")
+    rcfg = ReflConfig(prompts="x", out="x", backprop_steps=1)
+    if method == "refl-vae-ckpt":
+        enable_vae_checkpointing(b)
     settings = {"frames": frames, "height": size, "width": size, "steps": steps, "guidance": 1.0}
 
     def step():
@@ -121,6 +139,7 @@ def main() -> None:
         rows[m] = json.loads(out.stdout.strip().splitlines()[-1])
     where = "peak resident memory" if args.device == "cpu" else "peak allocated GPU memory"
     print(f"one optimizer step, {where} above imports (MB) and time: ~40M-parameter denoiser, ~0.2B text encoder, "
+          "CogVideoX VAE for ReFL, "
           f"{args.frames} frames {args.size}x{args.size}, batch {args.batch}, ReFL rollouts of {args.steps} steps, "
           f"{args.device}")  # fmt: skip
     print()

@@ -50,19 +50,40 @@ def test_offloaded_text_encoder_serves_the_cache_and_encodes_new_prompts():
 
 def refl(tmp_path, name, **kw):
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = ReflConfig(prompts=str(tmp_path / "p.txt"), out=str(tmp_path / name), reward="world", max_steps=2, lr=1e-2,
-                     batch_size=2, frames=9, height=16, width=16, steps=3, guidance=1.0, lora_rank=2, device="cpu",
-                     **kw)  # fmt: skip
-    train_refl(cfg)
+    base = dict(reward="world", max_steps=2, lr=1e-2, batch_size=2, frames=9, height=16, width=16, steps=3,
+                guidance=1.0, lora_rank=2, device="cpu")  # fmt: skip
+    train_refl(ReflConfig(prompts=str(tmp_path / "p.txt"), out=str(tmp_path / name), **{**base, **kw}))
     return load_file(str(tmp_path / name / "checkpoints" / "step-2" / "pytorch_lora_weights.safetensors"))
 
 
-def test_refl_with_vae_checkpointing_offload_and_reward_device_trains_the_same_adapter(tmp_path):
-    plain = refl(tmp_path, "plain")
-    saving = refl(tmp_path, "saving", vae_checkpointing=True, offload_text_encoder=True, reward_device="cpu")
-    assert max(v.abs().max().item() for k, v in plain.items() if "lora_B" in k) > 1e-4
-    for k in plain:
-        torch.testing.assert_close(saving[k], plain[k], atol=1e-6, rtol=1e-5)
+def assert_same(a: dict, b: dict) -> None:
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+def test_refl_with_offload_and_reward_device_trains_the_same_adapter(tmp_path):
+    assert_same(refl(tmp_path, "plain"), refl(tmp_path, "saving", offload_text_encoder=True, reward_device="cpu"))
+
+
+def test_vae_checkpointing_recomputes_the_decoder_blocks_and_trains_the_same_adapter(tmp_path):
+    """On a VAE with block checkpointing (CogVideoX's) the adapter is the plain run's; a VAE without it (the tiny
+    model's Wan VAE) is refused in one line rather than checkpointed as one call, which saves nothing at the peak."""
+    from families import make_tiny_checkpoint
+
+    from vpotool.errors import VpoError
+    from vpotool.models import load_backend as load
+    from vpotool.training.refl import enable_vae_checkpointing
+
+    folder = make_tiny_checkpoint("cogvideox", tmp_path / "cogvideox")
+    family = dict(model="cogvideox", model_path=folder, reward="brightness")
+    assert_same(refl(tmp_path, "plain", **family), refl(tmp_path, "ckpt", vae_checkpointing=True, **family))
+    backend = load("cogvideox", folder)
+    enable_vae_checkpointing(backend)
+    assert backend.codec.vae.decoder.gradient_checkpointing
+    with pytest.raises(VpoError, match="cannot recompute its blocks") as err:
+        enable_vae_checkpointing(load("tiny"))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("option", ["vae_tiling", "vae_slicing"])

@@ -11,8 +11,8 @@ import torch
 from conftest import FAST, family_args, run_chain
 
 from vpotool.config import DpoConfig
+from vpotool.latents import save_latent
 from vpotool.manifest import write_manifest
-from vpotool.stages.sample import save_latent
 from vpotool.training.dpo import train_dpo
 from vpotool.training.lora import adapter_state
 
@@ -341,7 +341,14 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(pair
 
 
 def test_resume_under_another_lora_shape_or_no_resume_is_refused_in_one_line(pairs, tmp_path):
+    """Resuming under options that change what the run learns (LoRA shape, pairs, beta, batch, seed) is refused in
+    one line naming them; a longer run or another learning rate continues."""
+    import shutil
+
     from vpotool.errors import VpoError
+
+    other = tmp_path / "other-pairs.parquet"
+    shutil.copy(pairs, other)
 
     train_dpo(config(pairs, tmp_path / "out", max_steps=2))
     with pytest.raises(VpoError, match=r"lora_rank 4 -> 8.*new --out") as e:
@@ -349,6 +356,11 @@ def test_resume_under_another_lora_shape_or_no_resume_is_refused_in_one_line(pai
     assert "\n" not in str(e.value)
     with pytest.raises(VpoError, match="already holds checkpoints up to step-2"):
         train_dpo(config(pairs, tmp_path / "out", max_steps=4, resume=False))
+    cases = [(pairs, dict(beta=100.0), "beta 500.0 -> 100.0"), (other, {}, "pairs"),
+             (pairs, dict(batch_size=2), "batch_size 4 -> 2"), (pairs, dict(seed=1), "seed 0 -> 1")]  # fmt: skip
+    for source, changed, shown in cases:
+        with pytest.raises(VpoError, match=shown):
+            train_dpo(config(source, tmp_path / "out", max_steps=4, **changed))
     train_dpo(config(pairs, tmp_path / "out", max_steps=4, lr=5e-4))  # a new learning rate may continue
     assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet").step) == [1, 2, 3, 4]
 

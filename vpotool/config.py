@@ -291,8 +291,8 @@ class ReflOptions:
                              "model's x0 prediction there (ReFL).")  # fmt: skip
     reward_frames: str = opt("all", "Frames the reward sees: all, N (evenly spaced) or first-middle-last.")
     reward_target: float | None = opt(None, "Minimise |target - reward| instead of -reward.")
-    vae_checkpointing: bool = opt(False, "Recompute the VAE decode in the backward pass instead of keeping its "
-                                  "activations (memory of long or large videos).")  # fmt: skip
+    vae_checkpointing: bool = opt(False, "Recompute the VAE decoder's blocks in the backward pass (memory of long or "
+                                  "large videos; VAEs that support it: cogvideox, ltx).")  # fmt: skip
 
     def check_refl(self) -> None:
         self._check(self.backprop_steps >= 1, "backprop_steps", "must be at least 1")

@@ -27,13 +27,16 @@ from vpotool.config import (
 )
 from vpotool.errors import VpoError, one_line
 from vpotool.manifest import check_same_settings, merge_manifests, read_manifest, write_manifest
-from vpotool.stages.common import console, load_prompts, output_folder, sparkline, writer_lock
+from vpotool.progress import console, sparkline
+from vpotool.prompts import load_prompts
+from vpotool.sampling import resolved_settings
+from vpotool.stages.common import output_folder, writer_lock
 from vpotool.stages.pair import run_pair
-from vpotool.stages.sample import resolved_settings, run_sample
+from vpotool.stages.sample import run_sample
 from vpotool.stages.score import run_score
 from vpotool.training.common import batch_indices, finish_step, latest_checkpoint, setup
 from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
-from vpotool.training.refl import refl_step
+from vpotool.training.refl import enable_vae_checkpointing, refl_step
 from vpotool.training.reward import load_rollout_reward
 from vpotool.training.scst import load_rollouts, offline_step
 
@@ -136,6 +139,8 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     b, acc = trainer.backend, trainer.accelerator
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     say = console().print if main else (lambda *_: None)
+    if cfg.algo == "refl" and cfg.vae_checkpointing:
+        enable_vae_checkpointing(b)
     reward = load_rollout_reward(cfg, b.device, need_grad=cfg.algo == "refl")
     ref_mode = init_reference(trainer, mcfg) if cfg.algo == "dpo" else "base"
     settings = resolved_settings(cfg, b)

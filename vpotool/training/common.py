@@ -120,8 +120,14 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     return trainer
 
 
-# What a checkpoint's adapter must share with the run that resumes it; anything else (lr, steps, batch) may change.
-RESUME_FIELDS = ("model", "model_path", "model_options", "lora_rank", "lora_alpha", "lora_targets")
+# Options a resumed run may change: they extend it, change where and how it runs, or retune the optimizer's schedule
+# (continuing at a lower lr is common practice), not what it learns from. Every other option (model, LoRA shape,
+# pairs or prompts, reward, beta, sampler settings, batch size, seed, ...) must be the checkpoint's.
+RESUME_HARMLESS = frozenset(
+    {"out", "max_steps", "resume", "save_every", "device", "report_to", "gradient_checkpointing",
+     "offload_text_encoder", "reward_device", "vae_checkpointing", "lr", "warmup_steps", "weight_decay",
+     "max_grad_norm"}
+)  # fmt: skip
 
 
 def check_resumable(cfg: TrainConfig, folder: Path) -> None:
@@ -133,8 +139,9 @@ def check_resumable(cfg: TrainConfig, folder: Path) -> None:
         raise VpoError(
             f"checkpoint {folder} is damaged ({e}); delete that folder to resume from an earlier one"
         ) from e
-    now = cfg.to_dict()
-    differ = [f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in RESUME_FIELDS if k in saved and saved[k] != now.get(k)]
+    # An unset option (None) takes the same default as before, e.g. train-dpo's beta from the same model.
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_HARMLESS and v is not None}
+    differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
     if differ:
         raise VpoError(
             f"{cfg.out} holds a run trained with other settings ({'; '.join(differ)}); pass a new --out, or "

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 
 from vpotool.config import ReflConfig, save_config
+from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
-from vpotool.sampling import sample, seeded_noise
-from vpotool.stages.common import load_prompts, progress_bar
-from vpotool.stages.sample import resolved_settings
+from vpotool.progress import progress_bar
+from vpotool.prompts import load_prompts
+from vpotool.sampling import resolved_settings, sample, seeded_noise
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.reward import load_rollout_reward, reward_values, select_frames
 
@@ -42,14 +42,23 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
         grad_steps=window,
         stop_at=stop,
     )
-    latents = traj.latents.to(backend.dtype)
-    if getattr(cfg, "vae_checkpointing", False) and torch.is_grad_enabled():
-        # The decode's activations are not kept: the backward pass runs the decode again. Every family's VAE,
-        # whether or not it supports checkpointing inside.
-        frames = torch.utils.checkpoint.checkpoint(backend.decode, latents, use_reentrant=False)
-    else:
-        frames = backend.decode(latents)
+    frames = backend.decode(traj.latents.to(backend.dtype))
     return frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
+
+
+def enable_vae_checkpointing(backend) -> None:
+    """Recompute the VAE decoder's blocks in the backward pass (``--vae-checkpointing``), so that one block's
+    activations are alive at a time instead of the whole decode's. Checkpointing the decode as one call would save
+    nothing at the peak: the backward pass recomputes all of it while the denoiser's activations are still held.
+    A VAE without block checkpointing (Wan's causal VAE, Open-Sora's) is refused in one line."""
+    vae = getattr(backend.codec, "vae", None)
+    if not getattr(vae, "_supports_gradient_checkpointing", False):
+        kind = type(vae).__name__
+        raise VpoError(
+            f"--vae-checkpointing: {kind} ({backend.info.name}) cannot recompute its blocks; drop the flag, or let "
+            "the reward see fewer frames (--reward-frames) or a smaller size"
+        )
+    vae.enable_gradient_checkpointing()
 
 
 def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: dict, step: int):
@@ -82,6 +91,8 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
     prompts = [p for _, p in load_prompts(cfg.prompts)]
     trainer = setup(cfg, backend, prompts=prompts)
     b, acc = trainer.backend, trainer.accelerator
+    if cfg.vae_checkpointing:
+        enable_vae_checkpointing(b)
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
     settings = resolved_settings(cfg, b)
     save_config(cfg, Path(cfg.out) / "train-refl.yaml")
