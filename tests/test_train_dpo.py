@@ -412,3 +412,16 @@ def test_beta_defaults_by_prediction_type_and_is_recorded(pairs, tmp_path):
     assert dpo_beta(DpoConfig(pairs="x", out="x", beta=42.0), types.SimpleNamespace(prediction="v")) == 42.0
     train_dpo(config(pairs, tmp_path / "run", max_steps=1, beta=None))
     assert yaml.safe_load((tmp_path / "run" / "train-dpo.yaml").read_text())["beta"] == 500.0
+
+
+def test_cli_resume_under_another_lora_rank_is_one_line_and_keeps_the_checkpoint(pairs, cli, tmp_path):
+    """``train-dpo`` rerun into a finished run's folder with another ``--lora-rank``: exit 2, one stderr line, and
+    the checkpoint and metrics as they were (a torch size-mismatch dump before)."""
+    args = ("train-dpo", "--pairs", pairs, "--out", tmp_path / "o", "--device", "cpu")
+    code, _, err = cli(*args, "--max-steps", 1, "--lora-rank", 2)
+    assert code == 0, err
+    files = sorted(p for p in (tmp_path / "o").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    code, _, err = cli(*args, "--max-steps", 2, "--lora-rank", 4)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lora_rank 2 -> 4" in err, err
+    assert {p: p.read_bytes() for p in files} == before
