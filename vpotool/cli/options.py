@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 
 import typer
 
@@ -35,9 +36,11 @@ def config_command(cls, runner: str, summary: str, short: dict[str, str] | None 
             from vpotool.stages.common import output_folder, writer_lock
 
             with writer_lock(output_folder(cfg.out)):
-                typer.echo(f"wrote {run(cfg)}")
+                written = run(cfg)
         else:
-            typer.echo(f"wrote {run(cfg)}")
+            written = run(cfg)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, the main process reports
+            typer.echo(f"wrote {written}")
 
     params = []
     for f in dataclasses.fields(cls):

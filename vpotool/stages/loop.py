@@ -7,9 +7,8 @@ main process merges) and training runs under DDP; the main process writes the re
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,11 +52,6 @@ def sampling(trainer):
     finally:
         trainer.denoiser.train()
         b.denoiser = wrapped
-
-
-def process_rank() -> int:
-    """This process's rank under torchrun or accelerate launch (0 when it runs alone), before accelerate starts."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def shard_manifests(trainer, d: Path, samples: Path, scores: Path) -> tuple[Path, Path]:
@@ -121,8 +115,7 @@ def run_loop(cfg: LoopConfig) -> Path:
     prompts. Returns the run folder. A rerun resumes from the last finished iteration; one process runs a loop
     folder at a time."""
     out = output_folder(cfg.out)
-    # Under several processes the main one holds the folder's lock; the others write only their own shards.
-    with writer_lock(out) if process_rank() == 0 else nullcontext():
+    with writer_lock(out):  # under several processes the main one holds it; the others write their shards only
         check_loop_resumable(cfg, out)
         return loop_into(cfg, out)
 
