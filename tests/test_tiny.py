@@ -77,3 +77,19 @@ def test_pretraining_stages_run_and_save_a_loadable_tiny_model(tmp_path):
     settings = dict(frames=5, height=16, width=16, steps=2, guidance=4.0, noise_level=0.0, sampler="pipeline")
     _, frames = generate(backend, [PROMPTS[0]], [0], settings)
     assert frames.shape == (1, 5, 3, 16, 16) and torch.isfinite(frames).all()
+
+
+def test_the_flow_shift_comes_from_the_checkpoints_scheduler(tmp_path):
+    """The shift of training timesteps and of the Euler grid is the saved scheduler's: ``shift`` of the tiny
+    model's Euler scheduler (2), ``flow_shift`` of a Wan folder's UniPC scheduler (set to 5 here)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from families import make_tiny_checkpoint
+
+    from vpotool.models import load_backend
+
+    assert load_backend("tiny").shift == 2.0
+    folder = make_tiny_checkpoint("wan", tmp_path / "wan")
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0)
+    pipe.save_pretrained(folder)
+    assert load_backend("wan", folder).shift == 5.0

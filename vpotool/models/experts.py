@@ -31,10 +31,6 @@ class TimestepExperts(torch.nn.Module):
         """The experts by their pipeline component names."""
         return {"transformer": self.transformer, "transformer_2": self.transformer_2}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
     def forward(self, hidden_states, timestep, return_dict: bool = False, **kwargs):
         """The experts' output for ``hidden_states [B, ...]`` at ``timestep [B]``; batch-first ``kwargs`` are split
         with the batch. Returns a one-element tuple, as the diffusers models do with ``return_dict=False``."""

@@ -48,14 +48,9 @@ def load_component(cls, path: str, subfolder: str | None, family: str, dtype=Non
         raise VpoError(f"could not load the {family} {subfolder or 'model'} from {where}: {first}") from e
 
 
-def scheduler_shift(path: str, default: float) -> float:
-    """The flow shift recorded in a checkpoint's ``scheduler/scheduler_config.json`` (``flow_shift`` or ``shift``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        cfg = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
-    except (OSError, ValueError):
-        return default
+def scheduler_shift(scheduler, default: float) -> float:
+    """The flow shift a loaded scheduler was configured with (``flow_shift`` or ``shift``); ``default`` without one."""
+    cfg = getattr(scheduler, "config", None) or {}
     return float(cfg.get("flow_shift") or cfg.get("shift") or default)
 
 

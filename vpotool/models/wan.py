@@ -161,7 +161,7 @@ def load_wan(path: str, device="cpu", dtype=torch.float32, name: str = "wan", de
         codec=WanVaeCodec(vae),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        shift=scheduler_shift(path, default=3.0),
+        shift=scheduler_shift(euler or other, default=3.0),
         euler_scheduler=euler,
         pipeline_scheduler=other,
         defaults=defaults,
