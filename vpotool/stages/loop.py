@@ -33,7 +33,7 @@ from vpotool.stages.common import output_folder, writer_lock
 from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import run_score
-from vpotool.training.common import batch_indices, finish_step, latest_checkpoint, setup
+from vpotool.training.common import RUN_OPTIONS, batch_indices, finish_step, latest_checkpoint, setup
 from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
 from vpotool.training.refl import enable_vae_checkpointing, refl_step
 from vpotool.training.reward import load_rollout_reward
@@ -87,10 +87,7 @@ def method_config(cfg: LoopConfig, pairs: str):
 
 
 # Options a resumed loop may change: they extend the run or change where and how fast it runs, not its results.
-HARMLESS = frozenset(
-    {"out", "iterations", "max_steps", "resume", "sample_batch_size", "device", "reward_device", "report_to",
-     "gradient_checkpointing", "offload_text_encoder", "eval_prompts", "eval_seeds"}
-)  # fmt: skip
+HARMLESS = RUN_OPTIONS | {"iterations", "sample_batch_size", "eval_prompts", "eval_seeds"}
 
 
 def check_loop_resumable(cfg: LoopConfig, out: Path) -> None:

@@ -120,14 +120,16 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     return trainer
 
 
-# Options a resumed run may change: they extend it, change where and how it runs, or retune the optimizer's schedule
-# (continuing at a lower lr is common practice), not what it learns from. Every other option (model, LoRA shape,
-# pairs or prompts, reward, beta, sampler settings, batch size, seed, ...) must be the checkpoint's.
-RESUME_HARMLESS = frozenset(
+# Options a resumed run may change: they extend it or change where and how it runs, not what it learns from; a
+# trainer may also retune the optimizer's schedule (continuing at a lower lr is common practice). Every other option
+# (model, LoRA shape, pairs or prompts, reward, beta, sampler settings, batch size, seed, ...) must be the
+# checkpoint's.
+RUN_OPTIONS = frozenset(
     {"out", "max_steps", "resume", "save_every", "device", "report_to", "gradient_checkpointing",
-     "offload_text_encoder", "reward_device", "vae_checkpointing", "lr", "warmup_steps", "weight_decay",
-     "max_grad_norm"}
+     "offload_text_encoder", "reward_device", "vae_checkpointing"}
 )  # fmt: skip
+SCHEDULE_OPTIONS = frozenset({"lr", "warmup_steps", "weight_decay", "max_grad_norm"})
+RESUME_HARMLESS = RUN_OPTIONS | SCHEDULE_OPTIONS
 
 
 def check_resumable(cfg: TrainConfig, folder: Path) -> None:
