@@ -272,7 +272,7 @@ class FirstFrameDecode:
 
 def method_config(method: str, checkpointing: bool, args, out: Path):
     """The trainer config ``method`` runs under (the command's defaults, this run's size and precision)."""
-    from vpotool.config import DpoConfig, ReflConfig, ScstConfig, TrainConfig
+    from vpotool.training.config import DpoConfig, ReflConfig, ScstConfig, TrainConfig
 
     common = dict(
         out=str(out), model="wan", device=args.device, dtype=args.dtype, mixed_precision=args.mixed_precision,
@@ -373,7 +373,7 @@ def bench_loop(folder: Path, args, tmp: Path) -> dict[str, float | str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_loop_overhead as overhead
 
-    from vpotool.config import LoopConfig
+    from vpotool.training.config import LoopConfig
 
     prompts = tmp / "loop-prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")

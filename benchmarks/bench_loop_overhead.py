@@ -32,7 +32,7 @@ PROMPTS, CANDIDATES, STEPS_PER_ITER = 8, 4, 8
 
 
 def loop_config(out: Path, iterations: int, **kw):
-    from vpotool.config import LoopConfig
+    from vpotool.training.config import LoopConfig
 
     return LoopConfig(
         out=str(out), iterations=iterations, prompts_per_iter=PROMPTS, candidates=CANDIDATES,
@@ -56,7 +56,7 @@ def time_loop(tmp: Path, iterations: int) -> float:
 
 def time_parts(iterations: int) -> float:
     """Seconds per iteration of the same work done directly in memory, after a setup that is not timed."""
-    from vpotool.config import DpoConfig, sub_config
+    from vpotool.config import sub_config
     from vpotool.prompts import load_prompts
     from vpotool.rewards import load_reward
     from vpotool.sampling import resolved_settings
@@ -64,6 +64,7 @@ def time_parts(iterations: int) -> float:
     from vpotool.stages.loop import iteration_prompts, sampling
     from vpotool.stages.sample import generate
     from vpotool.training.common import batch_indices, optimizer_step, setup
+    from vpotool.training.config import DpoConfig
     from vpotool.training.dpo import init_reference, pair_loss, reference_adapters
     from vpotool.training.lora import copy_adapter
 

@@ -77,7 +77,7 @@ def one(method: str, frames: int, size: int, batch: int, steps: int, device: str
     """Peak memory (MB above imports) and seconds of one step of ``method`` (after a warm-up step)."""
     import torch
 
-    from vpotool.config import DpoConfig, ReflConfig
+    from vpotool.training.config import DpoConfig, ReflConfig
     from vpotool.training.dpo import pair_loss
     from vpotool.training.lora import add_lora
     from vpotool.training.refl import enable_vae_checkpointing, refl_rollout

@@ -42,11 +42,11 @@ BIG = dict(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layer
 def one(method: str, frames: int, size: int, batch: int, steps: int, big: bool) -> float:
     import torch
 
-    from vpotool.config import DpoConfig, ReflConfig
     from vpotool.losses import per_sample_mse
     from vpotool.models import load_backend
     from vpotool.models.base import cond_cat
     from vpotool.sampling import training_target
+    from vpotool.training.config import DpoConfig, ReflConfig
     from vpotool.training.dpo import pair_loss
     from vpotool.training.lora import add_lora
     from vpotool.training.refl import refl_rollout

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vpotool.config import ReflConfig
 from vpotool.models import load_backend
+from vpotool.training.config import ReflConfig
 from vpotool.training.refl import train_refl
 
 PROMPTS = [

@@ -274,8 +274,9 @@ def test_a_shard_without_prompts_says_how_many_there_are(cli, prompts_file, tmp_
 
 
 def test_loop_refuses_to_resume_under_options_that_change_its_results(cli, tmp_path):
-    from vpotool.config import LoopConfig, save_config
+    from vpotool.config import save_config
     from vpotool.stages.loop import check_loop_resumable
+    from vpotool.training.config import LoopConfig
 
     run = tmp_path / "run"
     saved = LoopConfig(out=str(run), iterations=2, lr=2e-4, lora_rank=8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import FAST, family_args, run_chain
 
-from vpotool.config import DpoConfig
 from vpotool.latents import save_latent
 from vpotool.manifest import write_manifest
+from vpotool.training.config import DpoConfig
 from vpotool.training.dpo import train_dpo
 from vpotool.training.lora import adapter_state
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import held_out_brightness
 
-from vpotool.config import ReflConfig
+from vpotool.training.config import ReflConfig
 from vpotool.training.refl import train_refl
 from vpotool.training.reward import select_frames
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import held_out_brightness
 
-from vpotool.config import ScstConfig
 from vpotool.manifest import write_manifest
+from vpotool.training.config import ScstConfig
 from vpotool.training.scst import collect, load_batch, load_rollouts, train_scst
 
 SIZE = dict(frames=5, height=16, width=16, steps=4, guidance=1.0)

@@ -1,7 +1,7 @@
 """`vpotool loop`: the online sample-score-pair-train loop (OnlineVPO) in one process."""
 
 from vpotool.cli.options import config_command
-from vpotool.config import LoopConfig
+from vpotool.training.config import LoopConfig
 
 command = config_command(
     LoopConfig,

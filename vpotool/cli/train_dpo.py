@@ -1,7 +1,7 @@
 """`vpotool train-dpo`: Diffusion-DPO on a pairs manifest, with the curriculum reference update (OnlineVPO)."""
 
 from vpotool.cli.options import config_command
-from vpotool.config import DpoConfig
+from vpotool.training.config import DpoConfig
 
 command = config_command(
     DpoConfig,

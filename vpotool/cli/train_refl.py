@@ -1,7 +1,7 @@
 """`vpotool train-refl`: reward-gradient fine-tuning (ReFL / VADER)."""
 
 from vpotool.cli.options import config_command
-from vpotool.config import ReflConfig
+from vpotool.training.config import ReflConfig
 
 command = config_command(
     ReflConfig,

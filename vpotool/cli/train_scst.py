@@ -1,7 +1,7 @@
 """`vpotool train-scst`: self-critical policy-gradient training."""
 
 from vpotool.cli.options import config_command
-from vpotool.config import ScstConfig
+from vpotool.training.config import ScstConfig
 
 command = config_command(
     ScstConfig,

@@ -13,17 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vpotool.config import (
-    DpoConfig,
-    LoopConfig,
-    PairConfig,
-    ReflConfig,
-    SampleConfig,
-    ScoreConfig,
-    ScstConfig,
-    save_config,
-    sub_config,
-)
+from vpotool.config import PairConfig, SampleConfig, ScoreConfig, save_config, sub_config
 from vpotool.errors import VpoError, one_line
 from vpotool.manifest import check_same_settings, merge_manifests, read_manifest, write_manifest
 from vpotool.progress import console, sparkline
@@ -34,6 +24,7 @@ from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import run_score
 from vpotool.training.common import RUN_OPTIONS, batch_indices, finish_step, latest_checkpoint, setup
+from vpotool.training.config import DpoConfig, LoopConfig, ReflConfig, ScstConfig
 from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
 from vpotool.training.refl import enable_vae_checkpointing, refl_step
 from vpotool.training.reward import load_rollout_reward

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vpotool import __version__
-from vpotool.config import TrainConfig
 from vpotool.errors import VpoError
 from vpotool.manifest import RowWriter, crash_point, remove_stale_temps
+from vpotool.training.config import TrainConfig
 from vpotool.training.lora import adapter_state, add_lora, load_adapter_state, save_adapter
 
 STATE_FILE = "state/trainer_state.safetensors"  # in a subfolder, so diffusers sees one weights file per step

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vpotool.config import DpoConfig, save_config
+from vpotool.config import save_config
 from vpotool.errors import VpoError, first_line
 from vpotool.latents import load_latents, save_latent
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
@@ -22,6 +22,7 @@ from vpotool.models.base import NoiseSchedule, cond_cat
 from vpotool.progress import progress_bar
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
+from vpotool.training.config import DpoConfig
 from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state, reference_mode
 from vpotool.video import frames_to_tensor, read_video
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from vpotool.config import ReflConfig, save_config
+from vpotool.config import save_config
 from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.sampling import resolved_settings, sample, seeded_noise
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
+from vpotool.training.config import ReflConfig
 from vpotool.training.reward import load_rollout_reward, reward_values, select_frames
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vpotool.config import ScstConfig, flag, save_config
+from vpotool.config import flag, save_config
 from vpotool.errors import VpoError
 from vpotool.losses import group_advantage, kl_to_reference, normalize_advantage, policy_gradient_loss, scst_advantage
 from vpotool.manifest import manifest_config, read_manifest, resolve, reward_rows
@@ -23,6 +23,7 @@ from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
+from vpotool.training.config import ScstConfig
 from vpotool.training.lora import reference_mode
 from vpotool.training.reward import load_rollout_reward, reward_values
 

@@ -1,0 +1,236 @@
+"""The trainers' configs (``train-dpo``, ``train-refl``, ``train-scst``) and ``loop``'s: the options they share
+(:class:`TrainConfig`) and each method's, declared once in mixins that the trainer and the loop both take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vpotool.config import MODEL_OPTIONS_HELP, REWARD_OPTIONS_HELP, REWARD_PATH_HELP, SIZE_HELP, StageConfig, opt
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """Options every trainer shares (the common flag names across train-dpo, train-refl and train-scst)."""
+
+    out: str = opt("", "Run folder for checkpoints/, metrics.parquet and the resolved config.")
+    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
+    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model_options: str = opt("", MODEL_OPTIONS_HELP)
+    max_steps: int = opt(100, "Optimizer steps to train for.")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
+    warmup_steps: int = opt(0, "Linear warm-up steps before the constant learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    batch_size: int = opt(4, "Examples per micro-batch and process.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    lora_rank: int = opt(16, "LoRA rank.")
+    lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1).")
+    lora_targets: str | None = opt(None, "Comma-separated module names to adapt (default: the model's attention).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    offload_text_encoder: bool = opt(False, "Encode the run's prompts once, then keep the text encoder and the "
+                                     "embeddings in CPU memory (each prompt is encoded once either way).")  # fmt: skip
+    mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate autocast).")
+    resume: bool = opt(True, "Continue from the latest checkpoint in --out when there is one, as every stage "
+                       "resumes when rerun (--no-resume: refuse a folder that holds checkpoints).")  # fmt: skip
+    seed: int = opt(0, "Seed for data order, noise and timesteps.")
+    device: str = opt("auto", "cpu, cuda or auto (under accelerate launch, accelerate decides).")
+    dtype: str = opt("float32", "Frozen weights: float32, bfloat16 or float16 (adapters always train in float32).")
+    report_to: str | None = opt(None, "Also log to tensorboard or wandb (accelerate trackers).")
+
+    def __post_init__(self):
+        self._check(bool(self.out), "out", "is required")
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_rank"):
+            self._check(getattr(self, name) >= 1, name, "must be at least 1")
+        self._check(self.lr > 0, "lr", "must be positive")
+        self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "must be no, bf16 or fp16")
+
+
+@dataclass
+class CheckpointOptions:
+    """When the trainers write checkpoints (``loop`` writes one at the end of every iteration instead)."""
+
+    save_every: int = opt(0, "Write checkpoints/step-N every N steps (0: only at the end).")
+
+    def check_checkpoints(self) -> None:
+        self._check(self.save_every >= 0, "save_every", "must be >= 0")
+
+
+@dataclass
+class DpoOptions:
+    """The Diffusion-DPO options of ``train-dpo`` and ``loop --algo dpo`` (one declaration, one default each)."""
+
+    beta: float | None = opt(None, "DPO temperature on the denoising-error difference (default: 500 for flow "
+                             "models, 5000 for epsilon/v ones; see docs/training.md).")  # fmt: skip
+    loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo.")
+    ipo_tau: float = opt(500.0, "IPO regularisation: the loss pulls the error margin to 1 / (2 tau).")
+    ref_update_interval: int = opt(0, "Copy the policy into the reference every N optimizer steps (0: never).")
+    ref_adapter: str | None = opt(None, "A checkpoint to use as the reference (default: the base model).")
+
+    def check_dpo(self) -> None:
+        self._check(self.beta is None or self.beta > 0, "beta", "must be positive")
+        self._check(self.loss_type in ("sigmoid", "hinge", "ipo"), "loss_type", "must be sigmoid, hinge or ipo")
+        self._check(self.ref_update_interval >= 0, "ref_update_interval", "must be >= 0")
+
+
+@dataclass
+class DpoConfig(DpoOptions, CheckpointOptions, TrainConfig):
+    pairs: str = opt("", "pairs.parquet written by `vpotool pair` (or human labels).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.pairs), "pairs", "is required")
+        self.check_checkpoints()
+        self.check_dpo()
+
+
+@dataclass
+class RolloutOptions:
+    """Sampling options of trainers that generate their own videos (train-refl, train-scst)."""
+
+    prompts: str = opt("", "Training prompts: a .txt file (one per line) or a prompts .parquet.")
+    reward: str = opt("temporal", "Reward name (must be differentiable for train-refl).")
+    reward_path: str | None = opt(None, REWARD_PATH_HELP)
+    reward_options: str = opt("", REWARD_OPTIONS_HELP)
+    reward_dimension: str = opt("overall", "Which reward dimension to optimise.")
+    frames: int | None = opt(None, "Frames per video (default: the model's).")
+    height: int | None = opt(None, "Height in pixels (default: the model's).")
+    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    size: str | None = opt(None, SIZE_HELP)
+    steps: int | None = opt(None, "Denoising steps of each rollout (default: the model's).")
+    guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's).")
+    reward_device: str | None = opt(None, "Device of the reward model, e.g. cuda:1 (default: the policy's).")
+
+
+@dataclass
+class ReflOptions:
+    """The reward-gradient options of ``train-refl`` and ``loop --algo refl``."""
+
+    backprop_steps: int = opt(1, "K: keep gradients through this many denoising steps (VADER/DRaFT-K).")
+    backprop_mode: str = opt("last", "last: the last K steps; random: stop at a random late step and decode the "
+                             "model's x0 prediction there (ReFL).")  # fmt: skip
+    reward_frames: str = opt("all", "Frames the reward sees: all, N (evenly spaced) or first-middle-last.")
+    reward_target: float | None = opt(None, "Minimise |target - reward| instead of -reward.")
+    vae_checkpointing: bool = opt(False, "Recompute the VAE decoder's blocks in the backward pass (memory of long or "
+                                  "large videos; VAEs that support it: cogvideox, ltx).")  # fmt: skip
+
+    def check_refl(self) -> None:
+        self._check(self.backprop_steps >= 1, "backprop_steps", "must be at least 1")
+        self._check(self.backprop_mode in ("last", "random"), "backprop_mode", "must be last or random")
+        ok = self.reward_frames in ("all", "first-middle-last") or (
+            self.reward_frames.isdigit() and int(self.reward_frames) > 0
+        )
+        self._check(ok, "reward_frames", "must be all, a positive number or first-middle-last")
+
+
+@dataclass
+class ReflConfig(ReflOptions, CheckpointOptions, RolloutOptions, TrainConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(bool(self.prompts), "prompts", "is required")
+        self.check_checkpoints()
+        self.check_refl()
+
+
+@dataclass
+class ScstLossOptions:
+    """The policy-gradient options of ``train-scst`` and ``loop --algo scst``."""
+
+    adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables).")
+    clip_eps: float = opt(1e-4, "PPO ratio clip, for --ppo-epochs > 1 and for stored rollouts (--samples, loop).")
+    kl_beta: float = opt(0.0, "Weight of the KL to the base model on the step means (0: off).")
+    train_fraction: float = opt(1.0, "Fraction of each trajectory's steps to train on (chosen at random).")
+
+    def check_scst(self) -> None:
+        self._check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class ScstConfig(ScstLossOptions, CheckpointOptions, RolloutOptions, TrainConfig):
+    samples: str = opt("", "Offline: stored rollouts, a samples.parquet from `vpotool sample --save-trajectory` "
+                       "(instead of --prompts).")  # fmt: skip
+    scores: str = opt("", "Offline: the scores.parquet of --samples, from `vpotool score`.")
+    reward: str | None = opt(None, "Reward name (default temporal); with --samples: which reward of --scores "
+                             "(needed when it holds several).")  # fmt: skip
+    noise_level: float | None = opt(None, "Noise of the stochastic rollout steps (flow SDE level, or DDIM eta; "
+                                    "default 0.7); with --samples: the samples' own.")  # fmt: skip
+    baseline: str | None = opt(None, "greedy (default): the deterministic sample from the same noise; group-mean: "
+                               "K samples (with --samples: the prompt's stored candidates).")  # fmt: skip
+    group_size: int = opt(4, "Samples per prompt for --baseline group-mean (with --samples: the stored ones).")
+    normalize: bool = opt(False, "Scale advantages to unit RMS over the batch.")
+    ppo_epochs: int = opt(1, "Optimizer passes over each batch of rollouts (> 1 uses the clipped ratio).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_checkpoints()
+        self.check_scst()
+        offline = bool(self.samples)
+        why = "is required (or --samples with --scores, to train on stored rollouts)"
+        self._check(bool(self.prompts) or offline, "prompts", why)
+        why = "and --samples exclude each other: sample online from --prompts, or train on the stored --samples"
+        self._check(not (offline and self.prompts), "prompts", why)
+        self._check(bool(self.scores) or not offline, "scores", "is required with --samples (run `vpotool score`)")
+        self._check(offline or not self.scores, "samples", "is required with --scores")
+        if self.baseline is None:
+            self.baseline = "group-mean" if offline else "greedy"
+        if not offline:  # offline, the stored rollouts decide the reward and the noise level
+            self.reward = self.reward or "temporal"
+            self.noise_level = 0.7 if self.noise_level is None else self.noise_level
+        ok = self.noise_level is None or self.noise_level > 0
+        self._check(ok, "noise_level", "must be > 0 (policy gradients need stochastic steps)")
+        self._check(self.baseline in ("greedy", "group-mean"), "baseline", "must be greedy or group-mean")
+        why = "must be group-mean with --samples (stored rollouts carry no greedy sample; each prompt needs >= 2 "
+        why += "scored candidates)"
+        self._check(not offline or self.baseline == "group-mean", "baseline", why)
+        self._check(self.group_size >= 2 or self.baseline == "greedy", "group_size", "must be at least 2")
+        self._check(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
+
+
+@dataclass
+class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, TrainConfig):
+    """``vpotool loop``: sample, score, pair and train online in one process (OnlineVPO), or ReFL / SCST steps.
+
+    The method options are the trainers' own (:class:`DpoOptions`, :class:`ReflOptions`, :class:`ScstLossOptions`);
+    the fields below are the loop's, and the few trainer defaults it changes for its short online runs, each
+    saying why."""
+
+    out: str = opt("runs/loop", "Run folder: iter-NNNN/ manifests, checkpoints/, metrics.parquet, eval/.")
+    algo: str = opt("dpo", "dpo (OnlineVPO), refl (reward gradients) or scst (self-critical, group-mean baseline).")
+    prompts: str = opt("world:train", "Training prompts: a .txt, a prompts .parquet, or world:train.")
+    reward: str = opt("world", "Reward to score candidates with (and to optimise, for refl and scst).")
+    iterations: int = opt(12, "Sample-score-train iterations.")
+    prompts_per_iter: int = opt(8, "Prompts sampled per iteration.")
+    candidates: int = opt(4, "Candidate videos per prompt (K).")
+    steps_per_iter: int = opt(8, "Optimizer steps per iteration.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps in all (0: iterations x steps-per-iter).")
+    # Measured on the tiny model (docs/training.md): 1e-3 made it flicker; a rank-8 adapter suffices for ~100 steps.
+    lr: float = opt(2e-4, "Peak learning rate (AdamW).")
+    lora_rank: int = opt(8, "LoRA rank.")
+    noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0 for dpo and refl, 0.7 for scst).")
+    sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
+    pair_strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every pair above the margin.")
+    min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
+    # OnlineVPO's curriculum reference (its 200 steps scaled to the loop's ~100), where train-dpo keeps the base.
+    ref_update_interval: int = opt(16, "dpo: copy the policy into the reference every N steps (0: the base model).")
+    # The loop trains SCST on its own K candidates (group-mean baseline); half the steps per update halve its cost.
+    train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on (chosen at random).")
+    eval_prompts: str | None = opt(None, "Held-out prompts for base vs aligned at the end (default: world:heldout "
+                                   "for world prompts; none: skip).")  # fmt: skip
+    eval_seeds: int = opt(1, "Videos per held-out prompt in the final comparison.")
+
+    def __post_init__(self):
+        self._check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        for name in ("iterations", "prompts_per_iter", "steps_per_iter", "sample_batch_size", "eval_seeds"):
+            self._check(getattr(self, name) >= 1, name, "must be at least 1")
+        self.max_steps = self.max_steps or self.iterations * self.steps_per_iter
+        super().__post_init__()
+        self._check(self.algo in ("dpo", "refl", "scst"), "algo", "must be dpo, refl or scst")
+        need = 2 if self.algo in ("dpo", "scst") else 1
+        self._check(self.candidates >= need, "candidates", f"must be at least {need} for --algo {self.algo}")
+        self._check(self.noise_level is None or self.noise_level >= 0, "noise_level", "must be >= 0")
+        if self.algo == "scst":
+            self._check(self.noise_level is None or self.noise_level > 0, "noise_level", "must be > 0 for scst")
+        self._check(self.pair_strategy in ("best-worst", "all"), "pair_strategy", "must be best-worst or all")
+        self.check_dpo()
+        self.check_refl()
+        self.check_scst()
