@@ -1,5 +1,5 @@
 """Several processes (``torchrun``, gloo on CPU) train the adapter one process trains on the same examples: for
-every family under DDP (the backends read the denoiser through its wrapper), and for each trainer."""
+every family under DDP (the backends read the denoiser through its wrapper), for each trainer, and under FSDP."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 ADAPTER = "pytorch_lora_weights.safetensors"
 
 
-def launch(args: list, out, processes: int) -> None:
-    """``vpotool ARGS --out OUT`` in one process, or under torchrun with ``processes`` CPU processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def launch(args: list, out, processes: int, env: dict | None = None) -> str:
+    """``vpotool ARGS --out OUT`` in one process, or under torchrun with ``processes`` CPU processes, with ``env``
+    added to the environment. Returns the standard output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "vpotool", *map(str, args), "--out", str(out)]
     if processes > 1:
         with socket.socket() as sock:  # a free port, so parallel or back-to-back runs cannot collide
@@ -28,6 +29,7 @@ def launch(args: list, out, processes: int) -> None:
                "--master_port", port, *cmd[1:]]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def assert_same_adapter(one, two, step: int) -> None:
@@ -105,3 +107,63 @@ def test_loop_on_two_processes_writes_the_manifests_of_one(tmp_path):
                     torch.tensor(one["overall"]), torch.tensor(two["overall"]), atol=2e-3, rtol=0
                 )
     assert_same_adapter(tmp_path / "one", tmp_path / "two", 4)
+
+
+def test_fsdp_on_two_processes_checkpoints_and_resumes_to_the_adapter_of_one(tmp_path):
+    """``ACCELERATE_USE_FSDP=true torchrun --nproc_per_node 2`` on CPU: vpotool shards the denoiser itself
+    (accelerate does FSDP on GPUs only). At batch 1 each, the two processes write the checkpoint one process writes
+    at batch 2, the same files (adapter, reference adapter, AdamW moments gathered whole); stopped there and
+    resumed, they reach the adapter of the uninterrupted run."""
+    from families import make_tiny_checkpoint
+    from test_train_dpo import write_pairs
+
+    folder = make_tiny_checkpoint("wan", tmp_path / "wan")
+    # The reference adapter is copied from the policy every 2 steps: the resumed run's loss at step 4 compares the
+    # policy with the reference it loaded from the step-2 checkpoint.
+    common = ["train-dpo", "--model", "wan", "--model-path", folder, "--pairs", write_pairs(tmp_path), "--lr", 1e-2,
+              "--lora-rank", 2, "--beta", 100, "--ref-update-interval", 2, "--save-every", 2,
+              "--device", "cpu"]  # fmt: skip
+    launch([*common, "--max-steps", 4, "--batch-size", 2], tmp_path / "one", 1)
+    fsdp = {"ACCELERATE_USE_FSDP": "true"}
+    out = launch([*common, "--max-steps", 2, "--batch-size", 1], tmp_path / "two", 2, fsdp)
+    assert "FSDP: WanTransformer3DModel sharded over 2 processes (2 transformer blocks and the root)" in out
+    one, two = (load_file(str(tmp_path / n / "checkpoints" / "step-2" / "state" / "trainer_state.safetensors"))
+                for n in ("one", "two"))  # fmt: skip
+    assert one.keys() == two.keys() and any(k.startswith("adapter.ref.") for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-4, rtol=1e-3)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", 2)
+    out = launch([*common, "--max-steps", 4, "--batch-size", 1], tmp_path / "two", 2, fsdp)
+    assert "resuming" in out
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", 4)
+
+
+@pytest.mark.parametrize("args", [["loop"], ["train-refl", "--prompts", "p.txt", "--backprop-mode", "random"]])
+def test_runs_fsdp_cannot_follow_are_refused_in_one_line(args, cli, monkeypatch, tmp_path):
+    """Under FSDP every process must call the sharded denoiser in step: a loop (each process samples its own share
+    of the prompts) and ReFL's random stop (each its own step) are refused before any work."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli(*args, "--out", tmp_path / "out", "--device", "cpu")
+    assert code == 2 and "cannot run under FSDP" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fsdp1_configs_and_two_expert_denoisers_are_refused_in_one_line(monkeypatch):
+    """accelerate's FSDP1 (flat parameters, which the checkpoint code cannot read) and Wan 2.2's two experts (a
+    process whose micro-batch needs one expert would wait for the other's weights) stop before any sharding."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from vpotool.errors import VpoError
+    from vpotool.training.fsdp import shard_if_requested
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(VpoError, match="fsdp_version: 2"):
+        shard_if_requested(fsdp1, torch.nn.Linear(2, 2), "wan")
+    cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_fsdp2=False)
+    experts = SimpleNamespace(experts={"transformer": torch.nn.Linear(2, 2), "transformer_2": torch.nn.Linear(2, 2)})
+    with pytest.raises(VpoError, match="two-expert denoiser cannot be sharded"):
+        shard_if_requested(cpu, experts, "wan")

@@ -21,14 +21,19 @@ PROMPTS = ["a red circle moving left", "a blue square moving up", "a green ring 
 
 @pytest.fixture
 def pairs(tmp_path):
-    """Four pairs on tiny latents (16 channels x 3 frames x 4 x 4): smooth ramps chosen over noise."""
-    (tmp_path / "latents").mkdir()
+    return write_pairs(tmp_path)
+
+
+def write_pairs(folder):
+    """Four pairs on tiny latents (16 channels x 3 frames x 4 x 4): smooth ramps chosen over noise, in
+    ``folder/pairs.parquet``."""
+    (folder / "latents").mkdir()
     g = torch.Generator().manual_seed(0)
     rows = []
     for i, p in enumerate(PROMPTS):
         ramp = torch.linspace(-1, 1, 4).view(1, 1, 4, 1).expand(16, 3, 4, 4) * (0.5 + 0.1 * i)
-        save_latent(tmp_path / "latents" / f"w{i}.safetensors", ramp.clone(), {})
-        save_latent(tmp_path / "latents" / f"l{i}.safetensors", torch.randn(16, 3, 4, 4, generator=g), {})
+        save_latent(folder / "latents" / f"w{i}.safetensors", ramp.clone(), {})
+        save_latent(folder / "latents" / f"l{i}.safetensors", torch.randn(16, 3, 4, 4, generator=g), {})
         rows.append(
             dict(
                 pair_id=f"w{i}>l{i}", prompt_id=f"p{i}", prompt=p, chosen_id=f"w{i}", rejected_id=f"l{i}",
@@ -37,8 +42,8 @@ def pairs(tmp_path):
                 rejected_latent=f"latents/l{i}.safetensors",
             )
         )  # fmt: skip
-    write_manifest(tmp_path / "pairs.parquet", rows, "pairs")
-    return tmp_path / "pairs.parquet"
+    write_manifest(folder / "pairs.parquet", rows, "pairs")
+    return folder / "pairs.parquet"
 
 
 def config(pairs, out, **kw) -> DpoConfig:

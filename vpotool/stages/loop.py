@@ -23,6 +23,7 @@ from vpotool.stages.common import output_folder, writer_lock
 from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import run_score
+from vpotool.training import fsdp
 from vpotool.training.common import RUN_OPTIONS, batch_indices, finish_step, latest_checkpoint, setup
 from vpotool.training.config import DpoConfig, LoopConfig, ReflConfig, ScstConfig
 from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
@@ -102,6 +103,7 @@ def run_loop(cfg: LoopConfig) -> Path:
     """Run ``cfg.iterations`` online iterations into ``cfg.out``, then compare base and aligned on held-out
     prompts. Returns the run folder. A rerun resumes from the last finished iteration; one process runs a loop
     folder at a time."""
+    fsdp.refuse("loop", "each process samples its own share of the prompts")
     out = output_folder(cfg.out)
     with writer_lock(out):  # under several processes the main one holds it; the others write their shards only
         check_loop_resumable(cfg, out)

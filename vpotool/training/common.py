@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from vpotool import __version__
 from vpotool.errors import VpoError
 from vpotool.manifest import RowWriter, crash_point, remove_stale_temps
+from vpotool.training import fsdp
 from vpotool.training.config import TrainConfig
-from vpotool.training.lora import adapter_state, add_lora, load_adapter_state, save_adapter
+from vpotool.training.lora import adapter_parameters, adapter_state, add_lora, load_adapter_state, save_adapter
 
 STATE_FILE = "state/trainer_state.safetensors"  # in a subfolder, so diffusers sees one weights file per step
 
@@ -59,7 +60,11 @@ def batch_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
 def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), prompts=()) -> Trainer:
     """Accelerator, backend with a trainable LoRA adapter (plus frozen ``extra_adapters``), AdamW, warm-up
     schedule and the metrics writer; resumes from the latest checkpoint when ``cfg.resume``. With
-    ``cfg.offload_text_encoder`` the run's ``prompts`` are encoded now and the text encoder leaves the device."""
+    ``cfg.offload_text_encoder`` the run's ``prompts`` are encoded now and the text encoder leaves the device.
+
+    Under FSDP (:func:`vpotool.training.fsdp.requested`) the denoiser is sharded over the processes: by accelerate's
+    FSDP plugin on GPUs, by :func:`vpotool.training.fsdp.shard_if_requested` where accelerate falls back to DDP
+    (CPU)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -87,6 +92,9 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
             raise VpoError(f"--gradient-checkpointing: {kind} ({cfg.model}) does not support it; drop the flag")
         backend.denoiser.enable_gradient_checkpointing()
     backend.denoiser.train()
+    own_fsdp = fsdp.shard_if_requested(accelerator, backend.denoiser, cfg.model)
+    if own_fsdp:
+        params = adapter_parameters(backend.denoiser)  # sharding replaced them
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -96,7 +104,11 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
         from accelerate.utils import DistributedDataParallelKwargs
 
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-    backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
+    if own_fsdp:  # already sharded: accelerate would wrap it in DDP
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # accelerate's FSDP swaps in shards
     if cfg.report_to:
         accelerator.init_trackers("vpotool", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     metrics = RowWriter(Path(cfg.out) / "metrics.parquet", "metrics", cfg.to_dict())
@@ -162,13 +174,19 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def gathered_state(trainer: Trainer) -> dict | None:
-    """Under FSDP each process holds a shard of every weight, the adapter's too: the full state dict is gathered
+    """Under FSDP each process holds a shard of every weight, the adapters' too: their full weights are gathered
     (a collective every process joins) for rank 0 to save. None otherwise: the unwrapped module holds it all."""
-    from accelerate.utils import DistributedType
-
-    if trainer.accelerator.distributed_type != DistributedType.FSDP:
+    if not fsdp.is_sharded(trainer.denoiser):
         return None
-    return trainer.accelerator.get_state_dict(trainer.backend.denoiser)
+    return fsdp.full_adapters(trainer.denoiser)
+
+
+def optimizer_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The AdamW state as full CPU tensors keyed ``optim.<param index>.<name>`` (under FSDP each moment is gathered
+    from its shards: every process must call this)."""
+    state = trainer.optimizer.state_dict()["state"]
+    return {f"optim.{i}.{k}": fsdp.full_tensor(torch.as_tensor(state[i][k])).contiguous() for i in sorted(state)
+            for k in sorted(state[i])}  # fmt: skip
 
 
 def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapters: tuple[str, ...] = ()) -> Path:
@@ -176,7 +194,8 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     optimizer moments, extra adapters (e.g. the DPO reference) and, in its metadata, step, schedule and config."""
     acc = trainer.accelerator
     folder = Path(cfg.out) / "checkpoints" / f"step-{step}"
-    full = gathered_state(trainer)  # every process takes part; rank 0 writes
+    full = gathered_state(trainer)  # every process takes part in the gathers; rank 0 writes
+    tensors = optimizer_tensors(trainer)
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return folder
@@ -184,8 +203,6 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     meta = {"base_model": b.info.name, "base_model_path": b.info.path, "step": step, "config": cfg.to_dict()}
     save_adapter(trainer.denoiser, folder, meta, full_state=full)
     opt = trainer.optimizer.state_dict()
-    tensors = {f"optim.{i}.{k}": torch.as_tensor(v).detach().cpu().contiguous() for i, s in opt["state"].items()
-               for k, v in s.items()}  # fmt: skip
     for name in extra_adapters:
         state = adapter_state(trainer.denoiser, name, full)
         tensors.update({f"adapter.{name}.{k}": v.cpu().contiguous() for k, v in state.items()})
@@ -233,10 +250,12 @@ def load_checkpoint(trainer: Trainer, folder: Path, extra_adapters: tuple[str, .
             trainer.denoiser, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, name
         )
     state: dict = {}
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, i, key = k.split(".", 2)
-            state.setdefault(int(i), {})[key] = v
+            # The moments are saved whole; under FSDP each process takes its shard of them (the step count stays).
+            state.setdefault(int(i), {})[key] = fsdp.like(v, params[int(i)]) if v.dim() else v
     trainer.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     trainer.scheduler.load_state_dict({**json.loads(meta["scheduler"]), "lr_lambdas": [None]})
     trainer.denoiser.set_adapter("default")
@@ -263,6 +282,8 @@ def grad_sync(trainer: Trainer, last: bool):
     """Context for one forward + backward of a step made of several: gradients are all-reduced across processes
     only on the ``last`` one; earlier ones accumulate locally under the wrapper's ``no_sync`` (DDP checks it in
     the forward, so the forward belongs inside too)."""
+    if fsdp.is_sharded(trainer.denoiser):  # sharded by vpotool or by accelerate: FSDP2's own switch
+        return fsdp.gradient_sync(trainer.denoiser, enabled=last)
     if last:
         return contextlib.nullcontext()
     return trainer.accelerator.no_sync(trainer.backend.denoiser)
@@ -275,7 +296,7 @@ def optimizer_step(trainer: Trainer, cfg: TrainConfig) -> float | None:
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return None if norm is None else float(norm)
+    return None if norm is None else float(fsdp.full_tensor(norm))
 
 
 def finish_step(trainer: Trainer, cfg: TrainConfig, step: int, values: dict, grad_norm, on_step, extra=()) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from vpotool import __version__
 from vpotool.errors import VpoError
+from vpotool.training import fsdp
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 PREFIX = "transformer"  # the denoiser's name in every diffusers video pipeline
@@ -37,7 +38,7 @@ def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = 
             denoiser.add_adapter(config, adapter_name=name)
     except ValueError as e:
         raise VpoError(f"cannot add LoRA on modules {targets}: {str(e).splitlines()[0]} (check --lora-targets)") from e
-    params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
+    params = adapter_parameters(denoiser, name)
     for p in params:
         # Adapters live in float32 whatever the frozen weights are: in bf16 an update of lr * 1 on a weight of
         # 1e-2 rounds away, so a bf16 adapter silently stops learning. peft casts each LoRA input to the
@@ -49,20 +50,29 @@ def add_lora(denoiser, rank: int, alpha: float, targets: list[str], name: str = 
     return params
 
 
+def adapter_parameters(denoiser, name: str = "default") -> list[torch.nn.Parameter]:
+    """The parameters of adapter ``name`` (after FSDP sharding: the sharded ones, which replaced them)."""
+    return [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
 def adapter_state(denoiser, name: str = "default", full_state: dict | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights keyed as peft saves them (no adapter name), e.g. ``blocks.0.attn1.to_q.lora_A.weight``;
-    taken from ``full_state`` (the model's gathered state dict, under FSDP) when given."""
+    taken from ``full_state`` (the gathered weights of an FSDP-sharded denoiser, keyed as its state dict) when
+    given."""
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(denoiser, state_dict=full_state, adapter_name=name)
 
 
 def load_adapter_state(denoiser, state: dict[str, torch.Tensor], name: str = "default") -> None:
-    """Copy ``state`` (as from :func:`adapter_state`) into adapter ``name``."""
+    """Copy ``state`` (as from :func:`adapter_state`; full tensors also into an FSDP-sharded denoiser) into adapter
+    ``name``."""
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(denoiser, state, adapter_name=name)
-    unexpected = getattr(result, "unexpected_keys", [])
+    if fsdp.is_sharded(denoiser):
+        unexpected = fsdp.load_adapter_shards(denoiser, state, name)
+    else:
+        unexpected = getattr(set_peft_model_state_dict(denoiser, state, adapter_name=name), "unexpected_keys", [])
     if unexpected:
         n = len(unexpected)
         raise VpoError(f"adapter weights do not fit this model ({n} unexpected keys, e.g. {unexpected[0]})")

@@ -15,6 +15,7 @@ from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.sampling import resolved_settings, sample, seeded_noise
+from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
 from vpotool.training.reward import load_rollout_reward, reward_values, select_frames
@@ -89,6 +90,9 @@ def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: di
 def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
     """Train a LoRA adapter to raise a differentiable reward; writes checkpoints and metrics under ``cfg.out``."""
     # --- setup
+    if cfg.backprop_mode == "random":
+        why = "each process stops its rollout at its own step"
+        fsdp.refuse("--backprop-mode random", why, "use --backprop-mode last")
     prompts = [p for _, p in load_prompts(cfg.prompts)]
     trainer = setup(cfg, backend, prompts=prompts)
     b, acc = trainer.backend, trainer.accelerator
