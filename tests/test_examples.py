@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 
@@ -22,3 +23,140 @@ def test_accelerate_configs_load(name, kind):
 def test_slurm_scripts_are_valid_bash(script):
     result = subprocess.run(["bash", "-n", str(EXAMPLES / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compare_script_is_valid_bash():
+    result = subprocess.run(
+        ["bash", "-n", str(EXAMPLES / "tiny_world" / "compare.sh")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# A synthetic compare.sh folder: world overall, direction-correct rate, Fréchet and win rate per seed run, per split.
+COMPARE = {
+    "eval-val": {
+        "base": (0.20, 0.30, 2.0, 0.5),
+        "online-dpo-seed0/step-24": (0.90, 0.90, 0.1, 0.9),  # an earlier checkpoint: the latest one counts
+        "online-dpo-seed0/step-288": (0.24, 0.5, 1.0, 0.6),
+        "online-dpo-seed1/step-288": (0.25, 0.6, 1.5, 0.7),
+        "online-dpo-seed2/step-288": (0.26, 0.7, 2.0, 0.8),
+        "refl-seed0/step-288": (0.40, 0.8, 0.5, 0.9),
+        "refl-seed1/step-288": (0.44, 0.9, 0.7, 1.0),
+        "scst-greedy-seed0/step-96": (0.30, 0.4, 1.8, 0.55),
+    },
+    "eval-heldout": {
+        "base": (0.10, 0.20, 3.0, 0.5),
+        "online-dpo-seed0/step-288": (0.20, 0.3, 2.0, 0.6),
+        "online-dpo-seed1/step-288": (0.22, 0.4, 2.5, 0.6),
+        "online-dpo-seed2/step-288": (0.24, 0.5, 3.0, 0.6),
+        "refl-seed0/step-288": (0.30, 0.6, 1.0, 0.8),
+        "refl-seed1/step-288": (0.30, 0.6, 1.0, 0.8),
+        "scst-greedy-seed0/step-96": (0.15, 0.2, 2.8, 0.55),
+    },
+}
+SECONDS = {"online-dpo-seed0": 300, "online-dpo-seed1": 330, "online-dpo-seed2": 360, "refl-seed0": 600}
+SECONDS |= {"refl-seed1": 660, "scst-greedy-seed0": 240, "eval-val": 120, "eval-heldout": 60}
+
+
+def write_compare(out: Path) -> None:
+    from vpotool.config import save_config
+    from vpotool.manifest import write_manifest
+    from vpotool.training.config import LoopConfig, ScstConfig
+
+    for folder, checkpoints in COMPARE.items():
+        rows = []
+        for ckpt, (overall, direction, frechet, win) in checkpoints.items():
+            row = dict(checkpoint=ckpt, std=0.1, n=120)
+            rows += [
+                {**row, "metric": "world.overall", "mean": overall, "win_rate": win},
+                {**row, "metric": "world.rate.direction_correct", "mean": direction, "win_rate": 0.5},
+                {**row, "metric": "world.frechet", "mean": frechet, "std": math.nan, "win_rate": math.nan},
+            ]
+        prompts = "world:val" if folder == "eval-val" else "world:heldout"
+        write_manifest(out / folder / "eval.parquet", rows, "eval", {"prompts": prompts, "seeds": 2})
+    for s in range(3):
+        save_config(LoopConfig(out=str(out / f"online-dpo-seed{s}"), seed=s), out / f"online-dpo-seed{s}/loop.yaml")
+    for s in range(2):
+        save_config(LoopConfig(out=str(out / f"refl-seed{s}"), seed=s, algo="refl"), out / f"refl-seed{s}/loop.yaml")
+    scst = ScstConfig(out=str(out / "scst-greedy-seed0"), prompts="world:align", reward="world", max_steps=96)
+    save_config(scst, out / "scst-greedy-seed0" / "train-scst.yaml")
+    for name, seconds in SECONDS.items():
+        (out / name / "seconds").write_text(f"{seconds}\n")
+
+
+def table_rows(text: str, heading: str) -> dict[str, dict[str, str]]:
+    """The first markdown table after ``heading`` (a line of the text; "": the first table) as
+    ``{method: {header: cell}}``."""
+    lines = text.splitlines()
+    start = lines.index(heading) if heading else 0
+    table = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif table:
+            break
+    header, rows = table[0], table[2:]
+    key = 1 if header[0] == "ablation" else 0  # ablation rows are named by their method
+    return {r[key]: dict(zip(header, r, strict=True)) for r in rows}
+
+
+def test_results_table_means_and_seed_stds(tmp_path, capsys):
+    import importlib.util
+
+    from vpotool.training.config import LoopConfig
+
+    spec = importlib.util.spec_from_file_location("results_table", EXAMPLES / "tiny_world" / "results_table.py")
+    results_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_table)
+    write_compare(tmp_path)
+    results_table.main([str(tmp_path)])
+    text = capsys.readouterr().out
+
+    # Training minutes 300/330/360 s: 5.5 ± 0.5; 600/660 s: 10.5 ± 0.7; one seed has no std. 2490 s in all.
+    assert "42 minutes of training and 3 of evaluation" in text
+    runs = table_rows(text, "")
+    loop = LoopConfig()
+    assert runs["online-dpo"]["train minutes"] == "5.5 ± 0.5"
+    assert runs["online-dpo"]["videos"] == str(loop.iterations * loop.prompts_per_iter * loop.candidates)
+    assert runs["online-dpo"]["optimizer steps"] == str(loop.max_steps)
+    assert runs["refl"]["train minutes"] == "10.5 ± 0.7"
+    assert runs["refl"]["videos"] == str(loop.max_steps * loop.batch_size)
+    assert runs["scst-greedy"]["train minutes"] == "4.0 (1 seed)"
+    assert runs["scst-greedy"]["videos"] == str(2 * 96 * 4)  # each rollout and its greedy sample
+    assert "greedy" in runs["scst-greedy"]["what it runs"]
+
+    val = table_rows(text, "## Validation prompts")
+    assert val["base"]["world overall"] == "0.200" and val["base"]["direction ✓ %"] == "30.0"
+    assert val["base"]["seeds"] == "-" and val["base"]["Fréchet ↓"] == "2.00"
+    # online DPO: 0.24, 0.25, 0.26 -> mean 0.25, sample std 0.01; its step-24 checkpoint is left out
+    assert val["online-dpo"]["seeds"] == "3"
+    assert val["online-dpo"]["world overall"] == "0.250 ± 0.010"
+    assert val["online-dpo"]["direction ✓ %"] == "60.0 ± 10.0"
+    assert val["online-dpo"]["Fréchet ↓"] == "1.50 ± 0.50"
+    assert val["online-dpo"]["win rate vs base"] == "0.70 ± 0.10"
+    # ReFL: 0.40, 0.44 -> 0.42 ± sqrt(2 * 0.02^2) = 0.028; 80%, 90% -> 85.0 ± 7.1
+    assert val["refl"]["world overall"] == "0.420 ± 0.028"
+    assert val["refl"]["direction ✓ %"] == "85.0 ± 7.1"
+    assert val["scst-greedy"]["world overall"] == "0.300 (1 seed)"
+    assert val["scst-greedy"]["seeds"] == "1"
+    assert "colour ✓ %" not in val["base"]  # metrics the eval lacks get no column
+
+    heldout = table_rows(text, "## Held-out prompts")
+    assert heldout["base"]["world overall"] == "0.100"
+    assert heldout["online-dpo"]["world overall"] == "0.220 ± 0.020"
+    assert heldout["refl"]["world overall"] == "0.300 ± 0.000"
+    assert heldout["refl"]["Fréchet ↓"] == "1.00 ± 0.00"
+
+    # Ablations: the difference from online DPO's mean in pooled seed stds. Validation, ReFL: +0.17 over
+    # sqrt((0.01^2 + 0 + 0.01^2 + 0.02^2 + 0.02^2) / 3) = 0.01826 -> 9.3; greedy SCST: +0.05 over
+    # sqrt(0.0002 / 2) = 0.01 -> 5.0. Held-out, ReFL: +0.08 over sqrt(0.0008 / 3) = 0.01633 -> 4.9.
+    ablations = table_rows(text, "## Ablations")
+    val_cols = ("val: world overall", "val: vs online DPO", "val: in seed stds")
+    refl = ablations["refl"]
+    assert [refl[c] for c in val_cols] == ["0.420 ± 0.028", "+0.170", "+9.3"]
+    greedy = ablations["scst-greedy"]
+    assert [greedy[c] for c in val_cols] == ["0.300 (1 seed)", "+0.050", "+5.0"]
+    assert ablations["online-dpo"]["val: vs online DPO"] == "-"
+    assert "offline-dpo" not in ablations  # methods that did not run are left out, and questions none answer
+    assert "| online vs offline |" not in text and "| training signal | online-dpo |" in text
+    assert "| training signal | refl | 0.420 ± 0.028 | +0.170 | +9.3 | 0.300 ± 0.000 | +0.080 | +4.9 |" in text

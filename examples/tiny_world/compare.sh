@@ -1,52 +1,106 @@
 #!/usr/bin/env bash
-# Methods comparison on the tiny world, in the shape of OnlineVPO's ablations: online vs offline DPO,
-# curriculum vs fixed reference, K = 2/4/8 candidates, DPO vs ReFL vs SCST. Every run starts from the
-# shipped tiny base model and sees the same number of sampled videos (ITERS x 32); each is then
-# evaluated on the 60 held-out prompts with the same seeds, and the table goes to docs/results.md.
+# Methods comparison on the tiny world, in the shape of OnlineVPO's ablations: online vs offline DPO, curriculum
+# vs fixed reference, K = 2/4/8 candidates at one sample budget, DPO vs ReFL vs SCST (group-mean and greedy
+# baselines). Every variant starts from the shipped tiny base model, trains on world:align and runs once per
+# training seed in SEEDS, so every figure is a mean with its seed spread. All final checkpoints are then evaluated
+# together, with the same seeds, on world:val (training prompts no run trains on) and on world:heldout (unseen
+# colour-shape-direction triples); results_table.py writes the tables to docs/results.md.
 #
-#   bash examples/tiny_world/compare.sh [OUT]      (ITERS=12 SEEDS="0 1 2" EVAL_SEEDS=2 by default)
+#   bash examples/tiny_world/compare.sh [OUT]      (SEEDS="0 1 2" EVAL_SEEDS=2 by default)
 #
+# Budgets are `vpotool loop`'s defaults; ITERS, PROMPTS (per iteration), K and STEPS (per iteration) override
+# them for every variant, SAMPLER adds sampler flags to every run and both evals (e.g. SAMPLER="--steps 4"), and
+# VAL / HELDOUT replace the two eval prompt sets: together they make a quick check of the script.
 # Every command resumes: rerunning the script after an interruption skips finished work.
 set -euo pipefail
 OUT=${1:-runs/compare}
-ITERS=${ITERS:-12}
 SEEDS=${SEEDS:-"0 1 2"}
 EVAL_SEEDS=${EVAL_SEEDS:-2}
+VAL=${VAL:-world:val}
+HELDOUT=${HELDOUT:-world:heldout}
 RESULTS=${RESULTS:-docs/results.md}
-BUDGET=32  # videos sampled per iteration: prompts-per-iter x candidates
-# run NAME [loop flags]: one loop into $OUT/NAME; its wall time goes to $OUT/NAME/seconds, which marks it done.
-run() {
+read -ra SAMPLER <<< "${SAMPLER:-}"
+
+# The loop's defaults, read from its config so that they are stated once.
+read -r D_ITERS D_PROMPTS D_K D_STEPS BATCH LR RANK FRACTION REWARD TRAIN_PROMPTS < <(python -c '
+from vpotool.training.config import LoopConfig
+c = LoopConfig()
+print(c.iterations, c.prompts_per_iter, c.candidates, c.steps_per_iter, c.batch_size * c.grad_accum, c.lr,
+      c.lora_rank, c.train_fraction, c.reward, c.prompts)')
+ITERS=${ITERS:-$D_ITERS}
+PROMPTS=${PROMPTS:-$D_PROMPTS}
+K=${K:-$D_K}
+STEPS=${STEPS:-$D_STEPS}
+BUDGET=$((PROMPTS * K))  # videos sampled per iteration
+# Flags only where the budget differs from the defaults, so that online DPO stays the bare `vpotool loop`.
+scale=("${SAMPLER[@]}")
+[[ $ITERS == "$D_ITERS" ]] || scale+=(--iterations "$ITERS")
+[[ $PROMPTS == "$D_PROMPTS" ]] || scale+=(--prompts-per-iter "$PROMPTS")
+[[ $K == "$D_K" ]] || scale+=(--candidates "$K")
+[[ $STEPS == "$D_STEPS" ]] || scale+=(--steps-per-iter "$STEPS")
+
+# timed NAME COMMAND...: run COMMAND (which writes $OUT/NAME); its wall time goes to $OUT/NAME/seconds, which marks
+# the run done.
+timed() {
   local name=$1 t0
   shift
   [[ -f "$OUT/$name/seconds" ]] && return
   t0=$(date +%s)
-  vpotool loop --out "$OUT/$name" --iterations "$ITERS" --steps-per-iter 8 --eval-prompts none "$@"
+  "$@"
   echo $(($(date +%s) - t0)) > "$OUT/$name/seconds"
 }
-start=$(date +%s)
+# run NAME [loop flags]: `vpotool loop` into $OUT/NAME-seedS for every training seed.
+run() {
+  local name=$1 s
+  shift
+  for s in $SEEDS; do
+    timed "$name-seed$s" vpotool loop --out "$OUT/$name-seed$s" --seed "$s" --eval-prompts none "${scale[@]}" "$@"
+  done
+}
 
-# Online DPO with the curriculum reference (the default `vpotool loop`), over several training seeds.
-for s in $SEEDS; do
-  run online-dpo-seed$s --seed "$s"
-done
-# Online DPO with a fixed reference: the base model throughout.
+# Online DPO: the default `vpotool loop` (curriculum reference, K candidates, pairs above the margin).
+run online-dpo
+# A fixed reference: the base model throughout.
 run online-dpo-fixed-ref --ref-update-interval 0
-# Offline DPO: every pair sampled once from the base model (one iteration with all the prompts), then the
+# Offline DPO: every video sampled once from the base model (one iteration over ITERS x PROMPTS prompts), then the
 # same number of DPO steps with the same curriculum.
-run offline-dpo --iterations 1 --prompts-per-iter $((ITERS * BUDGET / 4)) \
-  --steps-per-iter $((ITERS * 8))
-# Number of candidates at the same budget: K x prompts-per-iter = 32.
+run offline-dpo --iterations 1 --prompts-per-iter $((ITERS * PROMPTS)) --steps-per-iter $((ITERS * STEPS))
+# Candidates per prompt at the same budget of videos per iteration: K x prompts-per-iter = BUDGET.
 run online-dpo-k2 --candidates 2 --prompts-per-iter $((BUDGET / 2))
 run online-dpo-k8 --candidates 8 --prompts-per-iter $((BUDGET / 8))
-# Reward gradients (ReFL/VADER, the last denoising step) and self-critical policy gradient.
+# Reward gradients (ReFL, through the last denoising step) and self-critical policy gradient with the loop's
+# group-mean baseline (the mean reward of a prompt's K candidates).
 run refl --algo refl
 run scst --algo scst
+# SCST with the greedy baseline (the deterministic sample from the same noise) is not a loop option: train-scst
+# runs it on the same prompts and reward with the loop's learning rate, LoRA rank and train fraction. Budget
+# match: each of its optimizer steps samples BATCH stochastic rollouts and BATCH greedy ones, so
+# ITERS x BUDGET / (2 x BATCH) steps sample the same ITERS x BUDGET videos as the loop's SCST (a third of the loop
+# SCST's optimizer steps at the defaults, each on fresh on-policy rollouts instead of reused ones).
+for s in $SEEDS; do
+  timed "scst-greedy-seed$s" vpotool train-scst --out "$OUT/scst-greedy-seed$s" --seed "$s" \
+    --prompts "$TRAIN_PROMPTS" --reward "$REWARD" --baseline greedy --lr "$LR" --lora-rank "$RANK" \
+    --train-fraction "$FRACTION" --max-steps $((ITERS * BUDGET / (2 * BATCH))) "${SAMPLER[@]}"
+done
 
+# Every finished run's final checkpoint, evaluated on both prompt sets with the same seeds.
 adapters=()
-for d in "$OUT"/*/; do
+for d in "$OUT"/*-seed*/; do
   [[ -f "${d}seconds" ]] || continue
   adapters+=(--adapter "$(ls -d "${d}"checkpoints/step-* | sort -V | tail -1)")
 done
-vpotool eval "${adapters[@]}" --prompts world:heldout --seeds "$EVAL_SEEDS" --out "$OUT/eval"
-python examples/tiny_world/results_table.py "$OUT" --minutes $((($(date +%s) - start) / 60)) > "$RESULTS"
+# evaluate NAME PROMPTS: into $OUT/NAME; redone (resuming its finished videos) when the checkpoints change.
+evaluate() {
+  local dir=$OUT/$1 t0
+  if [[ -f "$dir/seconds" && "$(cat "$dir/checkpoints" 2> /dev/null)" == "${adapters[*]}" ]]; then
+    return
+  fi
+  t0=$(date +%s)
+  vpotool eval "${adapters[@]}" --prompts "$2" --seeds "$EVAL_SEEDS" --out "$dir" "${SAMPLER[@]}"
+  echo "${adapters[*]}" > "$dir/checkpoints"
+  echo $(($(date +%s) - t0)) > "$dir/seconds"
+}
+evaluate eval-val "$VAL"
+evaluate eval-heldout "$HELDOUT"
+python examples/tiny_world/results_table.py "$OUT" > "$RESULTS"
 echo "wrote $RESULTS"
