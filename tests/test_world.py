@@ -26,6 +26,16 @@ def test_splits_are_disjoint_and_cover_every_word():
     assert len(set(ids)) == len(ids)
 
 
+def test_alignment_splits_the_training_prompts():
+    train, align, val = world_prompts("train"), world_prompts("align"), world_prompts("val")
+    assert (len(align), len(val)) == (360, 60)
+    assert sorted(align + val, key=train.index) == train
+    assert not {p.id for p in align} & {p.id for p in val}
+    # val asks for triples the loop aligns on, at other speeds or backgrounds
+    assert {(p.color, p.shape, p.direction) for p in val} <= {(p.color, p.shape, p.direction) for p in align}
+    assert world_prompts("val") == val  # drawn once, the same in every process
+
+
 def test_parse_round_trip_and_errors():
     p = parse_prompt(PROMPT)
     assert (p.color, p.shape, p.direction, p.speed, p.background) == ("red", "circle", "right", "slowly", "black")

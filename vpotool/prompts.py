@@ -10,7 +10,8 @@ from vpotool.errors import VpoError
 def load_prompts(path: str) -> list[tuple[str, str]]:
     """``(prompt_id, prompt)`` pairs from a .txt file (one prompt a line; blank lines and ``#`` lines skipped;
     ids ``p00000``, ``p00001``, ... by line order among prompts), a prompts .parquet (``prompt`` column, with
-    ``prompt_id`` if present), or ``world:train`` / ``world:heldout`` / ``world:all``: the tiny world's prompts."""
+    ``prompt_id`` if present), or a tiny-world split: ``world:train``, ``world:heldout``, ``world:align``,
+    ``world:val`` or ``world:all``."""
     if path.startswith("world:"):
         from vpotool.world import world_prompts
 

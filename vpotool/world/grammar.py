@@ -2,7 +2,9 @@
 
 ``"a red circle moving left slowly on a black background"``. Every combination has a stable id
 (``red-circle-left-slow-black``); some (colour, shape, direction) triples never appear in training and form the
-held-out split, so evaluation asks for combinations of seen words the model was never shown together.
+held-out split, so evaluation asks for combinations of seen words the model was never shown together. Alignment
+gets its own split of the training prompts: ``val`` (60 drawn once) is never trained on by the loop, which aligns
+on the rest (``align``), so its comparison measures prompts of the distribution it aligned on but did not see.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ BACKGROUNDS: dict[str, tuple[float, float, float]] = {
     "white": (0.98, 0.98, 0.98),
 }
 HELD_OUT_TRIPLES = 10  # of 7 x 3 x 4 = 84 (colour, shape, direction) triples
+VAL_PROMPTS = 60  # of the 420 training prompts
+SPLITS = ("train", "heldout", "all", "align", "val")
 
 _PATTERN = re.compile(
     r"^\s*an? (?P<color>\w+) (?P<shape>\w+) moving (?P<direction>\w+) (?P<speed>\w+) on an? (?P<background>\w+) "
@@ -87,12 +91,27 @@ def _held_out_triples() -> frozenset[tuple[str, str, str]]:
     return frozenset(random.Random(0).sample(triples, HELD_OUT_TRIPLES))
 
 
+@lru_cache(maxsize=1)
+def _val_ids() -> frozenset[str]:
+    train = _split_prompts("train")
+    return frozenset(p.id for p in random.Random(1).sample(train, VAL_PROMPTS))
+
+
 def world_prompts(split: str = "train") -> list[WorldPrompt]:
-    """Every prompt of the grammar in ``split``: ``train``, ``heldout`` or ``all``, in a fixed order.
+    """Every prompt of the grammar in ``split``, in a fixed order: ``train`` (the pretraining prompts),
+    ``heldout`` (unseen colour-shape-direction triples), ``all``, or alignment's split of ``train``: ``val`` (60
+    prompts the loop never trains on) and ``align`` (the other 360).
 
     A shape never shares its background's colour (no white shape on white)."""
-    if split not in ("train", "heldout", "all"):
-        raise VpoError(f"unknown world split '{split}'; choose train, heldout or all")
+    if split not in SPLITS:
+        raise VpoError(f"unknown world split '{split}'; choose {', '.join(SPLITS)}")
+    if split in ("align", "val"):
+        val = _val_ids()
+        return [p for p in _split_prompts("train") if (p.id in val) == (split == "val")]
+    return _split_prompts(split)
+
+
+def _split_prompts(split: str) -> list[WorldPrompt]:
     held = _held_out_triples()
     out = []
     for c in COLORS:
