@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,16 @@ def test_results_table_means_and_seed_stds(tmp_path, capsys):
     assert "offline-dpo" not in ablations  # methods that did not run are left out, and questions none answer
     assert "| online vs offline |" not in text and "| training signal | online-dpo |" in text
     assert "| training signal | refl | 0.420 ± 0.028 | +0.170 | +9.3 | 0.300 ± 0.000 | +0.080 | +4.9 |" in text
+
+
+def test_scst_diagnosis_prints_its_table():
+    """The SCST diagnosis of docs/training.md runs (at a tiny size) and prints one row per noise level."""
+    script = EXAMPLES / "tiny_world" / "scst_diagnosis.py"
+    args = ["--prompts", "2", "--candidates", "2", "--steps", "3", "--noise-levels", "0.7,1.5"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["0.7", "1.5"]
+    for row in rows[1:]:
+        spread, own, c_scst, c_dpo, ratio = (float(c) for c in row[1:])
+        assert spread >= 0 and own >= 0 and -1 <= c_scst <= 1 and -1 <= c_dpo <= 1 and ratio > 0
