@@ -90,8 +90,8 @@ def test_loop_on_two_processes_writes_the_manifests_of_one(tmp_path):
     import pandas as pd
 
     common = ["loop", "--prompts", "world:train", "--iterations", 2, "--prompts-per-iter", 4, "--candidates", 2,
-              "--steps-per-iter", 2, "--reward", "world", "--eval-prompts", "none", "--lr", 1e-2, "--guidance", 1.0,
-              *FAST]  # fmt: skip
+              "--min-margin", 0, "--steps-per-iter", 2, "--reward", "world", "--eval-prompts", "none", "--lr", 1e-2,
+              "--guidance", 1.0, *FAST]  # fmt: skip
     launch([*common, "--batch-size", 2], tmp_path / "one", 1)
     launch([*common, "--batch-size", 1], tmp_path / "two", 2)
     for it in ("iter-0000", "iter-0001"):

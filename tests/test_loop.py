@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from vpotool.training.lora import ADAPTER_FILE
 
-LOOP = ["--prompts-per-iter", 2, "--candidates", 2, "--steps-per-iter", 2, "--batch-size", 2, *FAST]
+LOOP = ["--prompts-per-iter", 2, "--candidates", 2, "--steps-per-iter", 2, "--batch-size", 2, "--min-margin", 0, *FAST]
 
 
 @pytest.fixture
@@ -94,3 +94,17 @@ def test_loop_rejects_bad_options(cli, tmp_path):
     assert code == 2 and "--algo must be dpo, refl or scst" in err
     code, _, err = cli("loop", "--out", tmp_path / "r", "--candidates", 1)
     assert code == 2 and "--candidates must be at least 2" in err
+
+
+def test_loop_defaults_align_on_one_split_and_compare_on_another():
+    from vpotool.stages.loop import default_eval_prompts
+    from vpotool.training.config import LoopConfig
+
+    cfg = LoopConfig()
+    assert (cfg.prompts, default_eval_prompts(cfg.prompts)) == ("world:align", "world:val")
+    assert default_eval_prompts("world:train") == "world:heldout"
+    assert default_eval_prompts("prompts.txt") == "none"
+    # the pair margin is on the reward's scale: the world reward's default, none for another reward
+    assert (cfg.min_margin, LoopConfig(reward="temporal").min_margin, LoopConfig(min_margin=0.1).min_margin) == (
+        0.02, 0.0, 0.1,
+    )  # fmt: skip

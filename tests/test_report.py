@@ -19,7 +19,7 @@ from vpotool.report.data import candidate_items, load_scores, pair_items, video_
 from vpotool.report.html import reference_updates
 from vpotool.report.plots import BOTTOM, LEFT, RIGHT, TOP, line_plot, nice_ticks
 
-LOOP = ["--prompts-per-iter", 2, "--candidates", 2, "--steps-per-iter", 2, "--batch-size", 2, *FAST]
+LOOP = ["--prompts-per-iter", 2, "--candidates", 2, "--steps-per-iter", 2, "--batch-size", 2, "--min-margin", 0, *FAST]
 
 
 def vpotool(*args) -> int:

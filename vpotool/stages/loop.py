@@ -1,6 +1,6 @@
 """``vpotool loop``: OnlineVPO with the model resident. Each iteration samples K candidates per prompt with the
-current policy, scores them, pairs best against worst and takes DPO steps (or ReFL / SCST steps), with the model,
-reward and optimizer resident throughout. Every iteration writes the same manifests as the separate stages
+current policy, scores them, pairs the better against the worse and takes DPO steps (or ReFL / SCST steps), with
+the model, reward and optimizer resident throughout. Every iteration writes the same manifests as the separate stages
 (``RUN/iter-NNNN/{prompts,samples,scores,pairs}.parquet``); checkpoints close each iteration, so a rerun resumes.
 Under torchrun or accelerate launch each process samples and scores its share of the prompts (shard manifests the
 main process merges) and training runs under DDP; the main process writes the rest."""
@@ -200,13 +200,21 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     final = latest_checkpoint(out)
     eval_prompts = cfg.eval_prompts
     if eval_prompts is None:
-        eval_prompts = "world:heldout" if cfg.prompts.startswith("world:") else "none"
+        eval_prompts = default_eval_prompts(cfg.prompts)
     if main and final is not None and eval_prompts != "none":
         with sampling(trainer):
             compare(cfg, b, eval_prompts, final, reward)
     acc.wait_for_everyone()
     acc.end_training()  # ends the trackers and the process group: last
     return out
+
+
+def default_eval_prompts(prompts: str) -> str:
+    """What the loop compares on when --eval-prompts is not given: world:val after aligning on world:align (prompts
+    of the same distribution it never trained on), world:heldout after any other world split, else nothing."""
+    if prompts == "world:align":
+        return "world:val"
+    return "world:heldout" if prompts.startswith("world:") else "none"
 
 
 def mean_score(scores: Path, dimension: str) -> float:

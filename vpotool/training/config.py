@@ -196,33 +196,39 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
 
     out: str = opt("runs/loop", "Run folder: iter-NNNN/ manifests, checkpoints/, metrics.parquet, eval/.")
     algo: str = opt("dpo", "dpo (OnlineVPO), refl (reward gradients) or scst (self-critical, group-mean baseline).")
-    prompts: str = opt("world:train", "Training prompts: a .txt, a prompts .parquet, or world:train.")
+    prompts: str = opt("world:align", "Training prompts: a .txt, a prompts .parquet, or a world split "
+                       "(world:align: the training prompts less world:val).")  # fmt: skip
     reward: str = opt("world", "Reward to score candidates with (and to optimise, for refl and scst).")
     iterations: int = opt(12, "Sample-score-train iterations.")
-    prompts_per_iter: int = opt(8, "Prompts sampled per iteration.")
+    prompts_per_iter: int = opt(16, "Prompts sampled per iteration.")
     candidates: int = opt(4, "Candidate videos per prompt (K).")
-    steps_per_iter: int = opt(8, "Optimizer steps per iteration.")
+    steps_per_iter: int = opt(24, "Optimizer steps per iteration.")
     max_steps: int = opt(0, "Stop after this many optimizer steps in all (0: iterations x steps-per-iter).")
     # Measured on the tiny model (docs/training.md): 1e-3 made it flicker; a rank-8 adapter suffices for ~100 steps.
     lr: float = opt(2e-4, "Peak learning rate (AdamW).")
     lora_rank: int = opt(8, "LoRA rank.")
     noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0 for dpo and refl, 0.7 for scst).")
     sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
-    pair_strategy: str = opt("best-worst", "best-worst: one pair per prompt; all: every pair above the margin.")
-    min_margin: float = opt(0.0, "Skip pairs whose score difference is below this.")
-    # OnlineVPO's curriculum reference (its 200 steps scaled to the loop's ~100), where train-dpo keeps the base.
-    ref_update_interval: int = opt(16, "dpo: copy the policy into the reference every N steps (0: the base model).")
+    # Every pair above a margin: more pairs per sampled video than best-worst (docs/training.md measures both).
+    pair_strategy: str = opt("all", "all: every pair above the margin; best-worst: one pair per prompt.")
+    # A margin is on the reward's own scale; 0.02 is half the world reward's spread among a prompt's candidates.
+    min_margin: float | None = opt(None, "Skip pairs whose score difference is below this (default: 0.02 for the "
+                                   "world reward, 0 for others).")  # fmt: skip
+    # OnlineVPO's curriculum reference (every two iterations), where train-dpo keeps the base.
+    ref_update_interval: int = opt(48, "dpo: copy the policy into the reference every N steps (0: the base model).")
     # The loop trains SCST on its own K candidates (group-mean baseline); half the steps per update halve its cost.
     train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on (chosen at random).")
-    eval_prompts: str | None = opt(None, "Held-out prompts for base vs aligned at the end (default: world:heldout "
-                                   "for world prompts; none: skip).")  # fmt: skip
-    eval_seeds: int = opt(1, "Videos per held-out prompt in the final comparison.")
+    eval_prompts: str | None = opt(None, "Prompts to compare base and aligned on at the end (default: world:val "
+                                   "after world:align, world:heldout after other splits; none: skip).")  # fmt: skip
+    eval_seeds: int = opt(2, "Videos per prompt in the final comparison.")
 
     def __post_init__(self):
         self._check(self.max_steps >= 0, "max_steps", "must be >= 0")
         for name in ("iterations", "prompts_per_iter", "steps_per_iter", "sample_batch_size", "eval_seeds"):
             self._check(getattr(self, name) >= 1, name, "must be at least 1")
         self.max_steps = self.max_steps or self.iterations * self.steps_per_iter
+        if self.min_margin is None:
+            self.min_margin = 0.02 if self.reward == "world" else 0.0
         super().__post_init__()
         self._check(self.algo in ("dpo", "refl", "scst"), "algo", "must be dpo, refl or scst")
         need = 2 if self.algo in ("dpo", "scst") else 1
