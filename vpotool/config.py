@@ -261,7 +261,7 @@ class EvalConfig(StageConfig):
     model_options: str = opt("", MODEL_OPTIONS_HELP)
     adapters: str = opt("", "LoRA checkpoint folders to compare with the base model, comma-separated (flag "
                         "--adapter, repeatable).")  # fmt: skip
-    prompts: str = opt("world:heldout", "Held-out prompts: a .txt, a prompts .parquet or world:heldout/train/all.")
+    prompts: str = opt("world:heldout", "Held-out prompts: a .txt, a prompts .parquet or a world split (world:val).")
     seeds: int = opt(1, "Videos per prompt, each from its own fixed seed (the same for every checkpoint).")
     reward: str = opt("world,flicker,smoothness,dynamics", "Reward name(s) to score with, comma-separated.")
     reward_path: str | None = opt(None, REWARD_PATH_HELP)

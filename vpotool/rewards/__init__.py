@@ -40,15 +40,24 @@ def _lazy(target: str) -> RewardFactory:
     return build
 
 
-REWARDS: dict[str, RewardFactory] = {
-    "flicker": _weight_free(FlickerReward),
-    "smoothness": _weight_free(SmoothnessReward),
-    "dynamics": _weight_free(DynamicsReward),
-    "temporal": _weight_free(TemporalReward),
-    "brightness": _weight_free(BrightnessReward),
-    "world": _weight_free(WorldReward),
+_WEIGHT_FREE_CLASSES = {
+    "flicker": FlickerReward,
+    "smoothness": SmoothnessReward,
+    "dynamics": DynamicsReward,
+    "temporal": TemporalReward,
+    "brightness": BrightnessReward,
+    "world": WorldReward,
 }
+REWARDS: dict[str, RewardFactory] = {name: _weight_free(cls) for name, cls in _WEIGHT_FREE_CLASSES.items()}
 WEIGHT_FREE = frozenset(REWARDS)
+
+
+def default_pair_margin(spec: str) -> float:
+    """The score difference below which `loop` pairs no two candidates unless told: the reward's own
+    ``pair_margin`` (a margin is on the reward's scale), 0 for a reward that declares none."""
+    return float(getattr(_WEIGHT_FREE_CLASSES.get(spec), "pair_margin", 0.0))
+
+
 REWARDS.update(
     {
         "videoscore": _lazy("vpotool.rewards.videoscore:load_videoscore"),

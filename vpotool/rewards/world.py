@@ -116,6 +116,8 @@ class WorldReward:
     differentiable = True
     score_range = (0.0, 1.0)
     dimensions = ("visual_quality", "temporal_consistency", "motion", "text_alignment", "overall")
+    # Scores closer than this are not paired by default: half the spread among a tiny-model prompt's candidates.
+    pair_margin = 0.02
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         check_frames(frames, prompts)

@@ -211,9 +211,8 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
     sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
     # Every pair above a margin: more pairs per sampled video than best-worst (docs/training.md measures both).
     pair_strategy: str = opt("all", "all: every pair above the margin; best-worst: one pair per prompt.")
-    # A margin is on the reward's own scale; 0.02 is half the world reward's spread among a prompt's candidates.
-    min_margin: float | None = opt(None, "Skip pairs whose score difference is below this (default: 0.02 for the "
-                                   "world reward, 0 for others).")  # fmt: skip
+    min_margin: float | None = opt(None, "Skip pairs whose score difference is below this (default: the reward's "
+                                   "own margin, 0.02 for world; 0 for the others).")  # fmt: skip
     # OnlineVPO's curriculum reference (every two iterations), where train-dpo keeps the base.
     ref_update_interval: int = opt(48, "dpo: copy the policy into the reference every N steps (0: the base model).")
     # The loop trains SCST on its own K candidates (group-mean baseline); half the steps per update halve its cost.
@@ -228,7 +227,9 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
             self._check(getattr(self, name) >= 1, name, "must be at least 1")
         self.max_steps = self.max_steps or self.iterations * self.steps_per_iter
         if self.min_margin is None:
-            self.min_margin = 0.02 if self.reward == "world" else 0.0
+            from vpotool.rewards import default_pair_margin
+
+            self.min_margin = default_pair_margin(self.reward)
         super().__post_init__()
         self._check(self.algo in ("dpo", "refl", "scst"), "algo", "must be dpo, refl or scst")
         need = 2 if self.algo in ("dpo", "scst") else 1
