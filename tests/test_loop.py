@@ -6,6 +6,7 @@ import torch
 from conftest import FAST
 from safetensors.torch import load_file
 
+from vpotool.stages.common import video_seed
 from vpotool.training.lora import ADAPTER_FILE
 
 LOOP = ["--prompts-per-iter", 2, "--candidates", 2, "--steps-per-iter", 2, "--batch-size", 2, "--min-margin", 0, *FAST]
@@ -20,7 +21,7 @@ def eval_prompts(tmp_path):
 
 def test_loop_writes_every_manifest_and_compares(cli, tmp_path, eval_prompts):
     run = tmp_path / "run"
-    code, out, err = cli("loop", "--out", run, "--iterations", 2, "--eval-prompts", eval_prompts, *LOOP)
+    code, out, err = cli("loop", "--out", run, "--iterations", 2, "--eval-prompts", eval_prompts, "--seed", 5, *LOOP)
     assert code == 0, err
     for it in ("iter-0000", "iter-0001"):
         for name in ("prompts", "samples", "scores", "pairs"):
@@ -43,6 +44,9 @@ def test_loop_writes_every_manifest_and_compares(cli, tmp_path, eval_prompts):
     assert {r["checkpoint"] for r in table} >= {"base"} and len({r["checkpoint"] for r in table}) == 2
     assert any(r["metric"] == "world.overall" for r in table)
     assert "reward per iteration" in err
+    # the comparison's videos follow --eval-seed (0), not the training seed, so seeds compare on the same videos
+    base = pq.read_table(run / "eval" / "base" / "samples.parquet").to_pylist()
+    assert [r["seed"] for r in base] == [video_seed(0, r["prompt_id"], r["candidate"]) for r in base]
 
 
 def test_loop_resumes_after_an_interruption(cli, tmp_path, monkeypatch, eval_prompts):

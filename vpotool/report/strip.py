@@ -6,6 +6,7 @@ It reads samples manifests (and their videos) only. ``vpotool eval`` writes one 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from vpotool.manifest import read_manifest, resolve
 from vpotool.video import read_video
 
 LABEL_WIDTH = 150  # pixels of text column left of each row
+LABEL_CHARS = 24  # characters per label line that fit it
 GAP = 4
 
 
@@ -68,10 +70,12 @@ def frame_strip(
     y = 0
     for i, (tile, (name, prompt)) in enumerate(zip(tiles, labels, strict=True)):
         canvas.paste(Image.fromarray(tile), (LABEL_WIDTH, y))
-        if i % len(runs) == 0:
-            words = prompt.split(" on ")
-            draw.text((2, y + 2), words[0][:26], fill="black")
-            draw.text((2, y + 14), ("on " + words[1])[:26] if len(words) > 1 else "", fill="gray")
+        if i % len(runs) == 0:  # the prompt, wrapped; its background (" on a ... background") in gray
+            subject, _, rest = prompt.partition(" on ")
+            lines = [(t, "black") for t in textwrap.wrap(subject, LABEL_CHARS)]
+            lines += [(t, "gray") for t in textwrap.wrap("on " + rest, LABEL_CHARS)] if rest else []
+            for j, (text, colour) in enumerate(lines[: max(1, (tile.shape[0] - 16) // 12)]):
+                draw.text((2, y + 2 + 12 * j), text, fill=colour)
         draw.text((2, y + tile.shape[0] - 12), name[:24], fill="navy")
         y += heights[i]
     out = Path(out)

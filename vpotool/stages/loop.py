@@ -79,7 +79,7 @@ def method_config(cfg: LoopConfig, pairs: str):
 
 
 # Options a resumed loop may change: they extend the run or change where and how fast it runs, not its results.
-HARMLESS = RUN_OPTIONS | {"iterations", "sample_batch_size", "eval_prompts", "eval_seeds"}
+HARMLESS = RUN_OPTIONS | {"iterations", "sample_batch_size", "eval_prompts", "eval_seeds", "eval_seed"}
 
 
 def check_loop_resumable(cfg: LoopConfig, out: Path) -> None:
@@ -232,6 +232,6 @@ def compare(cfg: LoopConfig, backend, prompts: str, checkpoint: Path, reward) ->
 
     ecfg = sub_config(
         EvalConfig, cfg, out=str(Path(cfg.out) / "eval"), prompts=prompts, adapters=str(checkpoint),
-        seeds=cfg.eval_seeds, batch_size=cfg.sample_batch_size, device=str(backend.device),
+        seeds=cfg.eval_seeds, seed=cfg.eval_seed, batch_size=cfg.sample_batch_size, device=str(backend.device),
     )  # fmt: skip
     run_eval(ecfg, backend=backend, rewards={cfg.reward: reward})

@@ -219,7 +219,10 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
     train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on (chosen at random).")
     eval_prompts: str | None = opt(None, "Prompts to compare base and aligned on at the end (default: world:val "
                                    "after world:align, world:heldout after other splits; none: skip).")  # fmt: skip
-    eval_seeds: int = opt(2, "Videos per prompt in the final comparison.")
+    eval_seeds: int = opt(4, "Videos per prompt in the final comparison.")
+    # Not --seed: runs that differ only in their training seed compare on the same videos, so their spread is
+    # the training's and not the comparison's draw (docs/training.md measures both).
+    eval_seed: int = opt(0, "Base seed of the final comparison's videos.")
 
     def __post_init__(self):
         self._check(self.max_steps >= 0, "max_steps", "must be >= 0")
