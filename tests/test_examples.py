@@ -174,3 +174,49 @@ def test_scst_diagnosis_prints_its_table():
     for row in rows[1:]:
         spread, own, c_scst, c_dpo, ratio = (float(c) for c in row[1:])
         assert spread >= 0 and own >= 0 and -1 <= c_scst <= 1 and -1 <= c_dpo <= 1 and ratio > 0
+
+
+def test_flagged_clips_counts_and_draws_newly_flickering_clips(tmp_path, capsys):
+    """flagged_clips.py finds the clip a checkpoint made flicker (same prompt and seed), counts it as alternating
+    (the data mix's flicker), and draws base above checkpoint with every frame."""
+    import importlib.util
+
+    from PIL import Image
+
+    from vpotool.manifest import write_manifest
+    from vpotool.video import to_uint8, write_video
+    from vpotool.world.data import defect_clip
+    from vpotool.world.grammar import parse_prompt
+    from vpotool.world.render import render_clip
+
+    spec = importlib.util.spec_from_file_location("flagged_clips", EXAMPLES / "tiny_world" / "flagged_clips.py")
+    flagged = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flagged)
+    prompts = [
+        "a red circle moving left slowly on a black background",
+        "a blue square moving up quickly on a white background",
+    ]
+    frames, size = 9, 32
+    for folder, flicker in (("base", set()), ("ckpt", {1})):
+        rows = []
+        for i, text in enumerate(prompts):
+            p = parse_prompt(text)
+            clip = (
+                defect_clip(p, "flicker", frames, size, size, 0)
+                if i in flicker
+                else render_clip(p, frames, size, size)
+            )
+            video = f"videos/p{i}.mp4"
+            write_video(tmp_path / folder / video, to_uint8(clip), fps=8)
+            rows.append(dict(
+                sample_id=f"p{i}-c00", prompt_id=f"p{i}", prompt=text, candidate=0, seed=i, model="tiny",
+                model_path="", adapter="", steps=1, guidance=1.0, noise_level=0.0, frames=frames, height=size,
+                width=size, fps=8, video=video, latent=f"latents/p{i}.safetensors",
+            ))  # fmt: skip
+        write_manifest(tmp_path / folder / "samples.parquet", rows, "samples")
+    out = tmp_path / "flicker.png"
+    flagged.main([str(tmp_path), "--check", "flicker", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "base: flicker 0 of 2" in text and "ckpt: flicker 1 of 2, 1 of them alternating" in text
+    assert "ckpt newly flicker: 1; no longer: 0" in text and "p1-c00" in text
+    assert Image.open(out).size == (frames * size * 3, 2 * size * 3)
