@@ -159,6 +159,8 @@ def test_results_table_means_and_seed_stds(tmp_path, capsys):
     assert [greedy[c] for c in val_cols] == ["0.300 (1 seed)", "+0.050", "+5.0"]
     assert ablations["online-dpo"]["val: vs online DPO"] == "-"
     assert "offline-dpo" not in ablations  # methods that did not run are left out, and questions none answer
+    missing = "Not in this comparison yet (no finished run): online-dpo-fixed-ref, offline-dpo, online-dpo-k2,"
+    assert missing + " online-dpo-k8, scst." in text
     assert "| online vs offline |" not in text and "| training signal | online-dpo |" in text
     assert "| training signal | refl | 0.420 ± 0.028 | +0.170 | +9.3 | 0.300 ± 0.000 | +0.080 | +4.9 |" in text
 

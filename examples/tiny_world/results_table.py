@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         videos = " / ".join(str(v) for v in dict.fromkeys(v for _, v, _ in runs.values()))
         steps = " / ".join(str(s) for s in dict.fromkeys(s for _, _, s in runs.values()))
         lines.append(f"| {method} | {desc} | {videos} | {steps} | {cell(minutes(out, runs), 1, 1)} |")
+    missing = [m for m in ORDER if m not in methods]
+    if missing:
+        lines += ["", f"Not in this comparison yet (no finished run): {', '.join(missing)}."]
 
     for heading, _, evaluated, base, info in splits:
         prompts = info.get("prompts", "?")
