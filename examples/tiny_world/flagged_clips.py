@@ -19,17 +19,11 @@ import torch
 
 from vpotool.manifest import read_manifest
 from vpotool.stages.score import load_frames
-from vpotool.world.grammar import BACKGROUNDS, parse_prompt
-from vpotool.world.rates import CHECKS, clip_checks
+from vpotool.world.grammar import parse_prompt
+from vpotool.world.rates import CHECKS, background_distance, clip_checks
 
 ALTERNATING = 6  # sign changes of the contrast mass's frame-to-frame change that make a clip "alternating"
 SIGNIFICANT = 0.05  # a frame-to-frame change counts when over this share of the clip's mean contrast mass
-
-
-def contrast_mass(frames: torch.Tensor, prompt: str) -> torch.Tensor:
-    """Per frame, the summed colour distance of every pixel from the prompted background (as the flicker check)."""
-    bg = torch.tensor(BACKGROUNDS[parse_prompt(prompt).background]).view(1, 3, 1, 1)
-    return (frames.float() - bg).square().sum(1).sqrt().sum((1, 2))
 
 
 def alternations(mass: torch.Tensor) -> int:
@@ -48,7 +42,8 @@ def clip_stats(samples: Path, batch: int = 32) -> dict[tuple[str, int], dict]:
         part = rows[i : i + batch]
         frames = load_frames(samples, part)
         for r, f, c in zip(part, frames, clip_checks(frames, [r["prompt"] for r in part]), strict=True):
-            alt = alternations(contrast_mass(f, r["prompt"]))
+            mass = background_distance(f, parse_prompt(r["prompt"]).background).sum((1, 2))
+            alt = alternations(mass)
             out[r["prompt_id"], r["candidate"]] = dict(row=r, frames=f, checks=c, alternations=alt)
     return out
 

@@ -30,12 +30,18 @@ FG_DISTANCE = 0.3
 CHECKS = ("shape_present", "color_correct", "shape_correct", "direction_correct", "static", "flicker")
 
 
+def background_distance(frames: torch.Tensor, background: str) -> torch.Tensor:
+    """Each pixel's colour distance from the ``background``'s colour: ``[T, H, W]`` for float ``frames
+    [T, 3, H, W]``; summed over a frame it is the frame's contrast mass (the flicker check's signal)."""
+    bg = torch.tensor(BACKGROUNDS[background]).view(1, 3, 1, 1)
+    return (frames.float() - bg).square().sum(1).sqrt()
+
+
 def _clip_checks(frames: torch.Tensor, prompt: str) -> dict[str, bool]:
     spec = parse_prompt(prompt)
     x = frames.float()
     t, _, h, w = x.shape
-    bg = torch.tensor(BACKGROUNDS[spec.background]).view(1, 3, 1, 1)
-    d_bg = (x - bg).square().sum(1).sqrt()  # [T, H, W]
+    d_bg = background_distance(x, spec.background)
     fg = d_bg > FG_DISTANCE
     area = fg.sum((1, 2)).float()
     radius = shape_radius(h, w)
