@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 SUBCOMMANDS = [
     "sample", "score", "pair", "merge", "train-dpo", "train-refl", "train-scst", "eval", "loop", "report", "label",
@@ -36,3 +39,21 @@ def test_unknown_option_is_one_line(cli):
 def test_version(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.startswith("vpotool ")
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_worker_of_multi_process_run_skips_teardown(world_size):
+    """Under torchrun (WORLD_SIZE > 1) the entry point exits without the interpreter's teardown (where native
+    thread pools can abort a finished run), with its output flushed and its exit status kept; alone, it exits
+    normally."""
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('teardown'))\n"
+        "from vpotool.cli import main\n"
+        "sys.argv = ['vpotool', *sys.argv[1:]]; main()\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("vpotool ")
+    assert ("teardown" in ok.stdout) == (world_size == "1")
+    bad = subprocess.run([sys.executable, "-c", code, "sample", "--bogus"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "No such option: --bogus" in bad.stderr

@@ -3,7 +3,10 @@ happen inside command bodies, so ``vpotool --help`` answers instantly."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -59,13 +62,26 @@ def main() -> None:
         code = app(standalone_mode=False)
     except VpoError as e:
         typer.secho(f"error: {one_line(e)}", fg="red", err=True)
-        sys.exit(2)
+        leave(2)
     except click_errors.ClickException as e:  # usage errors: click's own message and exit status
         e.show()
-        sys.exit(e.exit_code)
+        leave(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
-        sys.exit(130)
+        leave(130)
     if code == 130:  # typer turns Ctrl-C inside a command into exit status 130
         typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
-    sys.exit(code if isinstance(code, int) else 0)
+    leave(code if isinstance(code, int) else 0)
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with ``code``. A worker of a multi-process run (``WORLD_SIZE`` > 1, as torchrun sets it) skips the
+    interpreter's teardown: by then its files are written and closed and its process group is destroyed, while
+    native thread pools (gloo's, Arrow's) now and then abort in their destructors at exit ("terminate called without
+    an active exception"), which would fail a finished run with SIGABRT."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
