@@ -181,10 +181,9 @@ def gathered_state(trainer: Trainer) -> dict | None:
     return fsdp.full_adapters(trainer.denoiser)
 
 
-def optimizer_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """The AdamW state as full CPU tensors keyed ``optim.<param index>.<name>`` (under FSDP each moment is gathered
-    from its shards: every process must call this)."""
-    state = trainer.optimizer.state_dict()["state"]
+def optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """The AdamW ``state`` (of the optimizer's state dict) as full CPU tensors keyed ``optim.<param index>.<name>``
+    (under FSDP each moment is gathered from its shards: every process must call this)."""
     return {f"optim.{i}.{k}": fsdp.full_tensor(torch.as_tensor(state[i][k])).contiguous() for i in sorted(state)
             for k in sorted(state[i])}  # fmt: skip
 
@@ -195,14 +194,14 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     acc = trainer.accelerator
     folder = Path(cfg.out) / "checkpoints" / f"step-{step}"
     full = gathered_state(trainer)  # every process takes part in the gathers; rank 0 writes
-    tensors = optimizer_tensors(trainer)
+    opt = trainer.optimizer.state_dict()
+    tensors = optimizer_tensors(opt["state"])
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return folder
     b = trainer.backend
     meta = {"base_model": b.info.name, "base_model_path": b.info.path, "step": step, "config": cfg.to_dict()}
     save_adapter(trainer.denoiser, folder, meta, full_state=full)
-    opt = trainer.optimizer.state_dict()
     for name in extra_adapters:
         state = adapter_state(trainer.denoiser, name, full)
         tensors.update({f"adapter.{name}.{k}": v.cpu().contiguous() for k, v in state.items()})
