@@ -186,6 +186,7 @@ def test_flagged_clips_counts_and_draws_newly_flickering_clips(tmp_path, capsys)
     from PIL import Image
 
     from vpotool.manifest import write_manifest
+    from vpotool.report.strip import GAP, LABEL_WIDTH
     from vpotool.video import to_uint8, write_video
     from vpotool.world.data import defect_clip
     from vpotool.world.grammar import parse_prompt
@@ -221,4 +222,5 @@ def test_flagged_clips_counts_and_draws_newly_flickering_clips(tmp_path, capsys)
     text = capsys.readouterr().out
     assert "base: flicker 0 of 2" in text and "ckpt: flicker 1 of 2, 1 of them alternating" in text
     assert "ckpt newly flicker: 1; no longer: 0" in text and "p1-c00" in text
-    assert Image.open(out).size == (frames * size * 3, 2 * size * 3)
+    tile = 3 * size + GAP  # every frame of both rows, scaled to 96 pixels high, in vpotool's frame-strip layout
+    assert Image.open(out).size == (LABEL_WIDTH + frames * tile, 2 * tile + 2 * GAP)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vpotool.manifest import read_manifest
+from vpotool.report.strip import draw_strip
 from vpotool.stages.score import load_frames
 from vpotool.world.grammar import parse_prompt
 from vpotool.world.rates import CHECKS, background_distance, clip_checks
@@ -54,13 +55,15 @@ def changed(base: dict, other: dict, check: str) -> list[tuple[str, int]]:
     return sorted(keys, key=lambda k: not other[k]["checks"][check])
 
 
-def strip(base: dict, other: dict, keys: list, out: Path) -> None:
-    """Every frame of each clip of ``keys``, base row above ``other``'s, scaled 3x, as a PNG."""
-    from PIL import Image
+def strip(base: dict, other: dict, name: str, keys: list, out: Path) -> None:
+    """Every frame of each clip of ``keys``, the base model's row above ``other``'s (named ``name``), as a PNG."""
 
-    rows = [torch.cat(list(s[k]["frames"]), 2) for k in keys for s in (base, other)]  # [3, H, T*W] each
-    img = (torch.cat(rows, 1).permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(np.ascontiguousarray(img)).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(out)
+    def uint8(frames: torch.Tensor) -> np.ndarray:  # [T, 3, H, W] in [0, 1] -> [T, H, W, 3]
+        return (frames.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+    groups = [(base[k]["row"]["prompt"], [("base", uint8(base[k]["frames"])), (name, uint8(other[k]["frames"]))])
+              for k in keys]  # fmt: skip
+    draw_strip(groups, out, frames=None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in keys[: args.rows]:
         print(f"  {other[k]['row']['sample_id']}: {other[k]['row']['prompt']}")
     if args.out and keys:
-        strip(base, other, keys[: args.rows], args.out)
+        strip(base, other, name, keys[: args.rows], args.out)
         print(f"wrote {args.out}")
 
 

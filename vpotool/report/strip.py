@@ -43,41 +43,56 @@ def frame_strip(
     (``runs``: name -> samples.parquet) with ``frames`` frames of its ``candidate`` video, each scaled to
     ``tile_height`` pixels high (pixel-exact when enlarged). Every run's video of a prompt has the same seed when
     the runs were sampled with the same ``--seed`` (as eval does), so rows differ only by the model."""
-    from PIL import Image, ImageDraw
-
     tables = {name: read_manifest(path, "samples").to_pylist() for name, path in runs.items()}
     videos = {
         name: {r["prompt_id"]: (r, Path(path)) for r in rows if r["candidate"] == candidate}
         for (name, rows), path in zip(tables.items(), runs.values(), strict=True)
     }
     shared = [pid for pid in videos[next(iter(runs))] if all(pid in v for v in videos.values())][:prompts]
-    tiles, labels = [], []
+    groups = []
     for pid in shared:
+        clips = []
         for name in runs:
             row, manifest = videos[name][pid]
-            clip = read_video(resolve(manifest, row["video"]))[:, : row["height"], : row["width"]]
-            picked = [_scaled(clip[i], tile_height) for i in pick_frames(len(clip), frames)]
+            clips.append((name, read_video(resolve(manifest, row["video"]))[:, : row["height"], : row["width"]]))
+        groups.append((videos[next(iter(runs))][pid][0]["prompt"], clips))
+    if not groups:
+        raise ValueError("no prompt is shared by every run; nothing to draw")
+    return draw_strip(groups, out, frames, tile_height)
+
+
+def draw_strip(
+    groups: list[tuple[str, list[tuple[str, np.ndarray]]]], out: str | Path, frames: int | None = 6,
+    tile_height: int = 96,
+) -> Path:  # fmt: skip
+    """Write ``out`` (PNG): per group (a prompt and its named clips, uint8 ``[T, H, W, 3]``), one row per clip with
+    ``frames`` of its frames spread from first to last (every frame when None), each scaled to ``tile_height``
+    pixels high; the prompt labels the group's first row, the clip's name each row."""
+    from PIL import Image, ImageDraw
+
+    tiles, labels, heights = [], [], []
+    for prompt, clips in groups:
+        for j, (name, clip) in enumerate(clips):
+            picked = [_scaled(clip[i], tile_height) for i in pick_frames(len(clip), frames or len(clip))]
             tiles.append(
                 np.concatenate([np.pad(f, ((0, 0), (0, GAP), (0, 0)), constant_values=255) for f in picked], 1)
             )
-            labels.append((name, row["prompt"]))
-    if not tiles:
-        raise ValueError("no prompt is shared by every run; nothing to draw")
+            labels.append((name, prompt if j == 0 else None))  # the prompt labels the group's first row
+            heights.append(tiles[-1].shape[0] + GAP + (GAP * 2 if j == len(clips) - 1 else 0))  # groups apart
     width = LABEL_WIDTH + max(t.shape[1] for t in tiles)
-    heights = [t.shape[0] + GAP + (GAP * 2 if i % len(runs) == len(runs) - 1 else 0) for i, t in enumerate(tiles)]
     canvas = Image.new("RGB", (width, sum(heights)), "white")
     draw = ImageDraw.Draw(canvas)
     y = 0
-    for i, (tile, (name, prompt)) in enumerate(zip(tiles, labels, strict=True)):
+    for tile, (name, prompt), height in zip(tiles, labels, heights, strict=True):
         canvas.paste(Image.fromarray(tile), (LABEL_WIDTH, y))
-        if i % len(runs) == 0:  # the prompt, wrapped; its background (" on a ... background") in gray
+        if prompt is not None:  # the prompt, wrapped; its background (" on a ... background") in gray
             subject, _, rest = prompt.partition(" on ")
             lines = [(t, "black") for t in textwrap.wrap(subject, LABEL_CHARS)]
             lines += [(t, "gray") for t in textwrap.wrap("on " + rest, LABEL_CHARS)] if rest else []
             for j, (text, colour) in enumerate(lines[: max(1, (tile.shape[0] - 16) // 12)]):
                 draw.text((2, y + 2 + 12 * j), text, fill=colour)
         draw.text((2, y + tile.shape[0] - 12), name[:24], fill="navy")
-        y += heights[i]
+        y += height
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     canvas.save(tmp)
