@@ -67,6 +67,11 @@ MODEL_OPTIONS_HELP = (
     "video at a time: less memory; tiny, wan, cogvideox, ltx); opensora: aesthetic_score=6.5 (the suffix upstream "
     "appends to each prompt; none: no suffix), clean_prompts=true (upstream's T5 caption cleaning; false: lower-case)."
 )
+MODEL_HELP = "Model backend name (tiny, wan, cogvideox, ltx, ...)."
+MODEL_PATH_HELP = "Weights: a local folder or hub id (tiny: its built-in weights if unset)."
+FRAMES_HELP = "Frames per video (default: the model's)."
+HEIGHT_HELP = "Height in pixels (default: the model's)."
+WIDTH_HELP = "Width in pixels (default: the model's)."
 SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
 
 
@@ -74,14 +79,14 @@ SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--
 class SampleConfig(StageConfig):
     prompts: str = opt("", "Prompts: a .txt file (one per line) or a prompts .parquet.")
     out: str = opt("", "Run folder for samples.parquet, videos/ and latents/.")
-    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
-    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model: str = opt("tiny", MODEL_HELP)
+    model_path: str | None = opt(None, MODEL_PATH_HELP)
     model_options: str = opt("", MODEL_OPTIONS_HELP)
     adapter: str | None = opt(None, "A LoRA checkpoint folder (checkpoints/step-N) to sample with.")
     candidates: int = opt(4, "Videos per prompt (K).")
-    frames: int | None = opt(None, "Frames per video (default: the model's).")
-    height: int | None = opt(None, "Height in pixels (default: the model's).")
-    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    frames: int | None = opt(None, FRAMES_HELP)
+    height: int | None = opt(None, HEIGHT_HELP)
+    width: int | None = opt(None, WIDTH_HELP)
     size: str | None = opt(None, SIZE_HELP)
     fps: int | None = opt(None, "Frames per second of the written mp4 (default: the model's).")
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
@@ -256,8 +261,8 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
 @dataclass
 class EvalConfig(StageConfig):
     out: str = opt("", "Eval folder: eval.parquet, prompts.parquet and one sample/score run per checkpoint.")
-    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
-    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model: str = opt("tiny", MODEL_HELP)
+    model_path: str | None = opt(None, MODEL_PATH_HELP)
     model_options: str = opt("", MODEL_OPTIONS_HELP)
     adapters: str = opt("", "LoRA checkpoint folders to compare with the base model, comma-separated (flag "
                         "--adapter, repeatable).")  # fmt: skip
@@ -266,9 +271,9 @@ class EvalConfig(StageConfig):
     reward: str = opt("world,flicker,smoothness,dynamics", "Reward name(s) to score with, comma-separated.")
     reward_path: str | None = opt(None, REWARD_PATH_HELP)
     reward_options: str = opt("", REWARD_OPTIONS_HELP)
-    frames: int | None = opt(None, "Frames per video (default: the model's).")
-    height: int | None = opt(None, "Height in pixels (default: the model's).")
-    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    frames: int | None = opt(None, FRAMES_HELP)
+    height: int | None = opt(None, HEIGHT_HELP)
+    width: int | None = opt(None, WIDTH_HELP)
     size: str | None = opt(None, SIZE_HELP)
     steps: int | None = opt(None, "Denoising steps (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's; 1 disables).")

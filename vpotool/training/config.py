@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vpotool.config import MODEL_OPTIONS_HELP, REWARD_OPTIONS_HELP, REWARD_PATH_HELP, SIZE_HELP, StageConfig, opt
+from vpotool.config import (
+    FRAMES_HELP,
+    HEIGHT_HELP,
+    MODEL_HELP,
+    MODEL_OPTIONS_HELP,
+    MODEL_PATH_HELP,
+    REWARD_OPTIONS_HELP,
+    REWARD_PATH_HELP,
+    SIZE_HELP,
+    WIDTH_HELP,
+    StageConfig,
+    opt,
+)
 
 
 @dataclass
@@ -13,8 +25,8 @@ class TrainConfig(StageConfig):
     """Options every trainer shares (the common flag names across train-dpo, train-refl and train-scst)."""
 
     out: str = opt("", "Run folder for checkpoints/, metrics.parquet and the resolved config.")
-    model: str = opt("tiny", "Model backend name (tiny, wan, cogvideox, ltx, ...).")
-    model_path: str | None = opt(None, "Weights: a local folder or hub id (tiny: its built-in weights if unset).")
+    model: str = opt("tiny", MODEL_HELP)
+    model_path: str | None = opt(None, MODEL_PATH_HELP)
     model_options: str = opt("", MODEL_OPTIONS_HELP)
     max_steps: int = opt(100, "Optimizer steps to train for.")
     lr: float = opt(1e-4, "Peak learning rate (AdamW).")
@@ -93,9 +105,9 @@ class RolloutOptions:
     reward_path: str | None = opt(None, REWARD_PATH_HELP)
     reward_options: str = opt("", REWARD_OPTIONS_HELP)
     reward_dimension: str = opt("overall", "Which reward dimension to optimise.")
-    frames: int | None = opt(None, "Frames per video (default: the model's).")
-    height: int | None = opt(None, "Height in pixels (default: the model's).")
-    width: int | None = opt(None, "Width in pixels (default: the model's).")
+    frames: int | None = opt(None, FRAMES_HELP)
+    height: int | None = opt(None, HEIGHT_HELP)
+    width: int | None = opt(None, WIDTH_HELP)
     size: str | None = opt(None, SIZE_HELP)
     steps: int | None = opt(None, "Denoising steps of each rollout (default: the model's).")
     guidance: float | None = opt(None, "Classifier-free guidance scale (default: the model's).")
