@@ -89,7 +89,8 @@ for d in "$OUT"/*-seed*/; do
   [[ -f "${d}seconds" ]] || continue
   adapters+=(--adapter "$(ls -d "${d}"checkpoints/step-* | sort -V | tail -1)")
 done
-# evaluate NAME PROMPTS: into $OUT/NAME; redone (resuming its finished videos) when the checkpoints change.
+# evaluate NAME PROMPTS: into $OUT/NAME; redone (resuming its finished videos) when the checkpoints change. Its
+# seconds add up over the passes, as each pass samples only the checkpoints new to it.
 evaluate() {
   local dir=$OUT/$1 t0
   if [[ -f "$dir/seconds" && "$(cat "$dir/checkpoints" 2> /dev/null)" == "${adapters[*]}" ]]; then
@@ -98,7 +99,7 @@ evaluate() {
   t0=$(date +%s)
   vpotool eval "${adapters[@]}" --prompts "$2" --seeds "$EVAL_SEEDS" --out "$dir" "${SAMPLER[@]}"
   echo "${adapters[*]}" > "$dir/checkpoints"
-  echo $(($(date +%s) - t0)) > "$dir/seconds"
+  echo $(($(cat "$dir/seconds" 2> /dev/null || echo 0) + $(date +%s) - t0)) > "$dir/seconds"
 }
 evaluate eval-val "$VAL"
 evaluate eval-heldout "$HELDOUT"
