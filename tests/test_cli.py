@@ -43,7 +43,7 @@ def test_version(cli):
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_worker_of_multi_process_run_skips_teardown(world_size):
-    """Under torchrun (WORLD_SIZE > 1) the entry point exits without the interpreter's teardown (where native
+    """As one of several torchrun workers the entry point exits without the interpreter's teardown (where native
     thread pools can abort a finished run), with its output flushed and its exit status kept; alone, it exits
     normally."""
     code = (
@@ -51,7 +51,7 @@ def test_worker_of_multi_process_run_skips_teardown(world_size):
         "from vpotool.cli import main\n"
         "sys.argv = ['vpotool', *sys.argv[1:]]; main()\n"
     )
-    env = {**os.environ, "WORLD_SIZE": world_size}
+    env = {**os.environ, "WORLD_SIZE": world_size, "TORCHELASTIC_RUN_ID": "test"}  # as torchrun sets them
     ok = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("vpotool ")
     assert ("teardown" in ok.stdout) == (world_size == "1")

@@ -75,11 +75,11 @@ def main() -> None:
 
 
 def leave(code: int) -> NoReturn:
-    """Exit with ``code``. A worker of a multi-process run (``WORLD_SIZE`` > 1, as torchrun sets it) skips the
+    """Exit with ``code``. A worker that torchrun (or accelerate launch, through it) started among several skips the
     interpreter's teardown: by then its files are written and closed and its process group is destroyed, while
     native thread pools (gloo's, Arrow's) now and then abort in their destructors at exit ("terminate called without
     an active exception"), which would fail a finished run with SIGABRT."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
