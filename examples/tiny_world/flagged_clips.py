@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vpotool.manifest import read_manifest
 from vpotool.report.strip import draw_strip
 from vpotool.stages.score import load_frames
+from vpotool.video import to_uint8
 from vpotool.world.grammar import parse_prompt
 from vpotool.world.rates import CHECKS, background_distance, clip_checks
 
@@ -57,11 +57,7 @@ def changed(base: dict, other: dict, check: str) -> list[tuple[str, int]]:
 
 def strip(base: dict, other: dict, name: str, keys: list, out: Path) -> None:
     """Every frame of each clip of ``keys``, the base model's row above ``other``'s (named ``name``), as a PNG."""
-
-    def uint8(frames: torch.Tensor) -> np.ndarray:  # [T, 3, H, W] in [0, 1] -> [T, H, W, 3]
-        return (frames.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-    groups = [(base[k]["row"]["prompt"], [("base", uint8(base[k]["frames"])), (name, uint8(other[k]["frames"]))])
+    groups = [(base[k]["row"]["prompt"], [("base", to_uint8(base[k]["frames"])), (name, to_uint8(other[k]["frames"]))])
               for k in keys]  # fmt: skip
     draw_strip(groups, out, frames=None)
 

@@ -55,7 +55,7 @@ def frame_strip(
         for name in runs:
             row, manifest = videos[name][pid]
             clips.append((name, read_video(resolve(manifest, row["video"]))[:, : row["height"], : row["width"]]))
-        groups.append((videos[next(iter(runs))][pid][0]["prompt"], clips))
+        groups.append((row["prompt"], clips))  # a prompt id's prompt is the same in every run
     if not groups:
         raise ValueError("no prompt is shared by every run; nothing to draw")
     return draw_strip(groups, out, frames, tile_height)
