@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 # (frames, height, width) of the smallest video each tiny family samples and decodes.
-FAMILY_SIZES = {"wan": (9, 16, 16), "cogvideox": (9, 16, 16), "ltx": (9, 16, 16)}
+FAMILY_SIZES = {"wan": (9, 16, 16), "cogvideox": (9, 16, 16), "ltx": (9, 16, 16), "skyreels": (17, 16, 16)}
 TEXT_DIM = 32
 TEXT_LEN = 16
 
@@ -130,8 +130,23 @@ def _ltx():
     return transformer, vae, "T5EncoderModel", scheduler
 
 
-BUILDERS = {"wan": _wan, "cogvideox": _cogvideox, "ltx": _ltx}
-PIPELINES = {"wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline"}
+def _skyreels():
+    """SkyReels-V2 Diffusion Forcing: the tiny Wan parts with its per-frame-timestep transformer. The fps embedding
+    stays off, as in the published DF checkpoints (diffusers 0.42 fails on it in diffusion-forcing mode)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    wan, vae, text_cls, scheduler = _wan()
+    config = {k: v for k, v in wan.config.items() if not k.startswith("_")}
+    return SkyReelsV2Transformer3DModel(**config), vae, text_cls, scheduler
+
+
+BUILDERS = {"wan": _wan, "cogvideox": _cogvideox, "ltx": _ltx, "skyreels": _skyreels}
+PIPELINES = {
+    "wan": "WanPipeline",
+    "cogvideox": "CogVideoXPipeline",
+    "ltx": "LTXPipeline",
+    "skyreels": "SkyReelsV2DiffusionForcingPipeline",
+}
 
 
 def make_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> str:

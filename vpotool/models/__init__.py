@@ -40,12 +40,26 @@ def _opensora(path, device, dtype, **options):
     return load_opensora(path, device, dtype, **options)
 
 
+def _skyreels(path, device, dtype, **options):
+    from vpotool.models.skyreels import load_skyreels
+
+    return load_skyreels(path, device, dtype, **options)
+
+
+def _tiny_ar(path, device, dtype, **options):
+    from vpotool.models.tiny_ar import load_tiny_ar
+
+    return load_tiny_ar(path, device, dtype, **options)
+
+
 MODELS: dict[str, Callable[..., Backend]] = {
     "tiny": _tiny,
     "wan": _wan,
     "cogvideox": _cogvideox,
     "ltx": _ltx,
     "opensora": _opensora,
+    "skyreels": _skyreels,
+    "tiny-ar": _tiny_ar,
 }
 
 # ``--model-options`` each family takes, with their defaults (the reference implementation's). The VAE options apply
@@ -57,6 +71,9 @@ MODEL_OPTIONS: dict[str, dict] = {
     "cogvideox": VAE_OPTIONS,
     "ltx": VAE_OPTIONS,
     "opensora": {"aesthetic_score": 6.5, "clean_prompts": True},
+    # autoregressive families: the rollout's window, context and context noise (vpotool.models.skyreels)
+    "skyreels": {**VAE_OPTIONS, "base_frames": 97, "overlap_frames": 17, "addnoise": 0.0},
+    "tiny-ar": {**VAE_OPTIONS, "addnoise": 0.0},
 }
 
 DTYPES = {

@@ -35,6 +35,7 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     conditioning for ``prompts``. ``keep_states=True`` adds a third element, the sampler's
     :class:`~vpotool.sampling.Trajectory` with its S + 1 ``states`` (and ``logps [B, S]`` when stochastic).
     """
+    from vpotool.rollout import chunking_of, rollout
     from vpotool.sampling import sample, sample_with_scheduler, seeded_noise
 
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
@@ -46,7 +47,15 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
         uncond = backend.encode_negative(len(prompts), negative)
     scheduler = getattr(backend, "pipeline_scheduler", None)
     deterministic = not settings["noise_level"] and not keep_states
-    if settings.get("sampler") == "pipeline" and scheduler is not None and deterministic:
+    pipeline = settings.get("sampler") == "pipeline" and scheduler is not None and deterministic
+    chunking = chunking_of(backend)
+    if chunking is not None:  # autoregressive: chunk by chunk, each beside the frames made before it
+        traj = rollout(
+            backend, cond, noise, chunking=chunking, steps=settings["steps"], guidance=settings["guidance"],
+            uncond=uncond, noise_level=settings["noise_level"], step_seeds=seeds, keep_states=keep_states,
+            scheduler=scheduler if pipeline else None,
+        )  # fmt: skip
+    elif pipeline:
         traj = sample_with_scheduler(
             backend, scheduler, cond, noise, steps=settings["steps"], guidance=settings["guidance"], uncond=uncond
         )
@@ -65,6 +74,22 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     frames = backend.decode(traj.latents.to(backend.dtype))
     frames = frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
     return (traj.latents, frames, traj) if keep_states else (traj.latents, frames)
+
+
+def rollout_record(backend, settings: dict) -> dict | None:
+    """The chunking of ``backend``'s rollouts as manifests and latent files record it (None: bidirectional), after
+    checking that ``settings["frames"]`` are a whole number of its chunks."""
+    from vpotool.rollout import chunking_of
+
+    chunking = chunking_of(backend)
+    if chunking is None:
+        return None
+    shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
+    try:
+        chunking.spans(shape[1])
+    except VpoError as e:
+        raise VpoError(f"--frames {settings['frames']} for --model {backend.info.name}: {e}") from None
+    return chunking.as_dict()
 
 
 def run_sample(cfg: SampleConfig, backend=None) -> Path:
@@ -111,13 +136,17 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             f"--height and --width must be multiples of {m} for --model {backend.info.name} "
             f"(got {settings['height']}x{settings['width']})"
         )
+    chunking = rollout_record(backend, settings)
     cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"
     model_id = {"model": backend.info.name, "model_path": backend.info.path, "adapter": backend.info.adapter}
     resume_keys = {
-        **settings, **model_id, "seed": cfg.seed, "save_trajectory": cfg.save_trajectory, "prompts": digest(every),
+        **settings, **model_id, "chunking": chunking,
+        "seed": cfg.seed, "save_trajectory": cfg.save_trajectory, "prompts": digest(every),
         "candidates": cfg.candidates, "dtype": cfg.dtype, "crf": cfg.crf, "model_options": cfg.model_options,
     }  # fmt: skip
-    writer = RowWriter(out / f"samples{suffix}.parquet", "samples", cfg.to_dict(), compare=resume_keys)
+    writer = RowWriter(
+        out / f"samples{suffix}.parquet", "samples", {**cfg.to_dict(), "chunking": chunking}, compare=resume_keys
+    )
     save_config(cfg, out / f"sample{suffix}.yaml")  # after the resume check: a refused run leaves it alone
 
     # the sampler and negative prompt are recorded in the config and the latent files, not as columns
@@ -137,7 +166,8 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             for (pid, text, k), seed, lat, vid, extra in zip(batch, seeds, latents, frames, extras, strict=True):
                 sid = f"{pid}-c{k:02d}"
                 write_video(out / "videos" / f"{sid}.mp4", to_uint8(vid), settings["fps"], cfg.crf)
-                meta = {"sample_id": sid, "prompt": text, "seed": seed, "config": json.dumps(settings)}
+                meta = {"sample_id": sid, "prompt": text, "seed": seed,
+                        "config": json.dumps({**settings, "chunking": chunking})}  # fmt: skip
                 save_latent(out / "latents" / f"{sid}.safetensors", lat, meta, extra)
                 rows.append(
                     dict(

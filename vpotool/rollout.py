@@ -1,0 +1,225 @@
+"""Autoregressive rollouts: a video made chunk by chunk, each chunk denoised while it sees the chunks before it.
+
+A chunk-causal family (SkyReels-V2 Diffusion Forcing, the built-in ``tiny-ar``) takes a window of latent frames
+with a timestep per frame. The rollout feeds it the last ``context`` latent frames it generated itself (clean, or
+re-noised to ``context_noise``, as SkyReels' ``addnoise_condition`` and Self-Forcing's context noise do) beside
+the chunk being denoised, and keeps the model's output for the chunk alone. The first chunk has no context; later
+chunks see at most ``context`` frames, so memory is bounded by the window, whatever the video's length.
+
+The steps inside a chunk are vpotool's sampler steps (:mod:`vpotool.sampling`): deterministic (the greedy rollout
+SCST compares with) or stochastic with a log-probability per (chunk, step), the Gaussian transition that
+policy-gradient training needs; or, with ``scheduler``, a diffusers scheduler stepped as the family's pipeline
+steps it. Stages and trainers call :func:`rollout` and never loop over chunks themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vpotool.errors import VpoError
+from vpotool.models.base import Backend, Conditioning, NoiseSchedule
+from vpotool.sampling import Trajectory, _step_stream, gaussian_logp, guided_prediction, step_moments
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How an autoregressive rollout cuts a video, in latent frames.
+
+    The first chunk is ``first`` frames denoised together without context; every later chunk is ``chunk`` frames
+    denoised beside the last ``context`` frames already made. ``context_noise`` is the flow sigma the context is
+    re-noised to before the model sees it (0: clean context, as teacher forcing trained it)."""
+
+    first: int
+    chunk: int
+    context: int
+    context_noise: float = 0.0
+
+    def __post_init__(self):
+        if self.first < 1 or self.chunk < 1 or self.context < 0:
+            raise VpoError(f"chunking needs first >= 1, chunk >= 1 and context >= 0 latent frames (got {self})")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise VpoError(f"context noise must be a flow sigma in [0, 1) (got {self.context_noise})")
+
+    @property
+    def window(self) -> int:
+        """Latent frames the model sees at once: the most memory a chunk takes."""
+        return max(self.first, self.context + self.chunk)
+
+    def spans(self, latent_frames: int) -> list[tuple[int, int]]:
+        """``[start, end)`` latent frames of each chunk of a video of ``latent_frames``; a video that is not the
+        first chunk plus a whole number of chunks is refused."""
+        if latent_frames < self.first or (latent_frames - self.first) % self.chunk:
+            raise VpoError(
+                f"{latent_frames} latent frames are not a whole number of chunks: this model makes {self.first} "
+                f"latent frames first, then {self.chunk} at a time; pick --frames from {self.valid_frames_hint()}"
+            )
+        starts = range(self.first, latent_frames, self.chunk)
+        return [(0, self.first)] + [(s, s + self.chunk) for s in starts]
+
+    def valid_frames_hint(self, temporal_factor: int = 4, n: int = 4) -> str:
+        lat = [self.first + k * self.chunk for k in range(n)]
+        return ", ".join(str((f - 1) * temporal_factor + 1) for f in lat) + ", ..."
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Chunking:
+        return cls(**{k: d[k] for k in ("first", "chunk", "context", "context_noise")})
+
+
+def chunking_of(backend) -> Chunking | None:
+    """The backend's :class:`Chunking` when it is autoregressive, else None (bidirectional: all frames at once)."""
+    return getattr(backend, "chunking", None)
+
+
+def check_chunking(recorded: dict | None, backend, what: str) -> None:
+    """Refuse, in one line, inputs made by a rollout other than ``backend``'s: ``recorded`` is the chunking a
+    manifest holds (None or {} for a bidirectional one)."""
+    mine = chunking_of(backend)
+    have = Chunking.from_dict(recorded) if recorded else None
+    if have == mine:
+        return
+    kind = lambda c: f"autoregressive ({c.as_dict()})" if c else "bidirectional"  # noqa: E731
+    raise VpoError(
+        f"{what} was made by a {kind(have)} rollout, but --model {backend.info.name} samples {kind(mine)}; "
+        f"use the model (and --model-options) that made it"
+    )
+
+
+def _context_input(ctx: torch.Tensor, sigma: float, gens) -> torch.Tensor:
+    """Context frames as the model sees them: re-noised along the flow to ``sigma`` (fresh noise each call)."""
+    if sigma == 0:
+        return ctx
+    z = torch.stack([torch.randn(ctx.shape[1:], generator=g) for g in gens]) if gens else torch.randn_like(ctx)
+    return (1 - sigma) * ctx + sigma * z.to(ctx.device, ctx.dtype)
+
+
+def rollout(
+    backend: Backend,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    *,
+    chunking: Chunking,
+    steps: int,
+    guidance: float = 1.0,
+    uncond: Conditioning | None = None,
+    noise_level: float = 0.0,
+    step_seeds: Sequence[int] | None = None,
+    grad_steps: Sequence[int] = (),
+    keep_states: bool = False,
+    schedule: NoiseSchedule | None = None,
+    scheduler=None,
+    teacher: torch.Tensor | None = None,
+) -> Trajectory:
+    """Generate ``noise [B, C, F, h, w]`` chunk by chunk (:class:`Chunking`); chunk k starts from its frames of
+    ``noise``.
+
+    Each chunk takes ``steps`` sampler steps with the arguments of :func:`vpotool.sampling.sample`:
+    ``noise_level > 0`` makes them stochastic and records ``logps [B, chunks * steps]`` (chunk-major);
+    ``step_seeds`` make the step noise (and context noise) reproducible; steps whose index (within a chunk) is in
+    ``grad_steps`` keep the graph through that chunk's denoising, while the context is always detached (the model
+    sees its earlier chunks as data). ``keep_states`` keeps ``steps + 1`` states shaped like ``noise``, whose frames
+    of chunk k are that chunk's states. ``scheduler``: a diffusers scheduler, copied per chunk and stepped on the
+    chunk, as the family's pipeline samples (deterministic only). ``teacher``: latents shaped like ``noise`` whose
+    frames are the context instead of the rollout's own (teacher forcing, as the model was trained; a clip made so
+    shows what the model does without exposure bias).
+    """
+    import copy
+
+    if backend.prediction != "flow":
+        raise VpoError(f"autoregressive rollouts need a flow-matching model; --model {backend.info.name} is not")
+    spans = chunking.spans(noise.shape[2])
+    stochastic = noise_level > 0
+    if scheduler is not None and (stochastic or grad_steps or keep_states):
+        raise VpoError("the pipeline sampler is deterministic; use --sampler euler for stochastic or trained rollouts")
+    gens = [torch.Generator().manual_seed(_step_stream(s)) for s in step_seeds] if step_seeds else None
+    sched = schedule or backend.schedule(steps, (noise.shape[1], chunking.window, *noise.shape[3:]))
+    out = torch.zeros_like(noise, dtype=torch.float32)
+    logps, states = [], ([torch.zeros_like(out) for _ in range(steps + 1)] if keep_states else None)
+    grad_steps = set(grad_steps)
+    c_sigma = chunking.context_noise
+    for a, b in spans:
+        source = out if teacher is None else teacher.float()
+        ctx = source[:, :, max(0, a - chunking.context) : a].detach()
+        n_ctx = ctx.shape[2]
+        x = noise[:, :, a:b].float().clone()
+        if scheduler is not None:
+            chunk_sched = copy.deepcopy(scheduler)
+            chunk_sched.set_timesteps(steps, device=noise.device)
+            times = chunk_sched.timesteps
+        else:
+            times = sched.timesteps
+        if keep_states:
+            states[0][:, :, a:b] = x.detach()
+        for i, t in enumerate(times):
+            with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
+                if i not in grad_steps:
+                    x = x.detach()
+                t_frames = torch.full((x.shape[0], n_ctx + b - a), float(t), device=x.device)
+                t_frames[:, :n_ctx] = c_sigma * 1000.0
+                x_in = torch.cat([_context_input(ctx, c_sigma, gens), x], 2).to(backend.dtype)
+                raw = guided_prediction(backend, x_in, t_frames, cond, uncond, guidance)[:, :, n_ctx:]
+                if scheduler is not None:
+                    # In place, as the pipeline writes ``latents[:, :, idx] = step(..., latents[:, :, idx])``: the
+                    # scheduler keeps the sample it was given as its ``last_sample``, so UniPC's corrector then
+                    # reads the updated values; stepping a copy would sample other videos than the pipeline.
+                    x.copy_(chunk_sched.step(raw.float(), t, x, return_dict=False)[0])
+                    continue
+                mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
+                if stochastic:
+                    z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]) if gens else None
+                    x = mean + std * (z.to(x.device) if z is not None else torch.randn_like(x))
+                    logps.append(gaussian_logp(x, mean, std))
+                else:
+                    x = mean
+            if keep_states:
+                states[i + 1][:, :, a:b] = x.detach()
+        out = torch.cat([out[:, :, :a], x.float(), out[:, :, b:]], 2)
+    return Trajectory(latents=out, logps=torch.stack(logps, 1) if logps else None, states=states)
+
+
+def chunk_window(chunking: Chunking, latent_frames: int, k: int) -> tuple[int, int, int]:
+    """``(context start, chunk start, chunk end)`` in latent frames of chunk ``k`` of a video of ``latent_frames``:
+    the window the model sees when it denoises that chunk."""
+    a, b = chunking.spans(latent_frames)[k]
+    return max(0, a - chunking.context) if a else 0, a, b
+
+
+def teacher_forced_input(
+    chunking: Chunking, x0: torch.Tensor, noised: torch.Tensor, timesteps: torch.Tensor, k: int, ctx_noise=None
+):
+    """The model input for chunk ``k`` of latents ``x0 [B, C, F, h, w]`` when its context is ``x0``'s own earlier
+    frames (the video's, not another's): ``(x_in [B, C, W, h, w], t [B, W], n_ctx)``. ``noised``: the chunk's
+    noised latents ``[B, C, b - a, h, w]`` at ``timesteps [B]``; the context is clean, or re-noised to the
+    chunking's ``context_noise`` with ``ctx_noise`` (noise shaped like the context). Training losses (DPO) and
+    log-probabilities (SCST) see chunks exactly as :func:`rollout` made them."""
+    c0, a, _ = chunk_window(chunking, x0.shape[2], k)
+    ctx = x0[:, :, c0:a].float().detach()
+    sigma = chunking.context_noise
+    if sigma and ctx.shape[2]:
+        ctx = (1 - sigma) * ctx + sigma * ctx_noise.to(ctx)
+    t = torch.cat([torch.full((x0.shape[0], a - c0), sigma * 1000.0, device=x0.device),
+                   timesteps.float().view(-1, 1).expand(-1, noised.shape[2]).to(x0.device)], 1)  # fmt: skip
+    return torch.cat([ctx.to(noised.dtype), noised], 2), t, a - c0
+
+
+def rollout_step_logp(
+    backend, chunking: Chunking, sched: NoiseSchedule, j: int, states, latents, cond, uncond, guidance, noise_level
+):
+    """Log-probability ``[B]`` (with the graph) of step ``j`` of a stochastic :func:`rollout` (chunk-major: chunk
+    ``j // steps``, step ``j % steps``) under the backend's current weights, from its kept ``states`` and final
+    ``latents`` (the context); plus the step's ``(mean, std)``. What policy-gradient training on the model's own
+    rollouts recomputes (a clean context only: the rollout's context noise is not kept)."""
+    steps = len(sched)
+    k, i = divmod(j, steps)
+    _, a, b = chunk_window(chunking, latents.shape[2], k)
+    x, x_next = states[i][:, :, a:b].float(), states[i + 1][:, :, a:b]
+    t = sched.timesteps[i].expand(x.shape[0])
+    x_in, t_in, n_ctx = teacher_forced_input(chunking, latents, x, t, k)
+    raw = guided_prediction(backend, x_in.to(backend.dtype), t_in, cond, uncond, guidance)[:, :, n_ctx:]
+    mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
+    return gaussian_logp(x_next, mean, std), mean, std
