@@ -132,10 +132,17 @@ def tokenize(tokenizer, prompts: list[str], max_len: int, device):
     return tok.input_ids.to(device), tok.attention_mask.to(device)
 
 
+def latent_channels(backend) -> int:
+    """Channels of the backend's latents, whatever video length its codec takes."""
+    codec = getattr(backend, "codec", None)
+    return getattr(codec, "latent_channels", None) or backend.latent_shape(1, 1, 1)[0]
+
+
 def video_latent_shape(codec, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """``(C, F, h, w)`` of a codec with ``latent_channels``, ``temporal_factor`` and ``spatial_factor``
     (latent frames ``(T - 1) // factor + 1``, as the causal video VAEs compress)."""
-    f = (frames - 1) // codec.temporal_factor + 1
+    frames_to_latents = getattr(codec, "latent_frames", None)  # a codec with its own framing (tiny-ar's segments)
+    f = frames_to_latents(frames) if frames_to_latents else (frames - 1) // codec.temporal_factor + 1
     return (codec.latent_channels, f, height // codec.spatial_factor, width // codec.spatial_factor)
 
 

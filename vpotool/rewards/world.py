@@ -19,6 +19,7 @@ from vpotool.rewards.base import check_frames
 from vpotool.world.grammar import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SPEEDS, parse_prompt
 from vpotool.world.render import shape_coverage, shape_radius
 
+SEGMENT = 17  # the world's clip length (vpotool.world.long.BASE_FRAMES)
 MASK_THRESHOLD, MASK_SOFTNESS = 0.25, 0.05  # colour distance from the background where the foreground starts
 
 
@@ -121,4 +122,11 @@ class WorldReward:
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         check_frames(frames, prompts)
-        return world_scores(frames, prompts)
+        t = frames.shape[1]
+        if t <= SEGMENT or (t - 1) % (SEGMENT - 1):
+            return world_scores(frames, prompts)
+        # A long video (an autoregressive rollout): the prompted speed holds per 17-frame segment
+        # (vpotool.world.long), so each segment is scored as a world clip and the scores averaged.
+        step = SEGMENT - 1
+        parts = [world_scores(frames[:, a : a + SEGMENT], prompts) for a in range(0, t - 1, step)]
+        return {k: torch.stack([p[k] for p in parts]).mean(0) for k in parts[0]}

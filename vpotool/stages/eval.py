@@ -24,10 +24,12 @@ from vpotool.stages.common import video_seed
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import load_frames, run_score
 from vpotool.world.features import clip_features, frechet_distance
+from vpotool.world.long import BASE_FRAMES, render_long_clip, segment_checks
 from vpotool.world.rates import CHECKS, clip_checks
 
 BASE = "base"
 FRECHET = "world.frechet"
+DRIFT = "world.drift."  # eval metrics world.drift.<check>: slope per segment of a long video's rate
 RATE = "world.rate."  # eval metrics world.rate.<check>: the share of videos passing each vpotool.world.rates check
 STRIP = "strip.png"  # frames of every checkpoint's first video of the first prompts, side by side
 REFERENCE_SEEDS = 4  # ground-truth clips rendered per prompt for world.frechet
@@ -110,11 +112,12 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
     if specs is not None:
         stats = {name: world_clip_stats(runs[name][0], samples[name], cfg.batch_size) for name in runs}
         for check in CHECKS:
-            per_run = {name: {sid: float(c[check]) for sid, c in stats[name][1].items()} for name in runs}
+            per_run = {name: {sid: mean_of(c, check) for sid, c in stats[name][1].items()} for name in runs}
             result += [
                 summary_row(name, f"{RATE}{check}", per_run[name], per_run[baseline], name == baseline)
                 for name in runs
             ]
+        result += drift_rows(stats, baseline)
     if cfg.frechet and specs is not None:
         reference = {}
         for name in runs:
@@ -267,16 +270,58 @@ def win_rate(values: dict[str, float], baseline: dict[str, float]) -> float:
 
 
 def world_clip_stats(samples_path: Path, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, dict]:
-    """World clip features ``[N, D]`` and the defect checks ``{sample_id: {check: bool}}`` of the videos of
-    ``rows`` (as stored, after the mp4 round trip; each video decoded once for both)."""
+    """World clip features ``[N, D]`` and the defect checks ``{sample_id: [{check: bool}, ...]}`` of the videos
+    of ``rows`` (as stored, after the mp4 round trip; each video decoded once for both): one dict per video of the
+    world's clip length, one per 17-frame segment of a longer one (:func:`vpotool.world.long.segment_checks`)."""
     feats, checks = [], {}
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
         frames = load_frames(samples_path, batch)
         feats.append(clip_features(frames))
         ids, prompts = [r["sample_id"] for r in batch], [r["prompt"] for r in batch]
-        checks.update(zip(ids, clip_checks(frames, prompts), strict=True))
+        if frames.shape[1] > BASE_FRAMES:
+            per_video = [segment_checks(f, p) for f, p in zip(frames, prompts, strict=True)]
+        else:
+            per_video = [[c] for c in clip_checks(frames, prompts)]
+        checks.update(zip(ids, per_video, strict=True))
     return torch.cat(feats), checks
+
+
+def mean_of(segments: list[dict], check: str) -> float:
+    """The share of a video's segments that pass ``check`` (0 or 1 for a video of one segment)."""
+    return sum(float(c[check]) for c in segments) / len(segments)
+
+
+def drift_rows(stats: dict, baseline: str) -> list[dict]:
+    """For videos longer than the world's clip: each check's rate per segment (``world.rate.<check>.seg<k>``, the
+    drift curve) and the least-squares slope of that curve per segment (``world.drift.<check>``); none otherwise."""
+    out = []
+    for check in CHECKS:
+        curves = {}
+        for name, (_, checks) in stats.items():
+            n_seg = min(len(c) for c in checks.values()) if checks else 0
+            if n_seg < 2:
+                continue
+            per_seg = [{sid: float(c[k][check]) for sid, c in checks.items()} for k in range(n_seg)]
+            curves[name] = per_seg
+        for name, per_seg in curves.items():
+            base = curves.get(baseline, per_seg)
+            for k, values in enumerate(per_seg):
+                ref = base[k] if k < len(base) else {}
+                out.append(summary_row(name, f"{RATE}{check}.seg{k + 1}", values, ref, name == baseline))
+            means = [sum(v.values()) / len(v) for v in per_seg]
+            out.append(dict(checkpoint=name, metric=f"{DRIFT}{check}", mean=curve_slope(means), std=math.nan,
+                            n=len(per_seg[0]), win_rate=math.nan))  # fmt: skip
+    return out
+
+
+def curve_slope(values: list[float]) -> float:
+    """Least-squares slope of ``values`` against their index (change per segment)."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mx, my = (n - 1) / 2, sum(values) / n
+    return sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum((i - mx) ** 2 for i in range(n))
 
 
 def reference_features(specs: list, frames: int, height: int, width: int, fps: int, seed: int) -> torch.Tensor:
@@ -290,7 +335,10 @@ def reference_features(specs: list, frames: int, height: int, width: int, fps: i
     with tempfile.TemporaryDirectory() as tmp:
         for spec in specs:
             seeds = [video_seed(seed, spec.id, k) for k in range(REFERENCE_SEEDS)]
-            clips = render_batch([spec] * REFERENCE_SEEDS, seeds, frames, height, width)
+            if frames > BASE_FRAMES:  # long videos: the world's motion continued, around the frame's edges
+                clips = torch.stack([render_long_clip(spec, frames, height, width, s) for s in seeds])
+            else:
+                clips = render_batch([spec] * REFERENCE_SEEDS, seeds, frames, height, width)
             decoded = []
             for k, clip in enumerate(clips):
                 path = Path(tmp) / f"{k}.mp4"

@@ -6,6 +6,7 @@ when ``--ref-update-interval`` or ``--ref-adapter`` asks for one; either way it 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from vpotool.errors import VpoError, first_line
 from vpotool.latents import load_latents, save_latent
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
 from vpotool.manifest import read_manifest, resolve
-from vpotool.models.base import NoiseSchedule, cond_cat
+from vpotool.models.base import NoiseSchedule, cond_cat, latent_channels
 from vpotool.progress import progress_bar
+from vpotool.rollout import check_chunking, chunk_window, chunking_of, teacher_forced_input
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import DpoConfig
@@ -55,11 +57,12 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
             "the pairs with `vpotool pair`"
         )
     files = [(one(r, "chosen"), one(r, "rejected")) for r in rows]
-    shapes = set()
+    shapes, rollouts = set(), set()
     for path in (p for pair in files for p in pair):
         try:
             with safe_open(str(path), "pt") as f:  # the header only: no tensor is read here
                 shapes.add(tuple(f.get_slice("latents").get_shape()))
+                rollouts.add(json.dumps(json.loads((f.metadata() or {}).get("config", "{}")).get("chunking")))
         except Exception as e:  # noqa: BLE001 (a damaged file of any kind is the same user problem)
             raise VpoError(
                 f"unreadable latent file {path} ({first_line(e)}); rerun `vpotool sample` on its --out to rewrite "
@@ -69,7 +72,11 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
         raise VpoError(
             f"{pairs_path}: pairs have latents of different shapes {sorted(shapes)}; train one size at a time"
         )
-    channels, expected = next(iter(shapes))[0], backend.latent_shape(1, 1, 1)[0]
+    for made_by in rollouts - {"null"}:  # sampled by an autoregressive rollout: it must be this model's
+        check_chunking(json.loads(made_by), backend, f"{pairs_path}'s latents")
+    if rollouts & {"null"} and chunking_of(backend) is not None and len(shapes) == 1:
+        chunking_of(backend).spans(next(iter(shapes))[1])  # bidirectional latents: only whole chunks train
+    channels, expected = next(iter(shapes))[0], latent_channels(backend)
     if channels != expected:
         raise VpoError(f"{pairs_path}: latents have {channels} channels, --model {backend.info.name} "
                        f"expects {expected}; were these pairs sampled with another model?")  # fmt: skip
@@ -101,6 +108,11 @@ def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoCon
     on the same inputs (policy with grad, reference without). ``x0_* [B, C, F, h, w]``; ``cond`` for B prompts;
     ``seeds`` one per example, so noise and timestep do not depend on how examples are batched or spread over
     processes."""
+    chunking = chunking_of(backend)
+    if chunking is not None:  # autoregressive: one chunk of each video, beside its own earlier frames
+        k = seeds[0] % len(chunking.spans(x0_w.shape[2]))
+        _, lo, hi = chunk_window(chunking, x0_w.shape[2], k)
+        full_w, full_l, x0_w, x0_l = x0_w, x0_l, x0_w[:, :, lo:hi], x0_l[:, :, lo:hi]
     shape = tuple(x0_w.shape[1:])
     parts = [backend.training_timesteps(1, torch.Generator().manual_seed(s), shape) for s in seeds]
     sched = NoiseSchedule(*(torch.cat([getattr(p, k) for p in parts]) for k in ("timesteps", "alphas", "sigmas")))
@@ -108,11 +120,19 @@ def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoCon
     a, s = (v.to(x0_w.device).view(-1, 1, 1, 1, 1) for v in (sched.alphas, sched.sigmas))
     x_t = torch.cat([a * x0_w + s * noise, a * x0_l + s * noise]).to(backend.dtype)
     t = torch.cat([sched.timesteps, sched.timesteps]).to(x0_w.device)
+    n_ctx = 0
+    if chunking is not None:
+        c0 = chunk_window(chunking, full_w.shape[2], k)[0]
+        ctx_noise = seeded_noise((shape[0], lo - c0, *shape[2:]), [s + 2 for s in seeds], x0_w.device)
+        x_t, t, n_ctx = teacher_forced_input(
+            chunking, torch.cat([full_w, full_l]), x_t, t, k, ctx_noise.repeat(2, 1, 1, 1, 1)
+        )
+        x_t = x_t.to(backend.dtype)
     target = torch.cat([training_target(backend.prediction, x, noise, a, s) for x in (x0_w, x0_l)])
     both = cond_cat(cond, cond)
-    policy_w, policy_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
+    policy_w, policy_l = per_sample_mse(backend.predict(x_t, t, both)[:, :, n_ctx:], target).chunk(2)
     with torch.no_grad(), reference_mode(denoiser, ref_mode):
-        ref_w, ref_l = per_sample_mse(backend.predict(x_t, t, both), target).chunk(2)
+        ref_w, ref_l = per_sample_mse(backend.predict(x_t, t, both)[:, :, n_ctx:], target).chunk(2)
     return dpo_loss(policy_w, policy_l, ref_w, ref_l, dpo_beta(cfg, backend), cfg.loss_type, cfg.ipo_tau)
 
 

@@ -19,8 +19,10 @@ from vpotool.config import flag, save_config
 from vpotool.errors import VpoError
 from vpotool.losses import group_advantage, kl_to_reference, normalize_advantage, policy_gradient_loss, scst_advantage
 from vpotool.manifest import manifest_config, read_manifest, resolve, reward_rows
+from vpotool.models.base import latent_channels
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
+from vpotool.rollout import chunking_of, rollout, rollout_step_logp
 from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
@@ -41,6 +43,7 @@ class Rollouts:
     advantage: torch.Tensor
     reward: torch.Tensor
     baseline: torch.Tensor
+    latents: torch.Tensor | None = None  # the final latents: an autoregressive rollout's context
 
 
 @torch.no_grad()
@@ -55,7 +58,11 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     cond = backend.condition(prompts)
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
     common = dict(steps=settings["steps"], guidance=settings["guidance"], uncond=uncond)
-    traj = sample(backend, cond, noise, noise_level=cfg.noise_level, step_seeds=seeds, keep_states=True, **common)
+    chunking = chunking_of(backend)
+    if chunking is not None:  # the model's own rollout: each chunk beside the chunks it made (Self-Forcing)
+        common["chunking"] = chunking
+    run = sample if chunking is None else rollout
+    traj = run(backend, cond, noise, noise_level=cfg.noise_level, step_seeds=seeds, keep_states=True, **common)
 
     def score(latents):
         frames = backend.decode(latents.to(backend.dtype))[:, : settings["frames"], :, : settings["height"]]
@@ -63,13 +70,13 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
 
     r = score(traj.latents)
     if cfg.baseline == "greedy":
-        baseline = score(sample(backend, cond, noise, **common).latents)
+        baseline = score(run(backend, cond, noise, **common).latents)  # the greedy (deterministic) rollout
         adv = scst_advantage(r, baseline)
     else:
         baseline = r.view(-1, k).mean(1).repeat_interleave(k)
         adv = group_advantage(r, k)
     adv = normalize_advantage(adv, cfg.adv_clip or None, scale=cfg.normalize)
-    return Rollouts(cond, uncond, traj.states, traj.logps, adv, r, baseline)
+    return Rollouts(cond, uncond, traj.states, traj.logps, adv, r, baseline, traj.latents)
 
 
 def policy_step(
@@ -83,10 +90,17 @@ def policy_step(
     backend, denoiser = trainer.backend, trainer.denoiser
     total = 0.0
     guidance, noise_level = settings["guidance"], settings["noise_level"]
+    chunking = chunking_of(backend)
+
+    def logp_of(i):
+        if chunking is not None:  # step i of the rollout, chunk-major, beside the rollout's own context
+            args = (sched, i, ro.states, ro.latents, ro.cond, ro.uncond, guidance, noise_level)
+            return rollout_step_logp(backend, chunking, *args)
+        return step_logp(backend, sched, i, ro.states[i], ro.states[i + 1], ro.cond, ro.uncond, guidance, noise_level)
+
     for n, i in enumerate(steps_to_train):
-        x, x_next = ro.states[i], ro.states[i + 1]
         with grad_sync(trainer, last=last and n == len(steps_to_train) - 1):
-            logp, mean, std = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
+            logp, mean, std = logp_of(i)
             if clipped:
                 loss = policy_gradient_loss(logp[:, None], ro.advantage, ro.logps[:, i : i + 1], cfg.clip_eps)
                 loss = loss / len(steps_to_train)
@@ -94,7 +108,7 @@ def policy_step(
                 loss = policy_gradient_loss(logp[:, None], ro.advantage)
             if cfg.kl_beta:
                 with torch.no_grad(), reference_mode(denoiser, "base"):
-                    _, mean_ref, _ = step_logp(backend, sched, i, x, x_next, ro.cond, ro.uncond, guidance, noise_level)
+                    _, mean_ref, _ = logp_of(i)
                 loss = loss + cfg.kl_beta * kl_to_reference(mean, mean_ref, std).mean()
             # accelerator.backward: the fp16 grad scaler and DeepSpeed need it; a bare backward skips them
             trainer.accelerator.backward(loss * scale)
@@ -218,10 +232,10 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
 
     files = [resolve(samples_path, s["latent"]) for s in used]
     shape = trajectory_shape(files, settings["steps"])
-    if backend is not None and shape[0] != backend.latent_shape(1, 1, 1)[0]:
+    if backend is not None and shape[0] != latent_channels(backend):
         raise VpoError(
             f"{samples_path}: latents have {shape[0]} channels, --model {backend.info.name} expects "
-            f"{backend.latent_shape(1, 1, 1)[0]}; were these samples made with other weights?"
+            f"{latent_channels(backend)}; were these samples made with other weights?"
         )
     values = [torch.tensor([v for _, v in g], dtype=torch.float32) for g in kept]
     reward = torch.cat(values)
@@ -270,7 +284,7 @@ def fresh_batches(trainer, cfg: ScstConfig, reward, prompts: list[str], settings
         idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
         seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
         ro = collect(trainer.backend, reward, [prompts[i] for i in idx], seeds, settings, cfg)
-        batches.append((ro, trained_steps(settings["steps"], cfg, slot)))
+        batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot)))  # an autoregressive one: chunks x steps
     return batches
 
 
@@ -312,6 +326,22 @@ def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
     return {**values, "step_time": time.perf_counter() - t0}, grad_norm
 
 
+def check_rollout_training(backend, offline: bool, settings: dict) -> None:
+    """Refuse, in one line, what policy gradients on an autoregressive model cannot do yet: stored (offline)
+    trajectories, and a re-noised context (its noise is not kept, so log-probabilities could not be recomputed);
+    and a video that is not a whole number of chunks."""
+    chunking = chunking_of(backend)
+    if chunking is None:
+        return
+    if offline:
+        raise VpoError(f"train-scst --samples: offline trajectories of --model {backend.info.name} (autoregressive) "
+                       "are not supported; train online with --prompts")  # fmt: skip
+    if chunking.context_noise:
+        raise VpoError(f"train-scst on --model {backend.info.name} needs a clean context; pass --model-options "
+                       "addnoise=0")  # fmt: skip
+    chunking.spans(backend.latent_shape(settings["frames"], settings["height"], settings["width"])[1])
+
+
 def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
     """Train a LoRA adapter with self-critical policy gradients; writes checkpoints and metrics under ``cfg.out``.
     With ``cfg.samples`` the rollouts are stored, scored trajectories (see :func:`load_rollouts`), not sampled."""
@@ -324,6 +354,7 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
     trainer = setup(cfg, backend, prompts=stored.prompts if stored is not None else prompts)
     b, acc = trainer.backend, trainer.accelerator
     settings = resolved_settings(cfg, b)
+    check_rollout_training(b, stored is not None, settings)
     if stored is None:
         reward = load_rollout_reward(cfg, b.device, need_grad=False)
         shape = b.latent_shape(settings["frames"], settings["height"], settings["width"])

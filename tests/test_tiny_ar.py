@@ -1,0 +1,135 @@
+"""The built-in autoregressive ``tiny-ar`` model: its segment codec, sampling past the training length with
+per-segment drift rates in eval, training on its own rollouts (SCST, DPO), and refusals of mismatched inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import held_out_brightness
+
+from vpotool.errors import VpoError
+from vpotool.models import load_backend
+from vpotool.training.config import ScstConfig
+from vpotool.training.scst import collect, train_scst
+
+SIZE = dict(frames=33, height=16, width=16, steps=3, guidance=1.0)  # two 17-frame segments: two chunks
+FAST_AR = ["--model", "tiny-ar", "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu"]
+PROMPTS = (
+    "a red circle moving left quickly on a black background\na blue square moving up slowly on a gray background\n"
+)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend("tiny-ar")
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text(PROMPTS)
+    return p
+
+
+def test_segment_codec_codes_each_17_frame_segment_alone(backend):
+    codec = backend.codec
+    video = torch.rand(1, 33, 3, 32, 32)
+    z = codec.encode(video)
+    assert z.shape == (1, 16, 10, 8, 8) and backend.latent_shape(65, 32, 32) == (16, 20, 8, 8)
+    torch.testing.assert_close(z[:, :, 5:], codec.inner.encode(video[:, 16:33]))
+    frames = codec.decode(z)
+    assert frames.shape == (1, 33, 3, 32, 32)
+    torch.testing.assert_close(frames[:, 17:], codec.inner.decode(z[:, :, 5:])[:, 1:])
+    with pytest.raises(VpoError, match="16k \\+ 1 frames"):
+        backend.latent_shape(21, 32, 32)
+
+
+def test_sample_four_times_the_training_length_and_eval_drift(cli, prompts, tmp_path):
+    code, _, err = cli("sample", "--prompts", prompts, "--candidates", 1, "--frames", 65, "--out", tmp_path / "s",
+                       *FAST_AR)  # fmt: skip
+    assert code == 0, err
+    samples = pd.read_parquet(tmp_path / "s" / "samples.parquet")
+    assert list(samples.frames) == [65, 65]
+    from vpotool.video import read_video
+
+    assert read_video(tmp_path / "s" / samples.video[0]).shape[0] == 65
+    code, _, err = cli("eval", "--prompts", prompts, "--frames", 65, "--seeds", 1, "--reward", "world",
+                       "--out", tmp_path / "e", *FAST_AR)  # fmt: skip
+    assert code == 0, err
+    ev = pd.read_parquet(tmp_path / "e" / "eval.parquet").set_index("metric")
+    for k in range(1, 5):
+        assert f"world.rate.shape_present.seg{k}" in ev.index
+    drift = ev.loc["world.drift.shape_present", "mean"]
+    curve = [ev.loc[f"world.rate.shape_present.seg{k}", "mean"] for k in range(1, 5)]
+    expected = sum((k - 1.5) * (v - sum(curve) / 4) for k, v in enumerate(curve)) / 5.0
+    assert math.isclose(drift, expected, abs_tol=1e-9)
+
+
+def test_frames_that_are_not_whole_chunks_are_refused_before_work(cli, prompts, tmp_path):
+    code, _, err = cli("sample", "--prompts", prompts, "--frames", 21, "--out", tmp_path / "s", *FAST_AR)
+    assert code == 2 and "16k + 1 frames" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "samples.parquet").exists()
+
+
+def test_recomputed_rollout_logps_match_and_the_baseline_is_greedy(backend, tmp_path):
+    from vpotool.rewards import load_reward
+    from vpotool.rollout import rollout_step_logp
+
+    cfg = ScstConfig(prompts="x", out=str(tmp_path), reward="brightness", baseline="greedy", **SIZE)
+    texts = ["a red circle moving left quickly on a black background"] * 2
+    ro = collect(backend, load_reward("brightness"), texts, [1, 2], SIZE, cfg)
+    assert ro.logps.shape == (2, 2 * 3) and len(ro.states) == 4  # two chunks of three steps
+    sched = backend.schedule(3)
+    for j in range(6):
+        args = (sched, j, ro.states, ro.latents, ro.cond, ro.uncond, 1.0, cfg.noise_level)
+        logp, _, _ = rollout_step_logp(backend, backend.chunking, *args)
+        torch.testing.assert_close(logp, ro.logps[:, j], atol=1e-5, rtol=1e-5)
+
+
+def test_scst_on_its_own_rollouts_raises_held_out_reward(tmp_path):
+    from vpotool.training.lora import adapter_state
+
+    b = load_backend("tiny-ar")
+    size = {**SIZE, "noise_level": 0.0}
+    before = held_out_brightness(b, size)
+    seen = {}
+
+    def on_step(step, trainer):
+        state = adapter_state(trainer.denoiser)
+        seen.setdefault("first", {k: v.clone() for k, v in state.items()})
+        seen["last"] = {k: v.clone() for k, v in state.items()}
+
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")  # as tests/test_train_scst.py
+    opts = dict(max_steps=10, lr=1e-2, batch_size=2, lora_rank=4, normalize=True, device="cpu", **SIZE)
+    cfg = ScstConfig(prompts=str(prompts), out=str(tmp_path / "o"), reward="brightness", baseline="greedy", **opts)
+    train_scst(cfg, backend=b, on_step=on_step)
+    b.denoiser.eval()
+    after = held_out_brightness(b, size)
+    assert after > before + 0.02, (before, after)
+    assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
+
+
+def test_dpo_on_rollout_pairs_and_the_bidirectional_refusal(cli, prompts, tmp_path):
+    run = tmp_path / "r"
+    code, _, err = cli("sample", "--prompts", prompts, "--candidates", 2, "--frames", 33, "--out", run, *FAST_AR)
+    assert code == 0, err
+    assert (
+        cli("score", "--samples", run / "samples.parquet", "--reward", "world", "--out", run / "scores.parquet")[0]
+        == 0
+    )
+    code, _, err = cli("pair", "--samples", run / "samples.parquet", "--scores", run / "scores.parquet",
+                       "--out", run / "pairs.parquet", "--min-margin", 0)  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("train-dpo", "--pairs", run / "pairs.parquet", "--out", tmp_path / "dpo", "--max-steps", 3,
+                       "--lr", "1e-2", "--batch-size", 2, "--model", "tiny-ar", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    metrics = pd.read_parquet(tmp_path / "dpo" / "metrics.parquet")
+    assert math.isclose(metrics.loss[0], math.log(2), abs_tol=1e-4)  # policy == reference at the start
+    assert metrics.loss.iloc[-1] < metrics.loss[0]
+    code, _, err = cli("train-dpo", "--pairs", run / "pairs.parquet", "--out", tmp_path / "bi", "--max-steps", 1,
+                       "--model", "tiny", "--device", "cpu")  # fmt: skip
+    assert code == 2 and "autoregressive" in err and "bidirectional" in err, err
