@@ -59,7 +59,7 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
 
     def score(latents):
         frames = backend.decode(latents.to(backend.dtype))[:, : settings["frames"], :, : settings["height"]]
-        return reward_values(reward, frames[..., : settings["width"]], prompts, cfg).float()
+        return reward_values(reward, frames[..., : settings["width"]], prompts, cfg, settings["fps"]).float()
 
     r = score(traj.latents)
     if cfg.baseline == "greedy":
