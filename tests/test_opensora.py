@@ -476,6 +476,27 @@ def test_guidance_attends_the_null_caption_through_the_prompt_mask(backend):
     assert (raw_u - all_tokens).abs().max() > 1e-4
 
 
+def test_guidance_attends_a_negative_prompt_through_its_own_mask(backend):
+    """A negative prompt is encoded as a prompt with its own token mask (upstream Open-Sora since v1.3, the first
+    with negative prompts); only the null caption borrows the prompt's mask."""
+    from vpotool.sampling import guided_prediction
+
+    cond = backend.encode_prompts(["a red circle", "a blue square moving up"])
+    uncond = backend.encode_negative(2, "blurry, low quality, static, distorted, ugly")
+    assert not torch.equal(cond["mask"].sum(1), uncond["mask"].sum(1))  # other lengths than the prompts'
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *backend.latent_shape(*SIZE), generator=g)
+    t = torch.tensor(700.0)
+    with torch.no_grad():
+        guided = guided_prediction(backend, x, t, cond, uncond, 7.0)
+        tt = torch.full((2,), 700.0)
+        raw_c = backend.predict(x, tt, cond)
+        raw_u = backend.predict(x, tt, uncond)
+        borrowed = backend.predict(x, tt, {"y": uncond["y"], "mask": cond["mask"]})
+    torch.testing.assert_close(guided, raw_u + 7.0 * (raw_c - raw_u), atol=1e-5, rtol=1e-4)
+    assert (raw_u - borrowed).abs().max() > 1e-4  # the mask matters
+
+
 def test_images_are_conditioned_on_fps_120_and_videos_on_24(backend):
     """Upstream Open-Sora 1.2 conditions a single image on fps 120 and a video on its fps (24 by default)."""
     seen = []

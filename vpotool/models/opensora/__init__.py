@@ -145,19 +145,24 @@ class OpenSoraBackend(TextVideoBackend):
         return {"y": hidden.to(self.dtype), "mask": mask}
 
     def encode_negative(self, n: int, prompt: str = "") -> Conditioning:
-        """The learned null caption ``y_embedding``, every token attended; under guidance
-        :meth:`unconditional_for` gives it the prompt's mask, as upstream does. A negative ``prompt`` (upstream
-        has none) is cleaned like a prompt, without the aesthetic-score suffix."""
+        """The learned null caption ``y_embedding``, every token attended and marked ``null [B]``: under guidance
+        :meth:`unconditional_for` gives it the prompt's mask, as upstream does. A negative ``prompt`` is encoded
+        as a prompt with its own mask (upstream since v1.3, the first with negative prompts), cleaned like one,
+        without the aesthetic-score suffix."""
         if prompt:
             return self.encode_prompts([prompt] * n, suffix=False)
         y = self.model.null_caption(n).to(self.dtype)
-        return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
+        ones = torch.ones(y.shape[:2], dtype=torch.long, device=y.device)
+        return {"y": y, "mask": ones, "null": torch.ones(n, dtype=torch.bool, device=y.device)}
 
     def unconditional_for(self, uncond: Conditioning, cond: Conditioning) -> Conditioning:
-        """Upstream Open-Sora attends the null caption through the prompt's own token mask (the null branch of
-        each guided pair sees as many tokens as its prompt), so the guided sample depends on the prompt's
-        length; the sampler calls this before each guided step."""
-        return {"y": uncond["y"], "mask": cond["mask"]}
+        """The unconditional input of a guided step on ``cond``; the sampler calls this before each one. Upstream
+        Open-Sora attends the null caption (rows marked ``null``) through the prompt's own token mask, so the null
+        branch of each guided pair sees as many tokens as its prompt; a negative prompt keeps its own mask."""
+        null = uncond.get("null")
+        if null is None:
+            return {"y": uncond["y"], "mask": uncond["mask"]}
+        return {"y": uncond["y"], "mask": torch.where(null[:, None], cond["mask"], uncond["mask"])}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         c = self.codec.vae.cfg
