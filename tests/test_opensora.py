@@ -541,6 +541,18 @@ def test_model_options_switch_the_suffix_and_cleaning_off(folder):
     torch.testing.assert_close(negative["y"], plain.encode_prompts(["a red circle"])["y"])
 
 
+def test_model_options_of_the_wrong_type_are_refused_and_booleans_read(folder):
+    """A value of the wrong type is one line naming the option, not a traceback at the first prompt; yes/no,
+    on/off and 1/0 are booleans."""
+    for bad, expected in (("aesthetic_score=high", "a number or none"), ("clean_prompts=maybe", "true or false")):
+        with pytest.raises(VpoError, match=f"--model-options: {bad.split('=')[0]} takes {expected}") as err:
+            load_backend("opensora", folder, options=bad)
+        assert "\n" not in str(err.value)
+    for text in ("no", "off", "0", "False"):
+        assert load_backend("opensora", folder, options=f"clean_prompts={text}").clean_prompts is False
+    assert load_backend("opensora", folder, options="aesthetic_score=5").aesthetic_score == 5.0
+
+
 def test_model_options_that_the_family_lacks_are_refused(folder):
     with pytest.raises(VpoError, match="has no option aesthetic; it takes aesthetic_score, clean_prompts"):
         load_backend("opensora", folder, options="aesthetic=6")
