@@ -14,7 +14,7 @@ from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
-from vpotool.sampling import resolved_settings, sample, seeded_noise
+from vpotool.sampling import resolved_settings, sample, seeded_noise, use_settings
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
@@ -101,6 +101,7 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
         enable_vae_checkpointing(b)
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
     settings = resolved_settings(cfg, b)
+    use_settings(b, settings)
     save_config(cfg, Path(cfg.out) / "train-refl.yaml")
 
     # --- loop

@@ -92,7 +92,7 @@ class OpenSoraCodec:
         return vae_output(self.vae.decode(latents.to(self.dtype)))
 
 
-IMAGE_FPS = 120.0  # the fps upstream conditions single images (--frames 1) on
+IMAGE_FPS = 120.0  # the fps upstream conditions single images (--frames 1) on, IMG_FPS in opensora/datasets
 
 
 class OpenSoraBackend(TextVideoBackend):
@@ -119,8 +119,21 @@ class OpenSoraBackend(TextVideoBackend):
             dtype=dtype,
             **parts,
         )
-        self.fps = float(defaults.fps)  # the fps the denoiser is conditioned on
+        self.fps: float | None = None  # the fps the denoiser is conditioned on; see use_video
         self.spatial_factor = self.codec.spatial_factor
+
+    def use_video(self, frames: int, fps: float) -> None:
+        """Condition the denoiser as upstream's inference does for ``frames`` pixel frames written at ``fps`` (the
+        resolved ``--frames`` and ``--fps``): on ``fps``, or on ``IMAGE_FPS`` for a single frame (an image; 2 to 4
+        frames are one latent frame but a video). Until called, one latent frame is taken for an image and more
+        for a video at the model's default fps."""
+        self.fps = IMAGE_FPS if frames == 1 else float(fps)
+
+    def condition_fps(self, latent_frames: int) -> float:
+        """The fps the denoiser is conditioned on for ``latent_frames`` latent frames (see :meth:`use_video`)."""
+        if self.fps is not None:
+            return self.fps
+        return IMAGE_FPS if latent_frames == 1 else float(self.defaults.fps)
 
     def size_preset(self, name: str) -> tuple[int, int]:
         """``--size`` for Open-Sora: ``240p`` (its default 9:16) or ``RES:H:W``, e.g. ``480p:16:9``."""
@@ -191,7 +204,7 @@ class OpenSoraBackend(TextVideoBackend):
             timesteps.to(self.device).float().expand(b),
             cond["y"],
             mask=cond["mask"],
-            fps=torch.full((b,), IMAGE_FPS if x_t.shape[2] == 1 else self.fps, device=self.device),
+            fps=torch.full((b,), self.condition_fps(x_t.shape[2]), device=self.device),
             height=h * self.spatial_factor,
             width=w * self.spatial_factor,
         )
