@@ -328,7 +328,8 @@ def method_step(method: str, trainer, cfg, args, tmp: Path):
         rows = [{"prompt": p} for p in prompts]
         return lambda i: dpo_step(trainer, cfg, rows, files, i, "base")
     settings = dict(frames=args.frames, height=args.height, width=args.width, steps=args.rollout_steps,
-                    guidance=args.guidance, noise_level=getattr(cfg, "noise_level", 0.0))  # fmt: skip
+                    guidance=args.guidance, noise_level=getattr(cfg, "noise_level", 0.0),
+                    fps=b.defaults.fps)  # fmt: skip
     reward = load_rollout_reward(cfg, b.device, need_grad=method != "scst")
     if method.startswith("refl"):
         if method == "refl-1":

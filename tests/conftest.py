@@ -90,3 +90,35 @@ def browser():
     chrome = webdriver.Chrome(service=Service(driver), options=options)
     yield chrome
     chrome.quit()
+
+
+@pytest.fixture
+def fps_seen(monkeypatch):
+    """Registers reward ``fps-seen`` (brightness that takes fps, as raft does) and returns the fps values it was
+    called with, in call order."""
+    from vpotool import rewards
+    from vpotool.rewards.simple import BrightnessReward
+
+    seen = []
+
+    class FpsSeen(BrightnessReward):
+        takes_fps = True
+
+        def __call__(self, frames, prompts, fps=None):
+            seen.append(fps)
+            return super().__call__(frames, prompts)
+
+    monkeypatch.setitem(rewards.REWARDS, "fps-seen", lambda **kw: FpsSeen())
+    return seen
+
+
+def scored_fps(seen: list, prompts, run, size: dict) -> set:
+    """The fps values ``score`` calls reward ``fps-seen`` with on tiny-model samples of ``prompts`` at ``size``."""
+    from vpotool.config import SampleConfig, ScoreConfig
+    from vpotool.stages.sample import run_sample
+    from vpotool.stages.score import run_score
+
+    samples = run_sample(SampleConfig(prompts=str(prompts), out=str(run), device="cpu", **size))
+    before = len(seen)
+    run_score(ScoreConfig(samples=str(samples), out=str(run / "scores.parquet"), reward="fps-seen"))
+    return set(seen[before:])

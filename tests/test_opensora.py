@@ -476,21 +476,69 @@ def test_guidance_attends_the_null_caption_through_the_prompt_mask(backend):
     assert (raw_u - all_tokens).abs().max() > 1e-4
 
 
-def test_images_are_conditioned_on_fps_120_and_videos_on_24(backend):
-    """Upstream Open-Sora 1.2 conditions a single image on fps 120 and a video on its fps (24 by default)."""
+def test_guidance_attends_a_negative_prompt_through_its_own_mask(backend):
+    """A negative prompt is encoded as a prompt with its own token mask (upstream Open-Sora since v1.3, the first
+    with negative prompts); only the null caption borrows the prompt's mask."""
+    from vpotool.sampling import guided_prediction
+
+    cond = backend.encode_prompts(["a red circle", "a blue square moving up"])
+    uncond = backend.encode_negative(2, "blurry, low quality, static, distorted, ugly")
+    assert not torch.equal(cond["mask"].sum(1), uncond["mask"].sum(1))  # other lengths than the prompts'
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *backend.latent_shape(*SIZE), generator=g)
+    t = torch.tensor(700.0)
+    with torch.no_grad():
+        guided = guided_prediction(backend, x, t, cond, uncond, 7.0)
+        tt = torch.full((2,), 700.0)
+        raw_c = backend.predict(x, tt, cond)
+        raw_u = backend.predict(x, tt, uncond)
+        borrowed = backend.predict(x, tt, {"y": uncond["y"], "mask": cond["mask"]})
+    torch.testing.assert_close(guided, raw_u + 7.0 * (raw_c - raw_u), atol=1e-5, rtol=1e-4)
+    assert (raw_u - borrowed).abs().max() > 1e-4  # the mask matters
+
+
+def fps_spy(backend) -> list:
+    """The fps values the denoiser is conditioned on from now on, one per video and call."""
     seen = []
+    backend.denoiser.register_forward_pre_hook(lambda _, args, kw: seen.extend(kw["fps"].tolist()), with_kwargs=True)
+    return seen
 
-    class Spy(torch.nn.Module):
-        cfg = backend.denoiser.cfg
 
-        def forward(self, x, timestep, y, fps=None, **kw):
-            seen.append(fps.tolist())
-            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+@pytest.mark.parametrize(("frames", "fps", "expected"), [(1, 24, 120.0), (3, 24, 24.0), (9, 12, 12.0), (9, 24, 24.0)])
+def test_sampling_conditions_on_the_video_fps_and_images_on_120(
+    backend, prompts_file, tmp_path, frames, fps, expected
+):
+    """Upstream Open-Sora 1.2 (``prepare_multi_resolution_info``) conditions on the sampling fps, and on fps 120
+    when the video is one pixel frame (an image); 2 to 4 frames (one latent frame) are a video."""
+    from vpotool.config import SampleConfig
+    from vpotool.stages.sample import run_sample
 
-    backend.denoiser = Spy()
-    for frames in (1, 3):
-        backend.predict(torch.zeros(1, 4, frames, 4, 4), torch.tensor([500.0]), {"y": None, "mask": None})
-    assert seen == [[120.0], [24.0]]
+    seen = fps_spy(backend)
+    size = dict(frames=frames, height=32, width=32, steps=2, fps=fps)
+    run_sample(SampleConfig(prompts=str(prompts_file), out=str(tmp_path / "run"), **size), backend=backend)
+    assert set(seen) == {expected}
+
+
+def test_predict_without_sampling_settings_conditions_like_the_defaults(backend):
+    """Called before any stage sets the video (``train-dpo`` on stored latents): one latent frame is an image."""
+    seen = fps_spy(backend)
+    cond = backend.encode_prompts(["a red circle"])
+    with torch.no_grad():
+        for frames in (1, 3):
+            backend.predict(torch.zeros(1, 4, frames, 4, 4), torch.tensor([500.0]), cond)
+    assert seen == [120.0, 24.0]
+
+
+def test_trainers_condition_on_the_resolved_fps(backend, prompts_file, tmp_path):
+    """train-scst's rollouts are conditioned as ``sample`` conditions the same settings: 3 frames (one latent
+    frame) are a video at the model's fps."""
+    from vpotool.training.config import ScstConfig
+    from vpotool.training.scst import train_scst
+
+    seen = fps_spy(backend)
+    kw = dict(frames=3, height=32, width=32, steps=2, guidance=1.0, reward="brightness", max_steps=1, batch_size=2)
+    train_scst(ScstConfig(prompts=str(prompts_file), out=str(tmp_path / "o"), lora_rank=2, **kw), backend=backend)
+    assert set(seen) == {24.0}
 
 
 @pytest.mark.parametrize(
@@ -518,6 +566,18 @@ def test_model_options_switch_the_suffix_and_cleaning_off(folder):
     assert mask(default, "a red circle") > mask(plain, "a red circle")  # the suffix's tokens
     negative = default.encode_negative(1, "a red circle")
     torch.testing.assert_close(negative["y"], plain.encode_prompts(["a red circle"])["y"])
+
+
+def test_model_options_of_the_wrong_type_are_refused_and_booleans_read(folder):
+    """A value of the wrong type is one line naming the option, not a traceback at the first prompt; yes/no,
+    on/off and 1/0 are booleans."""
+    for bad, expected in (("aesthetic_score=high", "a number or none"), ("clean_prompts=maybe", "true or false")):
+        with pytest.raises(VpoError, match=f"--model-options: {bad.split('=')[0]} takes {expected}") as err:
+            load_backend("opensora", folder, options=bad)
+        assert "\n" not in str(err.value)
+    for text in ("no", "off", "0", "False"):
+        assert load_backend("opensora", folder, options=f"clean_prompts={text}").clean_prompts is False
+    assert load_backend("opensora", folder, options="aesthetic_score=5").aesthetic_score == 5.0
 
 
 def test_model_options_that_the_family_lacks_are_refused(folder):

@@ -97,6 +97,22 @@ def test_subject_matches_vbench_on_model_features(folders, kind):
     assert (out["overall"] < 0.999).all()
 
 
+def test_subject_resizes_as_vbench_dino_transform(folders):
+    """VBench's ``dino_transform(n)`` is torchvision's ``Resize(n, antialias=False)``: the short side to ``n``, the
+    long side to ``int(n * long / short)`` (truncated: 40 x 61 frames at 32 give 32 x 48, where rounding gives 49),
+    bilinear without antialiasing; ``resize=bicubic`` keeps the antialiased bicubic resize, long side rounded."""
+    frames = torch.rand(1, 3, 3, 40, 61, generator=torch.Generator().manual_seed(2))
+    by_hand = {
+        "vbench": F.interpolate(frames[0], size=(32, 48), mode="bilinear", align_corners=False, antialias=False),
+        "bicubic": F.interpolate(frames[0], size=(32, 49), mode="bicubic", align_corners=False, antialias=True),
+    }
+    for resize, pixels in by_hand.items():
+        reward = load_subject(folders["dinov2"], size=32, **({} if resize == "vbench" else {"resize": resize}))
+        with torch.no_grad():
+            cls = reward.model(pixel_values=normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)).last_hidden_state[:, 0]
+            torch.testing.assert_close(reward.features(frames)[0], cls, atol=1e-5, rtol=1e-4)
+
+
 def test_subject_keeps_aspect_and_picks_frames(folders):
     reward = load_subject(folders["dinov2"], size=32, num_frames=3)
     feats = reward.features(torch.rand(1, 5, 3, 32, 48))

@@ -80,7 +80,7 @@ def test_recomputed_rollout_logps_match_and_the_baseline_is_greedy(backend, tmp_
 
     cfg = ScstConfig(prompts="x", out=str(tmp_path), reward="brightness", baseline="greedy", **SIZE)
     texts = ["a red circle moving left quickly on a black background"] * 2
-    ro = collect(backend, load_reward("brightness"), texts, [1, 2], SIZE, cfg)
+    ro = collect(backend, load_reward("brightness"), texts, [1, 2], {**SIZE, "fps": 8}, cfg)
     assert ro.logps.shape == (2, 2 * 3) and len(ro.states) == 4  # two chunks of three steps
     sched = backend.schedule(3)
     for j in range(6):

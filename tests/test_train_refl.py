@@ -6,11 +6,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from conftest import held_out_brightness
+from conftest import held_out_brightness, scored_fps
 
 from vpotool.training.config import ReflConfig
 from vpotool.training.refl import train_refl
-from vpotool.training.reward import select_frames
+from vpotool.training.reward import select_frames, selected_fps
 
 SIZE = dict(frames=5, height=16, width=16, steps=4, guidance=1.0)
 
@@ -53,12 +53,22 @@ def test_refl_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, 
     assert (tmp_path / "out" / "checkpoints" / "step-8" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_refl_rewards_rollouts_at_the_fps_score_uses(prompts, tmp_path, fps_seen):
+    """A reward that takes fps (raft's VBench frame stride) sees the videos' fps in training, as in ``score``."""
+    train_refl(config(prompts, tmp_path / "out", reward="fps-seen", max_steps=1))
+    trained = set(fps_seen)
+    assert trained == scored_fps(fps_seen, prompts, tmp_path / "run", SIZE) == {8}  # the tiny model's fps
+
+
 def test_select_frames():
     frames = torch.arange(8.0).view(1, 8, 1, 1, 1).expand(1, 8, 3, 2, 2)
     assert select_frames(frames, "all").shape[1] == 8
     assert select_frames(frames, "first-middle-last")[0, :, 0, 0, 0].tolist() == [0.0, 4.0, 7.0]
     assert select_frames(frames, "3")[0, :, 0, 0, 0].tolist() == [0.0, 4.0, 7.0]  # 0, 3.5 -> 4, 7
     assert select_frames(frames, "20").shape[1] == 8
+    assert selected_fps(24, 8, "all") == 24 and selected_fps(24, 8, "20") == 24
+    assert selected_fps(24, 49, "3") == selected_fps(24, 49, "first-middle-last") == 1.0  # 24 frames apart
+    assert selected_fps(24, 49, "1") == 24
 
 
 def test_gradient_reaches_only_through_the_window():

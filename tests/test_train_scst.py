@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import held_out_brightness
+from conftest import held_out_brightness, scored_fps
 
 from vpotool.manifest import write_manifest
 from vpotool.training.config import ScstConfig
@@ -38,7 +38,7 @@ def test_recomputed_step_logps_match_the_rollout(prompts, tmp_path):
 
     b = load_backend("tiny")
     cfg = config(prompts, tmp_path / "o", baseline="greedy")
-    settings = {**SIZE}
+    settings = {**SIZE, "fps": 8}
     ro = collect(b, load_reward("brightness"), ["a red dot", "a blue dot"], [1, 2], settings, cfg)
     assert ro.logps.shape == (2, 4) and len(ro.states) == 5
     torch.testing.assert_close(
@@ -79,6 +79,13 @@ def test_ppo_epochs_take_several_optimizer_steps_per_round_with_kl(prompts, tmp_
     assert list(metrics.step) == [1, 2, 3]
     assert metrics.reward[0] == metrics.reward[1]  # steps 1 and 2 share the first round's rollouts
     assert (tmp_path / "out" / "checkpoints" / "step-3" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_scst_rewards_rollouts_at_the_fps_score_uses(prompts, tmp_path, fps_seen):
+    """A reward that takes fps (raft's VBench frame stride) sees the videos' fps in training, as in ``score``."""
+    train_scst(config(prompts, tmp_path / "out", reward="fps-seen", max_steps=1))
+    trained = set(fps_seen)
+    assert trained == scored_fps(fps_seen, prompts, tmp_path / "run", SIZE) == {8}  # the tiny model's fps
 
 
 def test_scst_cli_refuses_a_deterministic_noise_level(cli, prompts, tmp_path):

@@ -238,6 +238,14 @@ def preset_size(size: str | None, backend) -> tuple[int, int] | None:
     return lookup(size)
 
 
+def use_settings(backend, settings: dict) -> None:
+    """Tell a backend whose denoiser is conditioned on the video's frame count and rate (``use_video``: Open-Sora's
+    fps embedding) the resolved ``settings`` it samples or trains with; others need nothing."""
+    hook = getattr(backend, "use_video", None)
+    if hook is not None:
+        hook(settings["frames"], settings["fps"])
+
+
 def resolved_settings(cfg, backend) -> dict:
     """The generation settings after filling unset flags (``frames``, ``height``, ``width``, ``steps``,
     ``guidance``, and ``fps``/``noise_level``/``sampler``/``negative_prompt`` where the config has them) from the

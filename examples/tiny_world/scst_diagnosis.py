@@ -71,7 +71,7 @@ def step_noise_spread(backend, reward, prompts: list[str], cfg: ScstConfig) -> f
     traj = sample(backend, backend.condition(texts), noise, steps=settings["steps"], guidance=settings["guidance"],
                   uncond=uncond, noise_level=cfg.noise_level, step_seeds=step_seeds)  # fmt: skip
     frames = backend.decode(traj.latents.to(backend.dtype))[:, : settings["frames"], :, : settings["height"]]
-    r = reward_values(reward, frames[..., : settings["width"]], texts, cfg).float()
+    r = reward_values(reward, frames[..., : settings["width"]], texts, cfg, settings["fps"]).float()
     return r.view(-1, k).std(1).mean().item()
 
 

@@ -100,7 +100,7 @@ def check_model_name(name: str) -> None:
 
 def model_options(name: str, text: str | dict | None) -> dict:
     """``--model-options`` for ``--model name``, parsed and checked against the options the family takes."""
-    from vpotool.options import parse_pairs
+    from vpotool.options import parse_pairs, typed_value
 
     options = text if isinstance(text, dict) else parse_pairs(text, "--model-options", "aesthetic_score=6.5")
     known = MODEL_OPTIONS.get(name, {})
@@ -108,7 +108,7 @@ def model_options(name: str, text: str | dict | None) -> dict:
     if unknown:
         takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
         raise VpoError(f"--model-options: --model {name} has no option {', '.join(unknown)}; {takes}")
-    return options
+    return {k: typed_value("--model-options", k, v, known[k]) for k, v in options.items()}
 
 
 def load_backend(

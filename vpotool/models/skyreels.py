@@ -48,6 +48,10 @@ class SkyReelsBackend(WanBackend):
         self.chunking = chunking
         self.fps = self.defaults.fps
 
+    def use_video(self, frames: int, fps: int) -> None:
+        """The fps the pipeline's fps flag is read from (:func:`vpotool.sampling.use_settings`)."""
+        self.fps = fps
+
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         b, f = x_t.shape[0], x_t.shape[2]
         t = timesteps.to(self.device)

@@ -26,6 +26,14 @@ class Reward(Protocol):
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]: ...
 
 
+def call_reward(reward, frames: torch.Tensor, prompts: list[str], fps: float | None) -> dict[str, torch.Tensor]:
+    """``reward(frames, prompts)``, with ``fps`` (the frame rate ``frames`` are at) passed to a reward that takes it
+    (``takes_fps``: raft's VBench frame stride depends on it). The one call of ``score``, the trainers and
+    composites, so that a trained reward is the scored one."""
+    extra = {"fps": fps} if getattr(reward, "takes_fps", False) else {}
+    return reward(frames, prompts, **extra)
+
+
 def check_frames(frames: torch.Tensor, prompts: list[str]) -> None:
     """Validate the reward input contract; raises ValueError naming what is off."""
     if frames.ndim != 5 or frames.shape[2] != 3:

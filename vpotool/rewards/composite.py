@@ -12,7 +12,7 @@ import math
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.rewards.base import check_frames
+from vpotool.rewards.base import call_reward, check_frames
 
 
 def parse_weights(spec: str) -> dict[str, float]:
@@ -77,8 +77,7 @@ class CompositeReward:
         out, total = {}, 0.0
         for n, part in self.parts.items():
             device = getattr(part, "device", None)
-            extra = {"fps": fps} if getattr(part, "takes_fps", False) else {}
-            dims = part(frames.to(device) if device is not None else frames, prompts, **extra)
+            dims = call_reward(part, frames.to(device) if device is not None else frames, prompts, fps)
             for d, v in dims.items():
                 out[f"{n}.{d}"] = v.float().to(frames.device)
             if self.weights[n] > 0:

@@ -8,6 +8,7 @@ consistency statistic. Preprocessing stays in torch, so both rewards pass gradie
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vpotool.errors import VpoError, first_line
 from vpotool.rewards.base import check_frames
@@ -72,13 +73,36 @@ def _center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
+RESIZES = ("vbench", "bicubic")
+
+
+def dino_resize(images: torch.Tensor, size: int, mode: str = "vbench") -> torch.Tensor:
+    """The short side of float ``[N, 3, H, W]`` images to ``size``, keeping the aspect ratio, differentiably.
+
+    ``vbench``: VBench's ``dino_transform`` (torchvision ``Resize(size, antialias=False)``): the long side becomes
+    ``int(size * long / short)`` (truncated), bilinear without antialiasing. ``bicubic``: the long side rounded,
+    bicubic and antialiased (vpotool's shared CLIP-style resize).
+    """
+    h, w = images.shape[-2:]
+    if mode == "bicubic":
+        scale = size / min(h, w)
+        return resize_crop(images, (max(size, round(h * scale)), max(size, round(w * scale))), crop=False)
+    short, long = min(h, w), max(h, w)
+    new_long = int(size * long / short)
+    target = (size, new_long) if h <= w else (new_long, size)
+    if target == (h, w):  # torchvision returns the image as it is
+        return images
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=False)
+
+
 class SubjectConsistencyReward:
     """VBench subject consistency: ``frame_similarity`` of each frame's DINO CLS feature.
 
     As in VBench (``subject_consistency.py`` with ``dino_transform(224)``): the short side goes to ``size`` keeping
     the aspect ratio (no crop; the ViT interpolates its position embeddings), ImageNet normalisation, and the CLS
-    token after the final layer norm (what DINO's ``forward`` returns in VBench's torch.hub model). VBench resizes
-    bilinearly without antialiasing; here the shared bicubic, antialiased resize is used.
+    token after the final layer norm (what DINO's ``forward`` returns in VBench's torch.hub model). The resize is
+    VBench's (bilinear, no antialiasing, long side truncated; see :func:`dino_resize`), on float frames where VBench
+    resizes the decoded uint8 frames; ``resize="bicubic"`` takes the antialiased bicubic one instead.
     """
 
     name = "subject"
@@ -86,17 +110,18 @@ class SubjectConsistencyReward:
     dimensions = ("subject_consistency", "overall")
     score_range = (0.8, 1.0)  # VBench leaderboard models score about 0.88-0.98
 
-    def __init__(self, model, size: int = 224, num_frames: int | None = None, device="cpu"):
+    def __init__(self, model, size: int = 224, num_frames: int | None = None, resize: str = "vbench", device="cpu"):
+        if resize not in RESIZES:
+            raise VpoError(f"reward subject: option resize must be one of {', '.join(RESIZES)}; got {resize!r}")
         self.model, self.size, self.num_frames, self.device = model, size, num_frames, device
+        self.resize = resize
         self.interpolate = model.config.model_type == "vit"  # the other DINO models always interpolate
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """Per-frame CLS features: float ``[B, T, 3, H, W]`` in [0, 1] -> float32 ``[B, T', D]``."""
         frames = pick_frames(frames, self.num_frames)
-        b, t, _, h, w = frames.shape
-        scale = self.size / min(h, w)
-        target = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
-        x = resize_crop(frames.flatten(0, 1).float(), target, crop=False)
+        b, t = frames.shape[:2]
+        x = dino_resize(frames.flatten(0, 1).float(), self.size, self.resize)
         x = normalize(x, IMAGENET_MEAN, IMAGENET_STD).to(self.device, self.model.dtype)
         kw = {"interpolate_pos_encoding": True} if self.interpolate else {}
         cls = self.model(pixel_values=x, **kw).last_hidden_state[:, 0]
@@ -109,11 +134,12 @@ class SubjectConsistencyReward:
 
 
 def load_subject(path=None, device="cpu", dtype=torch.float32, **options) -> SubjectConsistencyReward:
-    """The ``subject`` reward. Options: ``size`` (short side fed to DINO, default 224 as in VBench) and
-    ``num_frames`` (score that many evenly spaced frames; default all, as VBench)."""
+    """The ``subject`` reward. Options: ``size`` (short side fed to DINO, default 224 as in VBench),
+    ``num_frames`` (score that many evenly spaced frames; default all, as VBench) and ``resize`` (``vbench``, the
+    default, or ``bicubic``; see :func:`dino_resize`)."""
     from transformers import AutoModel, ViTModel
 
-    check_options("subject", options, dict.fromkeys(("size", "num_frames")))
+    check_options("subject", options, dict.fromkeys(("size", "num_frames", "resize")))
     path, config = _config(
         path, DINO_ID, "subject", DINO_WHAT, ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")
     )

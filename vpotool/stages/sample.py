@@ -14,7 +14,7 @@ from vpotool.latents import save_latent
 from vpotool.manifest import RowWriter, digest, remove_stale_temps
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
-from vpotool.sampling import resolved_settings
+from vpotool.sampling import resolved_settings, use_settings
 from vpotool.stages.common import output_folder, shard_slice, shard_suffix, video_seed, writer_lock
 from vpotool.video import to_uint8, write_video
 
@@ -137,6 +137,7 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             f"(got {settings['height']}x{settings['width']})"
         )
     chunking = rollout_record(backend, settings)
+    use_settings(backend, settings)
     cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"
     model_id = {"model": backend.info.name, "model_path": backend.info.path, "adapter": backend.info.adapter}
     resume_keys = {

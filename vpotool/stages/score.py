@@ -11,6 +11,7 @@ from vpotool.config import ScoreConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.manifest import RowWriter, digest, manifest_config, read_manifest, resolve
 from vpotool.progress import progress_bar
+from vpotool.rewards.base import call_reward
 from vpotool.stages.common import output_file, shard_slice, shard_suffix, writer_lock
 from vpotool.video import frames_to_tensor, read_video
 
@@ -27,9 +28,9 @@ def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[di
     prompts = [r["prompt"] for r in rows]
     out = []
     for name, reward in rewards.items():
-        extra = {"fps": rows[0]["fps"]} if getattr(reward, "takes_fps", False) else {}
+        x = frames.to(getattr(reward, "device", None) or frames.device)
         with torch.no_grad():
-            dims = reward(frames.to(getattr(reward, "device", None) or frames.device), prompts, **extra)
+            dims = call_reward(reward, x, prompts, rows[0]["fps"])  # a batch holds one fps (see score_into)
         values = {k: v.detach().double().cpu().tolist() for k, v in dims.items()}
         for i, r in enumerate(rows):
             row = {"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "reward": name}

@@ -14,11 +14,11 @@ from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
-from vpotool.sampling import resolved_settings, sample, seeded_noise
+from vpotool.sampling import resolved_settings, sample, seeded_noise, use_settings
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
-from vpotool.training.reward import load_rollout_reward, reward_values, select_frames
+from vpotool.training.reward import load_rollout_reward, reward_values, select_frames, selected_fps
 
 
 def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, cfg: ReflConfig, gen) -> torch.Tensor:
@@ -77,7 +77,8 @@ def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: di
         batch = [prompts[i] for i in idx]
         with grad_sync(trainer, last=micro == cfg.grad_accum - 1):
             frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
-            value = reward_values(reward, select_frames(frames, cfg.reward_frames), batch, cfg)
+            fps = selected_fps(settings["fps"], frames.shape[1], cfg.reward_frames)
+            value = reward_values(reward, select_frames(frames, cfg.reward_frames), batch, cfg, fps)
             loss = refl_loss(value, cfg.reward_target)
             acc.backward(loss / cfg.grad_accum)
         rewards.append(value.detach().mean())
@@ -100,6 +101,7 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
         enable_vae_checkpointing(b)
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
     settings = resolved_settings(cfg, b)
+    use_settings(b, settings)
     save_config(cfg, Path(cfg.out) / "train-refl.yaml")
 
     # --- loop

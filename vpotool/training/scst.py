@@ -23,7 +23,7 @@ from vpotool.models.base import latent_channels
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.rollout import chunking_of, rollout, rollout_step_logp
-from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp
+from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp, use_settings
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
 from vpotool.training.lora import reference_mode
@@ -66,7 +66,7 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
 
     def score(latents):
         frames = backend.decode(latents.to(backend.dtype))[:, : settings["frames"], :, : settings["height"]]
-        return reward_values(reward, frames[..., : settings["width"]], prompts, cfg).float()
+        return reward_values(reward, frames[..., : settings["width"]], prompts, cfg, settings["fps"]).float()
 
     r = score(traj.latents)
     if cfg.baseline == "greedy":
@@ -121,7 +121,9 @@ class StoredRollouts:
     """Scored trajectories of ``sample --save-trajectory`` for offline training, one entry per usable sample
     (a prompt's candidates adjacent): latent ``files`` holding ``states``/``logps``, ``prompts``, ``reward [N]``,
     the group-mean ``baseline [N]`` and the group-normalised ``advantage [N]``. ``settings`` are the sampler
-    settings the trajectories were made with, ``shape`` their latent ``[C, F, h, w]``, ``notes`` warnings."""
+    settings the trajectories were made with, ``video`` the ``frames`` and ``fps`` ``sample`` was asked for (what
+    the denoiser was conditioned on, see :func:`~vpotool.sampling.use_settings`), ``shape`` their latent
+    ``[C, F, h, w]``, ``notes`` warnings."""
 
     reward_name: str
     files: list[Path]
@@ -130,6 +132,7 @@ class StoredRollouts:
     baseline: torch.Tensor
     advantage: torch.Tensor
     settings: dict
+    video: dict
     shape: tuple[int, ...]
     notes: list[str]
 
@@ -219,6 +222,11 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
             )
         settings[k] = values[0]
     asked = manifest_config(table)  # what `sample` was asked for: the rows hold the frames the VAE gave
+    fps = sorted({s["fps"] for s in used})
+    if len(fps) > 1:
+        raise VpoError(f"{samples_path}: samples were made at different fps ({', '.join(map(str, fps))}); "
+                       "train on the samples of one setting at a time")  # fmt: skip
+    video = {"frames": asked.get("frames") or settings["frames"], "fps": fps[0]}
     for k, v in settings.items():
         given = getattr(cfg, k)
         if given is not None and given not in (v, asked.get(k)):
@@ -242,7 +250,7 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
     baseline = torch.cat([v.mean().expand(len(v)) for v in values])
     advantage = torch.cat([group_advantage(v, len(v)) for v in values])
     prompts = [s["prompt"] for s in used]
-    return StoredRollouts(reward_name, files, prompts, reward, baseline, advantage, settings, shape, notes)
+    return StoredRollouts(reward_name, files, prompts, reward, baseline, advantage, settings, video, shape, notes)
 
 
 @torch.no_grad()
@@ -355,6 +363,7 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
     b, acc = trainer.backend, trainer.accelerator
     settings = resolved_settings(cfg, b)
     check_rollout_training(b, stored is not None, settings)
+    use_settings(b, settings if stored is None else stored.video)
     if stored is None:
         reward = load_rollout_reward(cfg, b.device, need_grad=False)
         shape = b.latent_shape(settings["frames"], settings["height"], settings["width"])

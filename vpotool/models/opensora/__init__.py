@@ -92,7 +92,7 @@ class OpenSoraCodec:
         return vae_output(self.vae.decode(latents.to(self.dtype)))
 
 
-IMAGE_FPS = 120.0  # the fps upstream conditions single images (--frames 1) on
+IMAGE_FPS = 120.0  # the fps upstream conditions single images (--frames 1) on, IMG_FPS in opensora/datasets
 
 
 class OpenSoraBackend(TextVideoBackend):
@@ -119,8 +119,21 @@ class OpenSoraBackend(TextVideoBackend):
             dtype=dtype,
             **parts,
         )
-        self.fps = float(defaults.fps)  # the fps the denoiser is conditioned on
+        self.fps: float | None = None  # the fps the denoiser is conditioned on; see use_video
         self.spatial_factor = self.codec.spatial_factor
+
+    def use_video(self, frames: int, fps: float) -> None:
+        """Condition the denoiser as upstream's inference does for ``frames`` pixel frames written at ``fps`` (the
+        resolved ``--frames`` and ``--fps``): on ``fps``, or on ``IMAGE_FPS`` for a single frame (an image; 2 to 4
+        frames are one latent frame but a video). Until called, one latent frame is taken for an image and more
+        for a video at the model's default fps."""
+        self.fps = IMAGE_FPS if frames == 1 else float(fps)
+
+    def condition_fps(self, latent_frames: int) -> float:
+        """The fps the denoiser is conditioned on for ``latent_frames`` latent frames (see :meth:`use_video`)."""
+        if self.fps is not None:
+            return self.fps
+        return IMAGE_FPS if latent_frames == 1 else float(self.defaults.fps)
 
     def size_preset(self, name: str) -> tuple[int, int]:
         """``--size`` for Open-Sora: ``240p`` (its default 9:16) or ``RES:H:W``, e.g. ``480p:16:9``."""
@@ -145,19 +158,24 @@ class OpenSoraBackend(TextVideoBackend):
         return {"y": hidden.to(self.dtype), "mask": mask}
 
     def encode_negative(self, n: int, prompt: str = "") -> Conditioning:
-        """The learned null caption ``y_embedding``, every token attended; under guidance
-        :meth:`unconditional_for` gives it the prompt's mask, as upstream does. A negative ``prompt`` (upstream
-        has none) is cleaned like a prompt, without the aesthetic-score suffix."""
+        """The learned null caption ``y_embedding``, every token attended and marked ``null [B]``: under guidance
+        :meth:`unconditional_for` gives it the prompt's mask, as upstream does. A negative ``prompt`` is encoded
+        as a prompt with its own mask (upstream since v1.3, the first with negative prompts), cleaned like one,
+        without the aesthetic-score suffix."""
         if prompt:
             return self.encode_prompts([prompt] * n, suffix=False)
         y = self.model.null_caption(n).to(self.dtype)
-        return {"y": y, "mask": torch.ones(y.shape[:2], dtype=torch.long, device=y.device)}
+        ones = torch.ones(y.shape[:2], dtype=torch.long, device=y.device)
+        return {"y": y, "mask": ones, "null": torch.ones(n, dtype=torch.bool, device=y.device)}
 
     def unconditional_for(self, uncond: Conditioning, cond: Conditioning) -> Conditioning:
-        """Upstream Open-Sora attends the null caption through the prompt's own token mask (the null branch of
-        each guided pair sees as many tokens as its prompt), so the guided sample depends on the prompt's
-        length; the sampler calls this before each guided step."""
-        return {"y": uncond["y"], "mask": cond["mask"]}
+        """The unconditional input of a guided step on ``cond``; the sampler calls this before each one. Upstream
+        Open-Sora attends the null caption (rows marked ``null``) through the prompt's own token mask, so the null
+        branch of each guided pair sees as many tokens as its prompt; a negative prompt keeps its own mask."""
+        null = uncond.get("null")
+        if null is None:
+            return {"y": uncond["y"], "mask": uncond["mask"]}
+        return {"y": uncond["y"], "mask": torch.where(null[:, None], cond["mask"], uncond["mask"])}
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         c = self.codec.vae.cfg
@@ -186,7 +204,7 @@ class OpenSoraBackend(TextVideoBackend):
             timesteps.to(self.device).float().expand(b),
             cond["y"],
             mask=cond["mask"],
-            fps=torch.full((b,), IMAGE_FPS if x_t.shape[2] == 1 else self.fps, device=self.device),
+            fps=torch.full((b,), self.condition_fps(x_t.shape[2]), device=self.device),
             height=h * self.spatial_factor,
             width=w * self.spatial_factor,
         )
