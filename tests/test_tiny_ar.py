@@ -4,6 +4,7 @@ per-segment drift rates in eval, training on its own rollouts (SCST, DPO), and r
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -133,3 +134,40 @@ def test_dpo_on_rollout_pairs_and_the_bidirectional_refusal(cli, prompts, tmp_pa
     code, _, err = cli("train-dpo", "--pairs", run / "pairs.parquet", "--out", tmp_path / "bi", "--max-steps", 1,
                        "--model", "tiny", "--device", "cpu")  # fmt: skip
     assert code == 2 and "autoregressive" in err and "bidirectional" in err, err
+
+
+def test_refl_through_its_own_rollouts_raises_held_out_reward(tmp_path):
+    from vpotool.training.config import ReflConfig
+    from vpotool.training.lora import adapter_state
+    from vpotool.training.refl import train_refl
+
+    b = load_backend("tiny-ar")
+    size = {**SIZE, "noise_level": 0.0}
+    before = held_out_brightness(b, size)
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")
+    seen = {}
+
+    def on_step(step, trainer):
+        seen.setdefault("first", {k: v.clone() for k, v in adapter_state(trainer.denoiser).items()})
+        seen["last"] = {k: v.clone() for k, v in adapter_state(trainer.denoiser).items()}
+
+    cfg = ReflConfig(prompts=str(prompts), out=str(tmp_path / "o"), reward="brightness", max_steps=6, lr=1e-2,
+                     batch_size=2, lora_rank=4, device="cpu", backprop_steps=1, **SIZE)  # fmt: skip
+    train_refl(cfg, backend=b, on_step=on_step)
+    b.denoiser.eval()
+    after = held_out_brightness(b, size)
+    assert after > before + 0.02, (before, after)
+    assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
+    with pytest.raises(VpoError, match="backprop-mode last"):
+        train_refl(replace(cfg, out=str(tmp_path / "r"), backprop_mode="random"), backend=load_backend("tiny-ar"))
+
+
+def test_loop_trains_scst_on_stored_rollouts(cli, prompts, tmp_path):
+    """The loop's SCST trains offline on the iteration's stored rollouts: chunks x steps log-probabilities each."""
+    code, _, err = cli("loop", "--algo", "scst", "--frames", 33, "--iterations", 1, "--prompts", prompts,
+                       "--prompts-per-iter", 2, "--candidates", 2, "--steps-per-iter", 2, "--eval-prompts", prompts,
+                       "--eval-seeds", 1, "--out", tmp_path / "loop", *FAST_AR)  # fmt: skip
+    assert code == 0, err
+    metrics = pd.read_parquet(tmp_path / "loop" / "metrics.parquet")
+    assert len(metrics) == 2 and metrics.loss.notna().all()

@@ -11,10 +11,12 @@ Conventions shared by every backend:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from vpotool.errors import VpoError
 
 Conditioning = dict[str, torch.Tensor]
 """Text conditioning for a batch: the tensors the denoiser takes, every one batch-first."""
@@ -57,6 +59,53 @@ class ModelInfo:
     path: str
     adapter: str = ""
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How an autoregressive rollout cuts a video, in latent frames.
+
+    The first chunk is ``first`` frames denoised together without context; every later chunk is ``chunk`` frames
+    denoised beside the last ``context`` frames already made. ``context_noise`` is the flow sigma the context is
+    re-noised to before the model sees it (0: clean context, as teacher forcing trained it)."""
+
+    first: int
+    chunk: int
+    context: int
+    context_noise: float = 0.0
+
+    def __post_init__(self):
+        if self.first < 1 or self.chunk < 1 or self.context < 0:
+            raise VpoError(f"chunking needs first >= 1, chunk >= 1 and context >= 0 latent frames (got {self})")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise VpoError(f"context noise must be a flow sigma in [0, 1) (got {self.context_noise})")
+
+    @property
+    def window(self) -> int:
+        """Latent frames the model sees at once: the most memory a chunk takes."""
+        return max(self.first, self.context + self.chunk)
+
+    def spans(self, latent_frames: int) -> list[tuple[int, int]]:
+        """``[start, end)`` latent frames of each chunk of a video of ``latent_frames``; a video that is not the
+        first chunk plus a whole number of chunks is refused."""
+        if latent_frames < self.first or (latent_frames - self.first) % self.chunk:
+            raise VpoError(
+                f"{latent_frames} latent frames are not a whole number of chunks: this model makes {self.first} "
+                f"latent frames first, then {self.chunk} at a time; pick --frames from {self.valid_frames_hint()}"
+            )
+        starts = range(self.first, latent_frames, self.chunk)
+        return [(0, self.first)] + [(s, s + self.chunk) for s in starts]
+
+    def valid_frames_hint(self, temporal_factor: int = 4, n: int = 4) -> str:
+        lat = [self.first + k * self.chunk for k in range(n)]
+        return ", ".join(str((f - 1) * temporal_factor + 1) for f in lat) + ", ..."
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Chunking:
+        return cls(**{k: d[k] for k in ("first", "chunk", "context", "context_noise")})
 
 
 @runtime_checkable

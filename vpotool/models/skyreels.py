@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import Conditioning, ModelInfo, SamplingDefaults
+from vpotool.models.base import Chunking, Conditioning, ModelInfo, SamplingDefaults
 from vpotool.models.wan import WanBackend, WanVaeCodec
-from vpotool.rollout import Chunking
 
 SKYREELS_DEFAULTS = SamplingDefaults(frames=257, height=544, width=960, fps=24, steps=30, guidance=6.0)
 # The pipeline's documented long-video settings (pixel frames; addnoise_condition in timesteps).

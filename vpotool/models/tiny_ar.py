@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import SamplingDefaults
-from vpotool.rollout import Chunking
+from vpotool.models.base import Chunking, SamplingDefaults
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-ar"
 TINY_AR_DEFAULTS = SamplingDefaults(frames=17, height=32, width=32, fps=8, steps=20, guidance=4.0)
@@ -51,14 +50,11 @@ class SegmentCodec:
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         n = self.latent_frames(frames.shape[1]) // self.segment_latents
         step = SEGMENT_FRAMES - 1
-        segments = torch.cat([frames[:, k * step : k * step + SEGMENT_FRAMES] for k in range(n)])  # segment-major
-        z = self.inner.encode(segments)
-        return torch.cat(z.chunk(n), 2)
+        # one segment at a time: the codec's memory is one segment's, whatever the video's length
+        return torch.cat([self.inner.encode(frames[:, k * step : k * step + SEGMENT_FRAMES]) for k in range(n)], 2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        n = latents.shape[2] // self.segment_latents
-        video = self.inner.decode(torch.cat(latents.chunk(n, 2)))  # [n * B, T, 3, H, W], segment-major
-        parts = video.chunk(n)
+        parts = [self.inner.decode(z) for z in latents.split(self.segment_latents, 2)]
         return torch.cat([parts[0]] + [p[:, 1:] for p in parts[1:]], 1)
 
 

@@ -14,6 +14,7 @@ from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
+from vpotool.rollout import chunking_of, rollout
 from vpotool.sampling import resolved_settings, sample, seeded_noise, use_settings
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
@@ -34,16 +35,24 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
     else:  # ReFL: stop at a random step of the last half and use the model's x0 prediction there
         stop = int(torch.randint(steps // 2, steps, (1,), generator=gen))
         window = range(max(stop - k + 1, 0), stop + 1)
-    traj = sample(
-        backend,
-        cond,
-        noise,
-        steps=steps,
-        guidance=settings["guidance"],
-        uncond=uncond,
-        grad_steps=window,
-        stop_at=stop,
-    )
+    chunking = chunking_of(backend)
+    if chunking is not None:  # the model's own rollout: every chunk keeps its last K steps' graph, context detached
+        if stop is not None:
+            raise VpoError(f"--backprop-mode random stops a bidirectional sample part way; --model "
+                           f"{backend.info.name} rolls out chunk by chunk: use --backprop-mode last")  # fmt: skip
+        traj = rollout(backend, cond, noise, chunking=chunking, steps=steps, guidance=settings["guidance"],
+                       uncond=uncond, grad_steps=window)  # fmt: skip
+    else:
+        traj = sample(
+            backend,
+            cond,
+            noise,
+            steps=steps,
+            guidance=settings["guidance"],
+            uncond=uncond,
+            grad_steps=window,
+            stop_at=stop,
+        )
     frames = backend.decode(traj.latents.to(backend.dtype))
     return frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
 

@@ -22,7 +22,7 @@ from vpotool.manifest import manifest_config, read_manifest, resolve, reward_row
 from vpotool.models.base import latent_channels
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
-from vpotool.rollout import chunking_of, rollout, rollout_step_logp
+from vpotool.rollout import check_chunking, chunking_of, rollout, rollout_step_logp
 from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp, use_settings
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
@@ -139,7 +139,8 @@ class StoredRollouts:
 
 def trajectory_shape(files: list[Path], steps: int) -> tuple[int, ...]:
     """Check, from the file headers only, that every latent file holds a trajectory of ``steps`` steps
-    (``states [steps + 1, C, F, h, w]``, ``logps [steps]``); returns the latent shape ``[C, F, h, w]``."""
+    (``states [steps + 1, C, F, h, w]``, ``logps [steps]``, or ``[chunks * steps]`` for an autoregressive rollout);
+    returns the latent shape ``[C, F, h, w]``."""
     from safetensors import safe_open
 
     shapes = set()
@@ -158,7 +159,8 @@ def trajectory_shape(files: list[Path], steps: int) -> tuple[int, ...]:
                 f"{path} holds no stored trajectory (no 'states'); rerun `vpotool sample` with --save-trajectory "
                 f"and --noise-level > 0 (e.g. 0.7) to train on its samples offline"
             )
-        if states[0] != steps + 1 or logps != (steps,):
+        # an autoregressive rollout records each chunk's steps: chunks x steps log-probabilities
+        if states[0] != steps + 1 or len(logps) != 1 or logps[0] % steps or not logps[0]:
             raise VpoError(
                 f"{path} holds a trajectory of {logps[0]} steps, but its manifest row says {steps}; "
                 f"rerun `vpotool sample` into a new --out"
@@ -222,6 +224,8 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
             )
         settings[k] = values[0]
     asked = manifest_config(table)  # what `sample` was asked for: the rows hold the frames the VAE gave
+    if backend is not None:  # trajectories of another rollout (or of a bidirectional model) recompute wrongly
+        check_chunking(asked.get("chunking"), backend, str(samples_path))
     fps = sorted({s["fps"] for s in used})
     if len(fps) > 1:
         raise VpoError(f"{samples_path}: samples were made at different fps ({', '.join(map(str, fps))}); "
@@ -269,7 +273,13 @@ def load_batch(backend, stored: StoredRollouts, idx: list[int], cfg: ScstConfig)
     uncond = backend.encode_negative(len(idx)) if stored.settings["guidance"] != 1.0 else None
     adv = normalize_advantage(stored.advantage[idx], cfg.adv_clip or None, scale=cfg.normalize).to(dev)
     visited = list(torch.stack(states, 1).to(dev).unbind(0))  # S + 1 tensors [B, C, F, h, w]
-    return Rollouts(cond, uncond, visited, torch.stack(logps).to(dev), adv, stored.reward[idx], stored.baseline[idx])
+    logps = torch.stack(logps).to(dev)
+    chunking = chunking_of(backend)
+    if chunking is not None and logps.shape[1] != len(chunking.spans(visited[0].shape[2])) * (len(visited) - 1):
+        raise VpoError(f"{stored.files[idx[0]]} holds {logps.shape[1]} step log-probabilities, not one per chunk and "
+                       f"step of --model {backend.info.name}'s rollout; rerun `vpotool sample`")  # fmt: skip
+    latents = visited[-1]  # the final state: an autoregressive rollout's context
+    return Rollouts(cond, uncond, visited, logps, adv, stored.reward[idx], stored.baseline[idx], latents)
 
 
 def trained_steps(steps: int, cfg: ScstConfig, slot: int) -> list[int]:
@@ -302,7 +312,7 @@ def stored_batches(trainer, cfg: ScstConfig, stored: StoredRollouts, rnd: int) -
     for slot in slots(trainer, cfg, rnd):
         idx = batch_indices(len(stored.files), cfg.batch_size, slot, cfg.seed)
         ro = load_batch(trainer.backend, stored, idx, cfg)
-        batches.append((ro, trained_steps(stored.settings["steps"], cfg, slot)))
+        batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot)))
     return batches
 
 
@@ -328,6 +338,7 @@ def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
     with the clipped ratio: for callers that own the loop, such as ``vpotool loop``. Returns
     ``(metrics, grad_norm)``."""
     t0 = time.perf_counter()
+    check_rollout_training(trainer.backend, True, stored.settings)
     sched = trainer.backend.schedule(stored.settings["steps"], stored.shape)
     batches = stored_batches(trainer, cfg, stored, step // cfg.ppo_epochs)
     values, grad_norm = scst_update(trainer, cfg, batches, sched, stored.settings, clipped=True)
@@ -335,15 +346,11 @@ def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
 
 
 def check_rollout_training(backend, offline: bool, settings: dict) -> None:
-    """Refuse, in one line, what policy gradients on an autoregressive model cannot do yet: stored (offline)
-    trajectories, and a re-noised context (its noise is not kept, so log-probabilities could not be recomputed);
-    and a video that is not a whole number of chunks."""
+    """Refuse, in one line, what policy gradients on an autoregressive model cannot do: a re-noised context (its
+    noise is not kept, so log-probabilities could not be recomputed), and a video that is not whole chunks."""
     chunking = chunking_of(backend)
     if chunking is None:
         return
-    if offline:
-        raise VpoError(f"train-scst --samples: offline trajectories of --model {backend.info.name} (autoregressive) "
-                       "are not supported; train online with --prompts")  # fmt: skip
     if chunking.context_noise:
         raise VpoError(f"train-scst on --model {backend.info.name} needs a clean context; pass --model-options "
                        "addnoise=0")  # fmt: skip
