@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import Chunking, Conditioning, ModelInfo, SamplingDefaults
-from vpotool.models.wan import WanBackend, WanVaeCodec
+from vpotool.models.base import Chunking, Conditioning, SamplingDefaults
+from vpotool.models.wan import WanBackend, WanVaeCodec, wan_parts
 
 SKYREELS_DEFAULTS = SamplingDefaults(frames=257, height=544, width=960, fps=24, steps=30, guidance=6.0)
 # The pipeline's documented long-video settings (pixel frames; addnoise_condition in timesteps).
@@ -77,8 +77,7 @@ def load_skyreels(
     from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
     from transformers import UMT5EncoderModel
 
-    from vpotool.models.base import text_length
-    from vpotool.models.loading import checkpoint_schedulers, load_parts, scheduler_shift
+    from vpotool.models.loading import checkpoint_schedulers, load_parts
 
     opts = {**SKYREELS_OPTIONS, **options}
     parts = load_parts(path, name, SkyReelsV2Transformer3DModel, AutoencoderKLWan, UMT5EncoderModel, device, dtype)
@@ -88,19 +87,8 @@ def load_skyreels(
         frames = (opts["base_frames"], opts["overlap_frames"], opts["addnoise"])
         chunking = skyreels_chunking(*frames, codec.temporal_factor)
     codec = codec if codec_wrap is None else codec_wrap(codec)
-    euler, other = checkpoint_schedulers(path)
-    return SkyReelsBackend(
-        chunking=chunking,
-        info=ModelInfo(name=name, path=str(path)),
-        transformer=transformer,
-        codec=codec,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        shift=scheduler_shift(euler or other, default=8.0),
-        euler_scheduler=euler,
-        pipeline_scheduler=other,
-        defaults=defaults,
-        max_text_len=text_length(tokenizer, 512),
-        device=device,
-        dtype=dtype,
+    schedulers = checkpoint_schedulers(path)
+    parts = wan_parts(
+        path, name, transformer, codec, text_encoder, tokenizer, defaults, schedulers, 8.0, device, dtype
     )
+    return SkyReelsBackend(chunking=chunking, **parts)

@@ -146,7 +146,7 @@ def load_wan(path: str, device="cpu", dtype=torch.float32, name: str = "wan", de
     from transformers import UMT5EncoderModel
 
     from vpotool.models.experts import TimestepExperts
-    from vpotool.models.loading import checkpoint_schedulers, load_component, load_parts, scheduler_shift
+    from vpotool.models.loading import checkpoint_schedulers, load_component, load_parts
 
     parts = load_parts(path, name, WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, device, dtype)
     transformer, vae, text_encoder, tokenizer = parts
@@ -155,17 +155,19 @@ def load_wan(path: str, device="cpu", dtype=torch.float32, name: str = "wan", de
     if boundary is not None:  # Wan 2.2 A14B: a low-noise expert below the boundary timestep
         low = load_component(WanTransformer3DModel, path, "transformer_2", name, dtype=dtype).to(device).eval()
         transformer = TimestepExperts(transformer, low, boundary)
-    return WanBackend(
-        info=ModelInfo(name=name, path=str(path)),
-        transformer=transformer,
-        codec=WanVaeCodec(vae),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        shift=scheduler_shift(euler or other, default=3.0),
-        euler_scheduler=euler,
-        pipeline_scheduler=other,
-        defaults=defaults,
-        max_text_len=text_length(tokenizer, 512),
-        device=device,
+    return WanBackend(**wan_parts(path, name, transformer, WanVaeCodec(vae), text_encoder, tokenizer, defaults,
+                                  (euler, other), 3.0, device, dtype))  # fmt: skip
+
+
+def wan_parts(path, name, transformer, codec, text_encoder, tokenizer, defaults, schedulers, shift, device, dtype):
+    """The :class:`WanBackend` arguments of a loaded Wan-layout checkpoint (Wan, SkyReels-V2): ``schedulers`` is
+    :func:`~vpotool.models.loading.checkpoint_schedulers`' pair, ``shift`` the flow shift when they state none."""
+    from vpotool.models.loading import scheduler_shift
+
+    euler, other = schedulers
+    return dict(
+        info=ModelInfo(name=name, path=str(path)), transformer=transformer, codec=codec, text_encoder=text_encoder,
+        tokenizer=tokenizer, shift=scheduler_shift(euler or other, default=shift), euler_scheduler=euler,
+        pipeline_scheduler=other, defaults=defaults, max_text_len=text_length(tokenizer, 512), device=device,
         dtype=dtype,
-    )
+    )  # fmt: skip

@@ -21,12 +21,15 @@ Definitions, for a clip of ``T`` frames and its prompt (docs/world.md has them t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vpotool.world.grammar import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SPEEDS, parse_prompt
-from vpotool.world.render import shape_coverage, shape_radius
+from vpotool.world.render import shape_coverage, shape_radius, wrapped_coverage
 
 FG_DISTANCE = 0.3
+BASE_FRAMES = 17  # the world clip's length: SPEEDS are shares of the frame crossed in its 16 frame steps
 CHECKS = ("shape_present", "color_correct", "shape_correct", "direction_correct", "static", "flicker")
 
 
@@ -37,7 +40,23 @@ def background_distance(frames: torch.Tensor, background: str) -> torch.Tensor:
     return (frames.float() - bg).square().sum(1).sqrt()
 
 
-def _clip_checks(frames: torch.Tensor, prompt: str) -> dict[str, bool]:
+def _circular_mean(weights: torch.Tensor, coords: torch.Tensor, period: float) -> torch.Tensor:
+    """Weighted mean position on a circle of ``period``: ``weights [T, H, W]``, ``coords`` broadcastable -> ``[T]``."""
+    angle = coords * (2 * math.pi / period)
+    s = (weights * torch.sin(angle)).sum((1, 2))
+    c = (weights * torch.cos(angle)).sum((1, 2))
+    return torch.remainder(torch.atan2(s, c) * (period / (2 * math.pi)), period)
+
+
+def _wrap(d: torch.Tensor, period: float) -> torch.Tensor:
+    """Displacements taken the short way round a circle of ``period``: into [-period / 2, period / 2)."""
+    return torch.remainder(d + period / 2, period) - period / 2
+
+
+def _clip_checks(frames: torch.Tensor, prompt: str, torus: bool = False) -> dict[str, bool]:
+    """The checks of one clip ``[T, 3, H, W]``. ``torus``: the frame wraps around (a long clip's segment): centroids
+    are circular means, distances go the short way round, the displacement is the sum of the frame-to-frame steps,
+    and the prompted travel is per 16 frame steps (the world clip's), times the segment's steps."""
     spec = parse_prompt(prompt)
     x = frames.float()
     t, _, h, w = x.shape
@@ -47,9 +66,14 @@ def _clip_checks(frames: torch.Tensor, prompt: str) -> dict[str, bool]:
     radius = shape_radius(h, w)
     area0 = torch.pi * radius**2
     ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    cx = (fg * xs).sum((1, 2)) / area.clamp(min=1)
-    cy = (fg * ys).sum((1, 2)) / area.clamp(min=1)
-    near = ((xs - cx.view(-1, 1, 1)).square() + (ys - cy.view(-1, 1, 1)).square()).sqrt() <= 2 * radius
+    if torus:
+        cx, cy = _circular_mean(fg.float(), xs, w), _circular_mean(fg.float(), ys, h)
+        ddx, ddy = _wrap(xs - cx.view(-1, 1, 1), w), _wrap(ys - cy.view(-1, 1, 1), h)
+    else:
+        cx = (fg * xs).sum((1, 2)) / area.clamp(min=1)
+        cy = (fg * ys).sum((1, 2)) / area.clamp(min=1)
+        ddx, ddy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
+    near = (ddx.square() + ddy.square()).sqrt() <= 2 * radius
     compact = (fg & near).sum((1, 2)) >= 0.8 * area
     ok = (area >= 0.4 * area0) & (area <= 2.5 * area0) & compact
     present = bool(ok.float().mean() >= 0.5)
@@ -68,9 +92,10 @@ def _clip_checks(frames: torch.Tensor, prompt: str) -> dict[str, bool]:
     nearest = (palette - pixels.mean(0)).square().sum(1).argmin().item()
     out["color_correct"] = list(COLORS)[nearest] == spec.color
 
+    coverage = wrapped_coverage if torus else shape_coverage
     ious = []
     for shape in SHAPES:
-        cover = shape_coverage(shape, cx[sel], cy[sel], radius, h, w) > 0.5
+        cover = coverage(shape, cx[sel], cy[sel], radius, h, w) > 0.5
         inter, union = (cover & fg[sel]).sum(), (cover | fg[sel]).sum()
         ious.append((inter / union.clamp(min=1)).item())
     out["shape_correct"] = SHAPES[max(range(len(SHAPES)), key=ious.__getitem__)] == spec.shape
@@ -78,10 +103,15 @@ def _clip_checks(frames: torch.Tensor, prompt: str) -> dict[str, bool]:
     vx, vy = DIRECTIONS[spec.direction]
     travel = SPEEDS[spec.speed] * (w if vx else h)
     first, last = sel[0], sel[-1]
-    dx, dy = (cx[last] - cx[first]).item(), (cy[last] - cy[first]).item()
+    if torus:
+        travel *= int(last - first) / (BASE_FRAMES - 1)
+        dx, dy = _wrap(cx[sel].diff(), w).sum().item(), _wrap(cy[sel].diff(), h).sum().item()
+    else:
+        dx, dy = (cx[last] - cx[first]).item(), (cy[last] - cy[first]).item()
     along, across = dx * vx + dy * vy, abs(dx * vy) + abs(dy * vx)
-    out["direction_correct"] = along >= 0.25 * travel and along > across
-    out["static"] = (dx * dx + dy * dy) ** 0.5 < 0.15 * travel
+    moved = not torus or last > first  # a torus segment with one present frame has no direction
+    out["direction_correct"] = moved and along >= 0.25 * travel and along > across
+    out["static"] = moved and (dx * dx + dy * dy) ** 0.5 < 0.15 * travel
     return out
 
 

@@ -46,6 +46,18 @@ def shape_coverage(shape: str, cx: torch.Tensor, cy: torch.Tensor, radius: float
     return (0.5 - dist).clamp(0, 1)
 
 
+def wrapped_coverage(shape: str, cx, cy, radius: float, height: int, width: int) -> torch.Tensor:
+    """:func:`shape_coverage` on a torus (long clips, :mod:`vpotool.world.long`): the shape drawn at its centre and
+    at the copies one frame width or height away, so that a shape crossing an edge shows on both sides."""
+    cx, cy = torch.as_tensor(cx, dtype=torch.float32), torch.as_tensor(cy, dtype=torch.float32)
+    covers = [
+        shape_coverage(shape, cx + dx, cy + dy, radius, height, width)
+        for dx in (-width, 0, width)
+        for dy in (-height, 0, height)
+    ]
+    return torch.stack(covers).amax(0)
+
+
 def motion_path(prompt: WorldPrompt, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """The shape's centre in each frame, ``[T, 2]`` as (x, y) pixels: a straight path at the prompted speed that
     stays inside the frame; ``seed`` places it (the across-motion position and where along its room it runs),
