@@ -159,7 +159,7 @@ def check_resumable(cfg: TrainConfig, folder: Path) -> None:
     if differ:
         raise VpoError(
             f"{cfg.out} holds a run trained with other settings ({'; '.join(differ)}); pass a new --out, or "
-            "--no-resume to start over there"
+            f"delete {Path(cfg.out) / 'checkpoints'} to start over there"
         )
 
 
