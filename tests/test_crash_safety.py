@@ -277,3 +277,29 @@ def test_every_stage_survives_kills(stage, inputs, tmp_path):
           f"{tally.seconds:.0f} s")  # fmt: skip
     assert tally.problems == [], "\n".join(tally.problems)
     assert tally.kills >= 5 and tally.clean == KILLS_PER_STAGE
+
+
+KILLED_WRITE = """import resource, signal, sys
+from pathlib import Path
+import torch
+from vpotool.latents import save_latent
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; by default it kills
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # so the write dies part way, as a kill stops it
+save_latent(Path(sys.argv[1]), torch.zeros(16, 64, 64), {})
+"""
+
+
+def test_a_safetensors_write_killed_part_way_leaves_only_a_temp_the_rerun_removes(tmp_path):
+    from vpotool.latents import save_latent
+    from vpotool.manifest import remove_stale_temps
+
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(folder / "a.safetensors")],
+                           env=env(PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True)  # fmt: skip
+    assert child.returncode < 0, child.stderr  # killed by a signal, not finished
+    assert [p.name for p in folder.iterdir()], "the killed write left nothing to clean"
+    remove_stale_temps(folder)  # as a rerun of the stage does first
+    assert sorted(p.name for p in folder.iterdir()) == []
+    save_latent(folder / "b.safetensors", torch.zeros(2, 3), {})
+    assert sorted(p.name for p in folder.iterdir()) == ["b.safetensors"]  # a finished write leaves no temp

@@ -255,6 +255,19 @@ def test_label_cli_prints_the_url_stops_on_ctrl_c_and_warns_off_loopback(cli, ru
     assert code == 2 and "--port" in err
 
 
+def test_label_on_a_port_in_use_says_so_in_one_line_and_leaves_no_labels_file(cli, run, tmp_path):
+    out = tmp_path / "labels.parquet"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ("--samples", run / "samples.parquet", "--out", out, "--host", "127.0.0.1", "--port", port)
+        code, stdout, err = cli("label", *args)
+    assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err
+    assert not out.exists() and not list(tmp_path.iterdir())  # no labels file, no lock file, no temp
+
+
 def raw(server, head: str, body: bytes = b"", close_write=False, timeout=5.0) -> tuple[int, bytes, float]:
     """Send ``head`` (a request line and headers, ``\n``-separated, no blank line) and ``body`` over a bare
     socket, as no well-behaved client would; ``(status, reply body, seconds until the reply)``."""

@@ -290,3 +290,44 @@ def test_loop_refuses_to_resume_under_options_that_change_its_results(cli, tmp_p
     assert snapshot(run) == before
     # More iterations, another device or sampling batch size resume the same run.
     check_loop_resumable(LoopConfig(out=str(run), iterations=5, device="cpu", sample_batch_size=2), run)
+
+
+@pytest.mark.parametrize("command", ["train-dpo", "train-refl", "train-scst", "loop"])
+def test_every_command_with_resume_has_both_flags(command):
+    import typer.main
+
+    from vpotool.cli import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    assert params["resume"].opts == ["--resume"] and params["resume"].secondary_opts == ["--no-resume"]
+
+
+def test_no_resume_and_resume_flags_override_the_yaml_of_a_copied_run(cli, tmp_path):
+    """A run folder copied with its resolved config: ``--no-resume`` refuses its checkpoints in one line, and
+    ``--resume`` continues it although the YAML says ``resume: false``."""
+    import yaml
+    from test_train_dpo import write_pairs
+
+    pairs = write_pairs(tmp_path)
+    args = ["--pairs", pairs, "--max-steps", 2, "--batch-size", 4, "--lora-rank", 4, "--device", "cpu"]
+    code, _, err = cli("train-dpo", *args, "--out", tmp_path / "run")
+    assert code == 0, err
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    saved = yaml.safe_load((tmp_path / "copy" / "train-dpo.yaml").read_text())
+    (tmp_path / "copy.yaml").write_text(yaml.safe_dump({**saved, "out": str(tmp_path / "copy"), "resume": False}))
+    before = snapshot(tmp_path / "copy")
+    line = refused(cli("train-dpo", *args, "--out", tmp_path / "copy", "--no-resume"), "already holds checkpoints")
+    assert "without --no-resume" in line and "new --out" in line
+    refused(cli("train-dpo", "--config", tmp_path / "copy.yaml", "--max-steps", 4), "already holds checkpoints")
+    assert snapshot(tmp_path / "copy") == before
+    code, _, err = cli("train-dpo", "--config", tmp_path / "copy.yaml", "--max-steps", 4, "--resume")
+    assert code == 0, err
+    assert list(pd.read_parquet(tmp_path / "copy" / "metrics.parquet").step) == [1, 2, 3, 4]
+
+
+def test_loop_no_resume_refuses_a_started_run_folder(cli, tmp_path):
+    run = tmp_path / "run"
+    (run / "iter-0000").mkdir(parents=True)
+    before = snapshot(run)
+    line = refused(cli("loop", "--out", run, "--no-resume"), str(run), "without --no-resume", "new --out")
+    assert snapshot(run) == before and line

@@ -430,3 +430,26 @@ def test_cli_resume_under_another_lora_rank_is_one_line_and_keeps_the_checkpoint
     code, _, err = cli(*args, "--max-steps", 2, "--lora-rank", 4)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "lora_rank 2 -> 4" in err, err
     assert {p: p.read_bytes() for p in files} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_the_umask_allows(pairs, tmp_path, umask):
+    """Latents, manifests, configs and checkpoints (adapter, trainer state) get ``0o666 & ~umask``, as a plain
+    ``open`` gives, not the 0600 of a private temporary file."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        save_latent(tmp_path / "latent.safetensors", torch.zeros(2, 3), {})
+        (tmp_path / "again").mkdir()
+        write_pairs(tmp_path / "again")
+        train_dpo(config(pairs, tmp_path / "out", max_steps=2, save_every=2))
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "latent.safetensors", tmp_path / "again" / "pairs.parquet"]
+    written += [p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert any(p.name == "pytorch_lora_weights.safetensors" for p in written)
+    assert any(p.name == "trainer_state.safetensors" for p in written)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))

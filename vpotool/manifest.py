@@ -151,11 +151,17 @@ def crash_points() -> int:
     return _crash_count
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary name an atomic write of ``path`` goes through, ``.NAME.PID.tmp`` in the same folder: the
+    name :func:`remove_stale_temps` deletes once its process is gone."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_table(table: pa.Table, path: str | Path) -> None:
     """Write a Parquet file atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         pq.write_table(table, tmp)
         crash_point()

@@ -7,7 +7,7 @@ import inspect
 import typer
 
 from vpotool.cli.options import config_command
-from vpotool.config import EvalConfig, doc
+from vpotool.config import EvalConfig
 
 _command = config_command(
     EvalConfig,
@@ -15,8 +15,8 @@ _command = config_command(
     "Sample, score and compare the base model and each --adapter checkpoint on held-out prompts -> OUT/eval.parquet.",
 )
 
-# Two flags differ from the generated ones: --adapter repeats (the config keeps one comma-separated string, as a
-# YAML file may also give it), and --frechet defaults to on, so it needs its --no-frechet.
+# One flag differs from the generated ones: --adapter repeats (the config keeps one comma-separated string, as a
+# YAML file may also give it).
 _OVERRIDES = {
     "adapters": (
         typer.Option(
@@ -27,7 +27,6 @@ _OVERRIDES = {
         ),
         list[str],
     ),
-    "frechet": (typer.Option(None, "--frechet/--no-frechet", help=doc(EvalConfig, "frechet")), bool),
 }
 
 

@@ -1,5 +1,6 @@
-"""Build a subcommand from a stage config dataclass: one ``--flag`` per field (help from the field), plus
-``--config FILE.yaml``; the body resolves the config and calls one library function, imported lazily."""
+"""Build a subcommand from a stage config dataclass: one ``--flag`` per field (help from the field; a bool field
+gets ``--flag/--no-flag``), plus ``--config FILE.yaml``; the body resolves the config and calls one library
+function, imported lazily."""
 
 from __future__ import annotations
 
@@ -44,10 +45,13 @@ def config_command(cls, runner: str, summary: str, short: dict[str, str] | None 
 
     params = []
     for f in dataclasses.fields(cls):
-        names = [flag(f.name)] + ([short[f.name]] if f.name in short else [])
+        annotation = _python_type(f.type)
+        # A bool gets both --x and --no-x: either may override a YAML file (resume: false) or a default of True.
+        names = [flag(f.name) + (f"/--no-{flag(f.name)[2:]}" if annotation is bool else "")]
+        names += [short[f.name]] if f.name in short else []
         option = typer.Option(None, *names, help=f.metadata["help"])
         kind = inspect.Parameter.KEYWORD_ONLY
-        params.append(inspect.Parameter(f.name, kind, default=option, annotation=_python_type(f.type)))
+        params.append(inspect.Parameter(f.name, kind, default=option, annotation=annotation))
     config = typer.Option(None, "--config", help="YAML file of options; flags override it.")
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str))
     command.__signature__ = inspect.Signature(params)

@@ -25,6 +25,7 @@ The server (stdlib ``http.server``, one thread per request) guards the labels fi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -39,7 +40,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from vpotool.config import LabelConfig
-from vpotool.errors import VpoError, first_line
+from vpotool.errors import VpoError, first_line, one_line
 from vpotool.locks import OutputLock, acquire_output_lock
 from vpotool.manifest import RowWriter, read_manifest, resolve
 from vpotool.stages.pair import LABEL_CHOICES
@@ -305,9 +306,9 @@ class LabelServer(ThreadingHTTPServer):
 
     request_queue_size = 128  # the listen backlog: a burst of requests waits for accept instead of being reset
 
-    def __init__(self, session: LabelSession, host: str, port: int, lock: OutputLock | None = None):
+    def __init__(self, session: LabelSession | None, host: str, port: int, lock: OutputLock | None = None):
+        self.session, self.lock = session, lock  # first: a failed bind calls server_close, which reads the lock
         super().__init__((host, port), Handler)
-        self.session, self.lock = session, lock
         port = self.server_address[1]
         self.url = f"http://{host}:{port}/"
         if host == "0.0.0.0":  # every interface: the names it is reached by are unknown, so no Host check
@@ -321,18 +322,32 @@ class LabelServer(ThreadingHTTPServer):
             self.lock.release()
 
 
-def make_server(cfg: LabelConfig) -> LabelServer:
-    """Lock ``cfg.out``, load the queue and labels of ``cfg`` and bind the server (not yet serving; call
-    ``serve_forever``, then ``server_close``, which frees the lock). Another server on ``cfg.out`` is refused."""
-    lock = acquire_output_lock(cfg.out)
+def bind(cfg: LabelConfig, lock: OutputLock) -> LabelServer:
+    """The server bound to ``cfg.host:cfg.port``, without a session yet; a port in use is a one-line error."""
     try:
-        session = LabelSession(cfg)
-        try:
-            return LabelServer(session, cfg.host, cfg.port, lock)
-        except OSError as e:
-            raise VpoError(f"cannot serve on {cfg.host}:{cfg.port} ({e}); choose another --port or --host") from e
+        return LabelServer(None, cfg.host, cfg.port, lock)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise VpoError(f"{cfg.host}:{cfg.port} is in use (another vpotool label or another program); "
+                           "pass --port with a free port, or --port 0 for any free one") from e  # fmt: skip
+        reason = one_line(e)
+        raise VpoError(f"cannot serve on {cfg.host}:{cfg.port} ({reason}); choose another --port or --host") from e
+
+
+def make_server(cfg: LabelConfig) -> LabelServer:
+    """Lock ``cfg.out``, bind the server, then load the queue and labels of ``cfg`` (not yet serving; call
+    ``serve_forever``, then ``server_close``, which frees the lock). Another server on ``cfg.out`` is refused.
+    The address is bound first, so a port in use leaves no labels file behind."""
+    lock = acquire_output_lock(cfg.out)
+    server = None
+    try:
+        server = bind(cfg, lock)
+        server.session = LabelSession(cfg)
+        return server
     except BaseException:
-        lock.release()
+        if server is not None:
+            server.server_close()
+        lock.release()  # a second release does nothing
         raise
 
 

@@ -84,11 +84,15 @@ HARMLESS = RUN_OPTIONS | {"iterations", "sample_batch_size", "eval_prompts", "ev
 
 def check_loop_resumable(cfg: LoopConfig, out: Path) -> None:
     """Refuse, in one line naming the differing options, to resume a loop in ``out`` under options that change its
-    results (prompts, model, reward, sampler settings, LoRA shape, learning rate, ...; see ``HARMLESS``)."""
+    results (prompts, model, reward, sampler settings, LoRA shape, learning rate, ...; see ``HARMLESS``), or at all
+    under ``resume: false`` (``--no-resume``)."""
     import yaml
 
     saved_path = out / "loop.yaml"
     started = latest_checkpoint(out) is not None or any(out.glob("iter-*"))
+    if started and not cfg.resume:
+        raise VpoError(f"{out} already holds a started loop; rerun without --no-resume to continue it, or pass a "
+                       "new --out to start over")  # fmt: skip
     if not (started and saved_path.is_file()):
         return
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,11 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vpotool import __version__
 from vpotool.errors import VpoError
-from vpotool.manifest import RowWriter, crash_point, remove_stale_temps
+from vpotool.latents import write_safetensors
+from vpotool.manifest import RowWriter, remove_stale_temps
 from vpotool.training import fsdp
 from vpotool.training.config import TrainConfig
 from vpotool.training.lora import adapter_parameters, adapter_state, add_lora, load_adapter_state, save_adapter
@@ -159,7 +158,7 @@ def check_resumable(cfg: TrainConfig, folder: Path) -> None:
     if differ:
         raise VpoError(
             f"{cfg.out} holds a run trained with other settings ({'; '.join(differ)}); pass a new --out, or "
-            "--no-resume to start over there"
+            f"delete {Path(cfg.out) / 'checkpoints'} to start over there"
         )
 
 
@@ -216,13 +215,9 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     }
     path = folder / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata=state_meta)
-        crash_point()  # the adapter is saved, the state not yet: the crash-safety tests kill here
-        os.replace(tmp, path)  # written last: a step folder counts as a checkpoint only once this exists
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Written last: a step folder counts as a checkpoint only once this exists. Its crash point (the adapter is
+    # saved, the state not yet) is where the crash-safety tests kill.
+    write_safetensors(path, tensors or {"empty": torch.zeros(0)}, state_meta, crash=True)
     acc.wait_for_everyone()
     return folder
 

@@ -7,17 +7,16 @@ adapter config in the ``lora_adapter_metadata`` entry, plus vpotool's own metada
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vpotool import __version__
 from vpotool.errors import VpoError
+from vpotool.latents import write_safetensors
 from vpotool.training import fsdp
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -122,12 +121,7 @@ def save_adapter(denoiser, folder: str | Path, meta: dict, name: str = "default"
         **{f"vpotool.{k}": v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()},
     }
     path = folder / ADAPTER_FILE
-    tmp = folder / f".{ADAPTER_FILE}.{os.getpid()}.tmp"
-    try:
-        save_file(weights, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_safetensors(path, weights, metadata)
     return path
 
 
