@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -279,3 +280,19 @@ def test_samples_page_ranks_candidates(cli, run, browser, tmp_path):
     wait(browser, VIDEOS_LOADED)
     assert all(ready >= 1 and error is None for ready, error in browser.execute_script(VIDEO_STATE))
     assert_no_console_errors(browser)
+
+
+def test_eval_of_long_videos_plots_the_drift_curves():
+    from vpotool.report.html import drift_plots, evaluation
+
+    rows = [
+        dict(checkpoint=c, metric=f"world.rate.static.seg{k}", mean=v, std=0.0, n=4, win_rate=0.5)
+        for c, vals in (("base", (0.0, 0.25, 0.5)), ("run/step-8", (0.0, 0.0, 0.25)))
+        for k, v in enumerate(vals, 1)
+    ]
+    rows += [dict(checkpoint="base", metric="world.drift.static", mean=0.25, std=math.nan, n=4, win_rate=math.nan)]
+    html = drift_plots(rows)
+    assert html.count("<figure>") == 1 and "static per segment<small>slope: base +0.250</small>" in html
+    assert html.count("<path") >= 2  # one line per checkpoint
+    short = [dict(checkpoint="base", metric="world.rate.static", mean=0.1, std=0.0, n=4, win_rate=0.5)]
+    assert drift_plots(short) == "" and "<figure>" not in evaluation(short)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -62,7 +63,7 @@ def render(inputs: Inputs, kind: str, items: list[dict], page_size: int = 24, so
     metrics = read_manifest(inputs.metrics, "metrics").to_pylist() if inputs.metrics else []
     sections = [
         ("curves", "Training curves", curves(metrics, inputs.config, kind, items) if metrics or items else ""),
-        ("eval", "Evaluation", eval_table(read_manifest(inputs.eval, "eval").to_pylist()) if inputs.eval else ""),
+        ("eval", "Evaluation", evaluation(read_manifest(inputs.eval, "eval").to_pylist()) if inputs.eval else ""),
         ("gallery", "Preference pairs" if kind == "pairs" else "Candidates", gallery_section(kind) if items else ""),
     ]
     sections = [(key, title, body) for key, title, body in sections if body]
@@ -183,6 +184,43 @@ def eval_table(rows: list[dict]) -> str:
     note = f"<p class='note'>mean ± std over the held-out videos; win: share above the baseline, ties half{lower}.</p>"
     head = f"<thead><tr><th>metric</th>{head}</tr></thead>"
     return f'<table class="eval">{head}<tbody>{"".join(body)}</tbody></table>{note}'
+
+
+def evaluation(rows: list[dict]) -> str:
+    """The eval section: for long videos, the drift curves first, then the table."""
+    return drift_plots(rows) + eval_table(rows)
+
+
+SEGMENT_METRIC = re.compile(r"^world\.rate\.(?P<check>\w+)\.seg(?P<k>\d+)$")
+
+
+def drift_plots(rows: list[dict]) -> str:
+    """One plot per world check of long videos (``world.rate.<check>.seg<k>`` rows): the share of videos passing it
+    per 17-frame segment, one line per checkpoint, with each checkpoint's slope (``world.drift.<check>``) in the
+    legend. Empty for videos of one segment."""
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    slopes = {(r["metric"], r["checkpoint"]): r["mean"] for r in rows if r["metric"].startswith("world.drift.")}
+    for r in rows:
+        m = SEGMENT_METRIC.match(r["metric"])
+        if m:
+            curves.setdefault(m["check"], {}).setdefault(r["checkpoint"], []).append((int(m["k"]), r["mean"]))
+    figures = []
+    for check, per_ckpt in curves.items():
+        series = {ckpt: sorted(points) for ckpt, points in per_ckpt.items()}
+        trend = [(c, slopes.get((f"world.drift.{check}", c))) for c in per_ckpt]
+        trend_text = ", ".join(f"{c} {v:+.3f}" for c, v in trend if finite(v))
+        slope = f"<small>slope: {escape(trend_text)}</small>" if trend_text else ""
+        caption = f"<figcaption>{escape(check.replace('_', ' '))} per segment{slope}</figcaption>"
+        figures.append(f"<figure>{caption}{line_plot(series, xlabel='segment')}</figure>")
+    if not figures:
+        return ""
+    return f'<div class="plots drift">{"".join(figures)}</div><p class="note">{DRIFT_NOTE}</p>'
+
+
+DRIFT_NOTE = (
+    "Videos longer than the world's 17 frames: the share of videos passing each world check in each 17-frame "
+    "segment (the drift curve), and its least-squares slope per segment."
+)
 
 
 def gallery_section(kind: str) -> str:
