@@ -174,3 +174,20 @@ def test_every_field_has_help_and_default():
 def test_to_dict_holds_every_field():
     cfg = SampleConfig(**REQUIRED[SampleConfig])
     assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(SampleConfig)}
+
+
+@pytest.mark.parametrize(
+    ("stage", "args", "expect"),
+    [
+        ("sample", ["--guidance", "nan"], "--guidance must be a finite number"),
+        ("sample", ["--guidance", "inf"], "--guidance must be a finite number"),
+        ("sample", ["--seed", str(2**70)], "--seed must be in 0..2**63 - 1"),
+        ("train-dpo", ["--pairs", "p.parquet", "--seed", "-1"], "--seed must be in 0..2**63 - 1"),
+        ("train-dpo", ["--pairs", "p.parquet", "--lr", "nan"], "--lr must be a finite number"),
+    ],
+)
+def test_non_finite_numbers_and_out_of_range_seeds_are_refused(cli, tmp_path, stage, args, expect):
+    out = ["--prompts", "world:val"] if stage == "sample" else []
+    code, _, err = cli(stage, *out, *args, "--out", tmp_path / "o")
+    assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ is written next to a stage's outputs. This module imports no torch, so ``vpotool
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,11 +239,24 @@ def _typed(name: str, value: Any, annotation: str) -> Any:
     for p in parts:
         t = _TYPES.get(p)
         if t is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            value = float(value)
         if t is not None and isinstance(value, t) and not (t is int and isinstance(value, bool)):
-            return value
+            return _in_range(name, value)
     wanted = " or ".join(p for p in parts if p != "None")
     raise VpoError(f"{flag(name)} must be {wanted} (got {value!r})")
+
+
+SEED_LIMIT = 2**63  # seeds feed torch generators and the sample ids' arithmetic: non-negative 64-bit
+
+
+def _in_range(name: str, value: Any) -> Any:
+    """Refuse a NaN or infinite number (guidance nan made every latent NaN and black videos, exit 0) and a seed
+    outside ``[0, 2**63)``, naming the flag."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise VpoError(f"{flag(name)} must be a finite number (got {value!r})")
+    if name == "seed" and not 0 <= value < SEED_LIMIT:
+        raise VpoError(f"{flag(name)} must be in 0..2**63 - 1 (got {value!r})")
+    return value
 
 
 def save_config(cfg: StageConfig, path: str | Path) -> None:
