@@ -42,12 +42,25 @@ def check_chunking(recorded: dict | None, backend, what: str) -> None:
     )
 
 
-def _context_input(ctx: torch.Tensor, sigma: float, gens) -> torch.Tensor:
-    """Context frames as the model sees them: re-noised along the flow to ``sigma`` (fresh noise each call)."""
-    if sigma == 0:
-        return ctx
-    z = torch.stack([torch.randn(ctx.shape[1:], generator=g) for g in gens]) if gens else torch.randn_like(ctx)
-    return (1 - sigma) * ctx + sigma * z.to(ctx.device, ctx.dtype)
+def window_input(ctx: torch.Tensor, x: torch.Tensor, t, sigma: float, z: torch.Tensor | None = None):
+    """What the model sees for one chunk: its context frames ``ctx [B, C, n, h, w]`` (re-noised along the flow to
+    ``sigma`` with noise ``z`` shaped like them, when ``sigma > 0``) before the chunk's noised latents ``x``, and a
+    timestep per frame, ``sigma * 1000`` for the context and ``t`` (a number or ``[B]``) for the chunk:
+    ``(x_in [B, C, n + f, h, w], t [B, n + f])``. Shared by :func:`rollout` and the training-time recomputations."""
+    if sigma and ctx.shape[2]:
+        ctx = (1 - sigma) * ctx + sigma * z.to(ctx)
+    b, n, f = x.shape[0], ctx.shape[2], x.shape[2]
+    t_chunk = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(b, f)
+    t_ctx = torch.full((b, n), sigma * 1000.0, device=x.device)
+    return torch.cat([ctx.to(x.dtype), x], 2), torch.cat([t_ctx, t_chunk], 1)
+
+
+def _noise_like(like: torch.Tensor, gens) -> torch.Tensor:
+    """Standard normal noise shaped like ``like [B, ...]``: row i from ``gens[i]`` (reproducible), or the global
+    generator without them."""
+    if not gens:
+        return torch.randn_like(like)
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like)
 
 
 def rollout(
@@ -94,9 +107,9 @@ def rollout(
     logps, states = [], ([torch.zeros_like(out) for _ in range(steps + 1)] if keep_states else None)
     grad_steps = set(grad_steps)
     c_sigma = chunking.context_noise
-    for a, b in spans:
-        source = out if teacher is None else teacher.float()
-        ctx = source[:, :, max(0, a - chunking.context) : a].detach()
+    for k, (a, b) in enumerate(spans):
+        c0 = chunk_window(chunking, noise.shape[2], k)[0]
+        ctx = (out if teacher is None else teacher)[:, :, c0:a].float().detach()
         n_ctx = ctx.shape[2]
         x = noise[:, :, a:b].float().clone()
         if scheduler is not None:
@@ -111,10 +124,11 @@ def rollout(
             with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
                 if i not in grad_steps:
                     x = x.detach()
-                t_frames = torch.full((x.shape[0], n_ctx + b - a), float(t), device=x.device)
-                t_frames[:, :n_ctx] = c_sigma * 1000.0
-                x_in = torch.cat([_context_input(ctx, c_sigma, gens), x], 2).to(backend.dtype)
-                raw = guided_prediction(backend, x_in, t_frames, cond, uncond, guidance)[:, :, n_ctx:]
+                z = _noise_like(ctx, gens) if c_sigma and n_ctx else None  # fresh each step, as the pipeline
+                x_in, t_frames = window_input(ctx, x, float(t), c_sigma, z)
+                raw = guided_prediction(backend, x_in.to(backend.dtype), t_frames, cond, uncond, guidance)[
+                    :, :, n_ctx:
+                ]
                 if scheduler is not None:
                     # In place, as the pipeline writes ``latents[:, :, idx] = step(..., latents[:, :, idx])``: the
                     # scheduler keeps the sample it was given as its ``last_sample``, so UniPC's corrector then
@@ -123,8 +137,7 @@ def rollout(
                     continue
                 mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
                 if stochastic:
-                    z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]) if gens else None
-                    x = mean + std * (z.to(x.device) if z is not None else torch.randn_like(x))
+                    x = mean + std * _noise_like(x, gens)
                     logps.append(gaussian_logp(x, mean, std))
                 else:
                     x = mean
@@ -138,7 +151,7 @@ def chunk_window(chunking: Chunking, latent_frames: int, k: int) -> tuple[int, i
     """``(context start, chunk start, chunk end)`` in latent frames of chunk ``k`` of a video of ``latent_frames``:
     the window the model sees when it denoises that chunk."""
     a, b = chunking.spans(latent_frames)[k]
-    return max(0, a - chunking.context) if a else 0, a, b
+    return max(0, a - chunking.context), a, b
 
 
 def teacher_forced_input(
@@ -150,13 +163,8 @@ def teacher_forced_input(
     chunking's ``context_noise`` with ``ctx_noise`` (noise shaped like the context). Training losses (DPO) and
     log-probabilities (SCST) see chunks exactly as :func:`rollout` made them."""
     c0, a, _ = chunk_window(chunking, x0.shape[2], k)
-    ctx = x0[:, :, c0:a].float().detach()
-    sigma = chunking.context_noise
-    if sigma and ctx.shape[2]:
-        ctx = (1 - sigma) * ctx + sigma * ctx_noise.to(ctx)
-    t = torch.cat([torch.full((x0.shape[0], a - c0), sigma * 1000.0, device=x0.device),
-                   timesteps.float().view(-1, 1).expand(-1, noised.shape[2]).to(x0.device)], 1)  # fmt: skip
-    return torch.cat([ctx.to(noised.dtype), noised], 2), t, a - c0
+    x_in, t = window_input(x0[:, :, c0:a].float().detach(), noised, timesteps, chunking.context_noise, ctx_noise)
+    return x_in, t, a - c0
 
 
 def rollout_step_logp(

@@ -22,19 +22,10 @@ from vpotool.models import load_backend
 from vpotool.rollout import rollout
 from vpotool.sampling import seeded_noise
 from vpotool.stages.common import video_seed
+from vpotool.stages.eval import curve_slope
 from vpotool.world.grammar import world_prompts
 from vpotool.world.long import render_long_clip, segment_checks
 from vpotool.world.rates import CHECKS
-
-
-def slope(values: list[float]) -> float:
-    """Least-squares slope of ``values`` against their index (per segment)."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    x = torch.arange(n, dtype=torch.float64)
-    y = torch.tensor(values, dtype=torch.float64)
-    return float(((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).square().sum())
 
 
 def main(argv=None):
@@ -77,7 +68,7 @@ def main(argv=None):
     for name, per_clip in checks.items():
         n_seg = len(per_clip[0])
         curve = {k: [sum(c[j][k] for c in per_clip) / len(per_clip) for j in range(n_seg)] for k in CHECKS}
-        table[name] = {k: {"per_segment": v, "slope": slope(v)} for k, v in curve.items()}
+        table[name] = {k: {"per_segment": v, "slope": curve_slope(v)} for k, v in curve.items()}
     minutes = (time.perf_counter() - t0) / 60
     print(f"{len(jobs)} clips of {args.frames} frames ({args.split}), {minutes:.1f} min")
     for name, rows in table.items():
@@ -97,6 +88,7 @@ def main(argv=None):
             for j, text in enumerate(shown["texts"])
         ]
         draw_strip(groups, args.strip, frames=9, tile_height=64)
+
 
 if __name__ == "__main__":
     main()

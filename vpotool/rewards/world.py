@@ -17,9 +17,10 @@ import torch
 
 from vpotool.rewards.base import check_frames
 from vpotool.world.grammar import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SPEEDS, parse_prompt
+from vpotool.world.long import segment_bounds
+from vpotool.world.rates import BASE_FRAMES as SEGMENT
 from vpotool.world.render import shape_coverage, shape_radius
 
-SEGMENT = 17  # the world's clip length (vpotool.world.long.BASE_FRAMES)
 MASK_THRESHOLD, MASK_SOFTNESS = 0.25, 0.05  # colour distance from the background where the foreground starts
 
 
@@ -127,6 +128,5 @@ class WorldReward:
             return world_scores(frames, prompts)
         # A long video (an autoregressive rollout): the prompted speed holds per 17-frame segment
         # (vpotool.world.long), so each segment is scored as a world clip and the scores averaged.
-        step = SEGMENT - 1
-        parts = [world_scores(frames[:, a : a + SEGMENT], prompts) for a in range(0, t - 1, step)]
+        parts = [world_scores(frames[:, a:b], prompts) for a, b in segment_bounds(t, SEGMENT)]
         return {k: torch.stack([p[k] for p in parts]).mean(0) for k in parts[0]}

@@ -74,8 +74,8 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
         )
     for made_by in rollouts - {"null"}:  # sampled by an autoregressive rollout: it must be this model's
         check_chunking(json.loads(made_by), backend, f"{pairs_path}'s latents")
-    if rollouts & {"null"} and chunking_of(backend) is not None and len(shapes) == 1:
-        chunking_of(backend).spans(next(iter(shapes))[1])  # bidirectional latents: only whole chunks train
+    if "null" in rollouts and chunking_of(backend) is not None:  # encoded videos: only whole chunks train
+        chunking_of(backend).spans(next(iter(shapes))[1])
     channels, expected = next(iter(shapes))[0], latent_channels(backend)
     if channels != expected:
         raise VpoError(f"{pairs_path}: latents have {channels} channels, --model {backend.info.name} "
