@@ -306,12 +306,14 @@ def drift_rows(stats: dict, baseline: str) -> list[dict]:
             curves[name] = per_seg
         for name, per_seg in curves.items():
             base = curves.get(baseline, per_seg)
-            for k, values in enumerate(per_seg):
-                ref = base[k] if k < len(base) else {}
-                out.append(summary_row(name, f"{RATE}{check}.seg{k + 1}", values, ref, name == baseline))
-            means = [sum(v.values()) / len(v) for v in per_seg]
-            out.append(dict(checkpoint=name, metric=f"{DRIFT}{check}", mean=curve_slope(means), std=math.nan,
-                            n=len(per_seg[0]), win_rate=math.nan))  # fmt: skip
+            rows = [
+                summary_row(name, f"{RATE}{check}.seg{k + 1}", values, base[k] if k < len(base) else {},
+                            name == baseline)  # fmt: skip
+                for k, values in enumerate(per_seg)
+            ]
+            slope = curve_slope([r["mean"] for r in rows])
+            out += rows + [dict(checkpoint=name, metric=f"{DRIFT}{check}", mean=slope, std=math.nan,
+                                n=rows[0]["n"], win_rate=math.nan)]  # fmt: skip
     return out
 
 
