@@ -307,8 +307,9 @@ def drift_rows(stats: dict, baseline: str) -> list[dict]:
         for name, per_seg in curves.items():
             base = curves.get(baseline, per_seg)
             rows = [
-                summary_row(name, f"{RATE}{check}.seg{k + 1}", values, base[k] if k < len(base) else {},
-                            name == baseline)  # fmt: skip
+                summary_row(
+                    name, f"{RATE}{check}.seg{k + 1}", values, base[k] if k < len(base) else {}, name == baseline
+                )  # fmt: skip
                 for k, values in enumerate(per_seg)
             ]
             slope = curve_slope([r["mean"] for r in rows])
