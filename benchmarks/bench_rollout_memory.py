@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     print(f"batch {args.batch}, {args.steps} steps, 32x32, guidance 4 (both branches batched)")
-    print(f"{'model':8s} {'frames':>6s} {'x train':>7s} {'widest input':>13s} {'peak growth MiB':>16s} {'seconds':>8s}")
+    head = f"{'model':8s} {'frames':>6s} {'x train':>7s} {'widest input':>13s} {'peak growth MiB':>16s}"
+    print(f"{head} {'seconds':>8s}")
     for model in ("tiny", "tiny-ar"):
         for frames in (17, 33, 65):
             cmd = [sys.executable, "-c", CHILD, model, str(frames), str(args.batch), str(args.steps)]

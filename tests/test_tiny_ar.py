@@ -171,3 +171,125 @@ def test_loop_trains_scst_on_stored_rollouts(cli, prompts, tmp_path):
     assert code == 0, err
     metrics = pd.read_parquet(tmp_path / "loop" / "metrics.parquet")
     assert len(metrics) == 2 and metrics.loss.notna().all()
+
+
+def test_chunk_advantage_credits_each_chunk_with_the_advantage_to_go():
+    from vpotool.losses import chunk_advantage
+
+    r = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
+    # d = [1, 0, 1] and [0, -3, 0]; A_k = mean of d_k .. d_2
+    want = torch.tensor([[2 / 3, 1 / 2, 1.0], [-1.0, -3 / 2, 0.0]])
+    assert torch.allclose(chunk_advantage(r, b), want)
+
+
+def test_chunk_frames_are_the_world_segments(backend):
+    from vpotool.rollout import chunk_frames
+    from vpotool.world.long import segment_bounds
+
+    lat = backend.latent_shape(65, 32, 32)[1]
+    assert chunk_frames(backend, backend.chunking, lat) == segment_bounds(65)
+
+
+WORLD_PROMPTS = (
+    "a red circle moving left slowly on a black background\na blue square moving up quickly on a gray background\n"
+)
+
+
+def test_teacher_context_rolls_out_beside_the_rendered_clip(backend):
+    from vpotool.sampling import resolved_settings
+    from vpotool.training.scst import teacher_latents
+
+    prompts = WORLD_PROMPTS.split("\n")[:2]
+    cfg = ScstConfig(prompts="x.txt", out="o", reward="world", device="cpu", noise_level=0.0 + 0.7, **SIZE)
+    settings = resolved_settings(cfg, backend)
+    from vpotool.rewards import load_reward
+
+    reward = load_reward("world", device="cpu")
+    own = collect(backend, reward, prompts, [3, 4], settings, cfg)
+    forced = collect(backend, reward, prompts, [3, 4], settings, replace(cfg, context="teacher", advantage="chunk"))
+    truth = teacher_latents(backend, prompts, [303, 404], settings)  # collect's seeds: s * 101 for one sample each
+    assert torch.equal(forced.latents, truth) and forced.advantage.shape == (2, 2)
+    # the first chunk has no context either way; the second sees the rendered clip instead of the model's own
+    first, second = slice(0, 5), slice(5, 10)
+    assert torch.allclose(own.states[-1][:, :, first], forced.states[-1][:, :, first])
+    assert not torch.allclose(own.states[-1][:, :, second], forced.states[-1][:, :, second], atol=1e-3)
+
+
+def test_scst_per_chunk_on_teacher_context_raises_its_objective(tmp_path):
+    """One update on teacher-forced rollouts with per-chunk advantages raises sum_k A_k * logp(chunk k's steps)
+    under the new weights: each chunk's steps move the way their own advantage says."""
+    from vpotool.rewards import load_reward
+    from vpotool.rollout import rollout_step_logp
+    from vpotool.sampling import resolved_settings
+    from vpotool.training.common import setup
+    from vpotool.training.scst import scst_update
+
+    b = load_backend("tiny-ar")
+    prompts = tmp_path / "train.txt"
+    prompts.write_text(WORLD_PROMPTS)
+    cfg = ScstConfig(prompts=str(prompts), out=str(tmp_path / "o"), reward="world", advantage="chunk",
+                     context="teacher", lr=1e-3, lora_rank=4, max_steps=1, device="cpu", **SIZE)  # fmt: skip
+    trainer = setup(cfg, b)
+    settings = resolved_settings(cfg, b)
+    ro = collect(b, load_reward("world", device="cpu"), WORLD_PROMPTS.split("\n")[:2], [5, 6], settings, cfg)
+    assert ro.advantage.shape == (2, 2) and ro.advantage.abs().min() > 0
+    sched = b.schedule(SIZE["steps"], b.latent_shape(33, 16, 16))
+    n = ro.logps.shape[1]
+
+    def objective():
+        with torch.no_grad():
+            args = (ro.states, ro.latents, ro.cond, None, 1.0, cfg.noise_level)
+            logps = [rollout_step_logp(b, b.chunking, sched, j, *args)[0] for j in range(n)]
+        return sum((ro.advantage[:, j // len(sched)] * logps[j]).sum() for j in range(n)).item()
+
+    before = objective()
+    scst_update(trainer, cfg, [(ro, list(range(n)))], sched, settings, clipped=False)
+    assert objective() > before
+
+
+def test_chunk_options_are_refused_where_they_mean_nothing(cli, tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text(WORLD_PROMPTS)
+    base = ["train-scst", "--prompts", p, "--out", tmp_path / "o", "--max-steps", 1, "--device", "cpu"]
+    code, _, err = cli(*base, "--model", "tiny", "--advantage", "chunk")
+    assert code == 2 and "needs an autoregressive model" in err and not (tmp_path / "o" / "checkpoints").exists()
+    code, _, err = cli(*base, *FAST_AR, "--advantage", "chunk", "--baseline", "group-mean")
+    assert code == 2 and "--baseline greedy" in err
+    other = tmp_path / "other.txt"
+    other.write_text("a cat on a sofa\n")
+    code, _, err = cli(*base[:2], other, *base[3:], *FAST_AR, "--frames", 33, "--context", "teacher")
+    assert code == 2 and "--context teacher needs a ground-truth clip" in err
+    code, _, err = cli("train-scst", "--samples", "s.parquet", "--scores", "c.parquet", "--out", tmp_path / "x",
+                       "--context", "teacher")  # fmt: skip
+    assert code == 2 and "--context teacher needs rollouts sampled now" in err
+
+
+def test_init_adapter_starts_from_another_run_and_refuses_another_rank(tmp_path):
+    from vpotool.training.lora import adapter_state
+
+    b = load_backend("tiny-ar")
+    prompts = tmp_path / "train.txt"
+    prompts.write_text(WORLD_PROMPTS)
+    opts = dict(prompts=str(prompts), reward="brightness", batch_size=1, lora_rank=4, device="cpu", **SIZE)
+    first = train_scst(ScstConfig(out=str(tmp_path / "a"), max_steps=1, lr=1e-2, **opts), backend=b)
+    seen = {}
+    ckpt = str(first / "checkpoints" / "step-1")
+    b2 = load_backend("tiny-ar")
+
+    def on_step(step, trainer):
+        seen["state"] = {k: v.clone() for k, v in adapter_state(trainer.denoiser).items()}
+
+    # lr so small the second run's one step leaves the weights where they started
+    cfg = ScstConfig(out=str(tmp_path / "b"), max_steps=1, lr=1e-12, init_adapter=ckpt, **opts)
+    train_scst(cfg, backend=b2, on_step=on_step)
+    from safetensors.torch import load_file
+
+    saved = {
+        k.removeprefix("transformer."): v for k, v in load_file(f"{ckpt}/pytorch_lora_weights.safetensors").items()
+    }
+    assert saved.keys() == seen["state"].keys()
+    assert all(torch.allclose(saved[k], seen["state"][k], atol=1e-6) for k in saved)
+    assert any(saved[k].abs().max() > 0 for k in saved if "lora_B" in k)  # not a fresh (zero) adapter
+    with pytest.raises(VpoError, match="has LoRA rank 4 .* pass --lora-rank 4"):
+        train_scst(replace(cfg, out=str(tmp_path / "c"), lora_rank=8), backend=load_backend("tiny-ar"))

@@ -92,6 +92,16 @@ def scst_advantage(reward: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor
     return (reward.detach().float() - baseline.detach().float()).reshape(-1)
 
 
+def chunk_advantage(reward: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Per-chunk self-critical advantage of an autoregressive rollout: ``reward, baseline [B, K]`` are each chunk's
+    reward for the sample and its greedy rollout. Chunk k is credited with the mean advantage of chunks k..K-1,
+    ``A_k = mean_{j >= k} (r_j - b_j)`` (reward to go): its steps shape the chunks after it, through their context,
+    and cannot change those before it. Returns ``[B, K]`` float32, detached."""
+    d = (reward.detach().float() - baseline.detach().float()).reshape(reward.shape[0], -1)
+    counts = torch.arange(d.shape[1], 0, -1, dtype=d.dtype, device=d.device)
+    return d.flip(1).cumsum(1).flip(1) / counts
+
+
 def group_advantage(reward: torch.Tensor, group_size: int, eps: float = 1e-4, scope: str = "group") -> torch.Tensor:
     """GRPO advantage ``(R - mean_group) / (std + eps)`` for ``reward [B]`` laid out as ``B / K`` groups of K.
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import Backend, Chunking, Conditioning, NoiseSchedule
+from vpotool.models.base import Backend, Chunking, Conditioning, NoiseSchedule, decoded_frames
 from vpotool.sampling import Trajectory, _step_stream, gaussian_logp, guided_prediction, step_moments
 
 
@@ -152,6 +152,14 @@ def chunk_window(chunking: Chunking, latent_frames: int, k: int) -> tuple[int, i
     the window the model sees when it denoises that chunk."""
     a, b = chunking.spans(latent_frames)[k]
     return max(0, a - chunking.context), a, b
+
+
+def chunk_frames(backend, chunking: Chunking, latent_frames: int) -> list[tuple[int, int]]:
+    """The video frames ``[start, end)`` each chunk of a ``latent_frames`` rollout decodes to, with the last frame
+    before it (where the chunk continues its context): what a per-chunk reward scores."""
+    spans = chunking.spans(latent_frames)
+    first = lambda n: decoded_frames(backend.codec, n) if n else 0  # noqa: E731
+    return [(max(0, first(a) - 1), first(b)) for a, b in spans]
 
 
 def teacher_forced_input(

@@ -195,6 +195,12 @@ def video_latent_shape(codec, frames: int, height: int, width: int) -> tuple[int
     return (codec.latent_channels, f, height // codec.spatial_factor, width // codec.spatial_factor)
 
 
+def decoded_frames(codec, latent_frames: int) -> int:
+    """The video frames ``latent_frames`` latent frames decode to: the inverse of :func:`video_latent_shape`'s."""
+    own = getattr(codec, "pixel_frames", None)
+    return own(latent_frames) if own else (latent_frames - 1) * codec.temporal_factor + 1
+
+
 class NegativeCache:
     """The unconditional conditioning, encoded once and expanded to any batch size."""
 

@@ -47,6 +47,10 @@ class SegmentCodec:
             )
         return (frames - 1) // step * self.segment_latents
 
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Frames of ``latent_frames`` (whole segments) decoded: 16k + 1."""
+        return latent_frames // self.segment_latents * (SEGMENT_FRAMES - 1) + 1
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         n = self.latent_frames(frames.shape[1]) // self.segment_latents
         step = SEGMENT_FRAMES - 1

@@ -19,7 +19,14 @@ from vpotool.latents import write_safetensors
 from vpotool.manifest import RowWriter, remove_stale_temps
 from vpotool.training import fsdp
 from vpotool.training.config import TrainConfig
-from vpotool.training.lora import adapter_parameters, adapter_state, add_lora, load_adapter_state, save_adapter
+from vpotool.training.lora import (
+    adapter_parameters,
+    adapter_state,
+    adapter_weights,
+    add_lora,
+    load_adapter_state,
+    save_adapter,
+)
 
 STATE_FILE = "state/trainer_state.safetensors"  # in a subfolder, so diffusers sees one weights file per step
 
@@ -85,6 +92,9 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     for name in extra_adapters:
         add_lora(backend.denoiser, cfg.lora_rank, alpha, targets, name=name, trainable=False)
     backend.denoiser.set_adapter("default")
+    if cfg.init_adapter:  # before any resume: a resumed run's checkpoint replaces it
+        state = adapter_weights(backend.denoiser, cfg.init_adapter, backend.info.name, "--init-adapter")
+        load_adapter_state(backend.denoiser, state)
     if cfg.gradient_checkpointing:
         if not getattr(backend.denoiser, "_supports_gradient_checkpointing", False):
             kind = type(backend.model).__name__

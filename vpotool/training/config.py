@@ -38,6 +38,11 @@ class TrainConfig(StageConfig):
     lora_rank: int = opt(16, "LoRA rank.")
     lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1).")
     lora_targets: str | None = opt(None, "Comma-separated module names to adapt (default: the model's attention).")
+    init_adapter: str | None = opt(
+        None,
+        "Start the adapter from this checkpoint (a checkpoints/step-N folder of "
+        "another run, e.g. SCST then DPO); its LoRA rank and alpha must be this run's.",
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     offload_text_encoder: bool = opt(False, "Encode the run's prompts once, then keep the text encoder and the "
                                      "embeddings in CPU memory (each prompt is encoded once either way).")  # fmt: skip
@@ -171,6 +176,16 @@ class ScstConfig(ScstLossOptions, CheckpointOptions, RolloutOptions, TrainConfig
     group_size: int = opt(4, "Samples per prompt for --baseline group-mean (with --samples: the stored ones).")
     normalize: bool = opt(False, "Scale advantages to unit RMS over the batch.")
     ppo_epochs: int = opt(1, "Optimizer passes over each batch of rollouts (> 1 uses the clipped ratio).")
+    advantage: str = opt(
+        "video",
+        "Autoregressive models: video (one advantage for every step) or chunk (each "
+        "chunk's steps get the mean advantage of it and the chunks after it; greedy baseline).",
+    )
+    context: str = opt(
+        "own",
+        "Autoregressive models: own (each chunk beside the chunks the model made: "
+        "Self-Forcing) or teacher (beside the ground-truth clip: teacher forcing; world prompts).",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -196,6 +211,13 @@ class ScstConfig(ScstLossOptions, CheckpointOptions, RolloutOptions, TrainConfig
         self._check(not offline or self.baseline == "group-mean", "baseline", why)
         self._check(self.group_size >= 2 or self.baseline == "greedy", "group_size", "must be at least 2")
         self._check(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
+        self._check(self.advantage in ("video", "chunk"), "advantage", "must be video or chunk")
+        self._check(self.context in ("own", "teacher"), "context", "must be own or teacher")
+        for name, plain in (("advantage", "video"), ("context", "own")):
+            why = f"{getattr(self, name)} needs rollouts sampled now (--prompts), not stored --samples"
+            self._check(not offline or getattr(self, name) == plain, name, why)
+        why = "chunk needs --baseline greedy (each chunk against the greedy rollout's same chunk)"
+        self._check(self.advantage == "video" or self.baseline == "greedy", "advantage", why)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from vpotool.config import save_config
 from vpotool.errors import VpoError, first_line
@@ -25,7 +24,7 @@ from vpotool.rollout import check_chunking, chunk_window, chunking_of, teacher_f
 from vpotool.sampling import seeded_noise, training_target
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import DpoConfig
-from vpotool.training.lora import ADAPTER_FILE, PREFIX, copy_adapter, load_adapter_state, reference_mode
+from vpotool.training.lora import adapter_weights, copy_adapter, load_adapter_state, reference_mode
 from vpotool.video import frames_to_tensor, read_video
 
 
@@ -145,14 +144,13 @@ def reference_adapters(cfg: DpoConfig) -> tuple[str, ...]:
 def init_reference(trainer, cfg: DpoConfig) -> str:
     """Before the first step: the reference mode, ``base`` (adapter disabled) or ``ref`` (a frozen adapter). A
     ``ref`` adapter starts as ``--ref-adapter`` (and so does the policy, so the loss starts at ln 2) or as a copy
-    of the fresh policy."""
+    of the fresh policy (``--init-adapter``'s weights, when given)."""
     if not reference_adapters(cfg):
         return "base"
     den = trainer.denoiser
     if trainer.start_step == 0:
         if cfg.ref_adapter:
-            weights = load_file(str(Path(cfg.ref_adapter) / ADAPTER_FILE))
-            state = {k.removeprefix(f"{PREFIX}."): v for k, v in weights.items()}
+            state = adapter_weights(den, cfg.ref_adapter, trainer.backend.info.name, "--ref-adapter")
             for name in ("default", "ref"):
                 load_adapter_state(den, state, name)
         else:

@@ -137,6 +137,30 @@ def adapter_metadata(folder: str | Path) -> dict[str, str]:
         raise VpoError(f"unreadable LoRA adapter {path}: {e}") from e
 
 
+def adapter_weights(denoiser, folder: str | Path, model: str, flag: str) -> dict[str, torch.Tensor]:
+    """The weights of a saved adapter (keyed as :func:`adapter_state`) to load into ``denoiser``'s trainable
+    adapter, refused in one line when it was saved for another model or with another rank or alpha (``flag``
+    names the option that gave it)."""
+    from safetensors.torch import load_file
+
+    meta = adapter_metadata(folder)
+    base = meta.get("vpotool.base_model")
+    if base and base != model:
+        raise VpoError(f"{flag} {folder} is an adapter for --model {base}, not {model}")
+    saved = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    mine = denoiser.peft_config["default"]
+    rank, alpha = saved.get(f"{PREFIX}.r"), saved.get(f"{PREFIX}.lora_alpha")
+    if rank is not None and (rank != mine.r or float(alpha) != float(mine.lora_alpha)):
+        raise VpoError(f"{flag} {folder} has LoRA rank {rank} and alpha {alpha}, this run {mine.r} and "
+                       f"{mine.lora_alpha:g}; pass --lora-rank {rank} --lora-alpha {alpha}")  # fmt: skip
+    path = Path(folder) / ADAPTER_FILE if Path(folder).is_dir() else Path(folder)
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 (a damaged file of any kind is the same user problem)
+        raise VpoError(f"{flag}: unreadable LoRA adapter {path}: {e}") from e
+    return {k.removeprefix(f"{PREFIX}."): v for k, v in weights.items()}
+
+
 def load_adapter(backend, folder: str | Path, name: str = "default") -> None:
     """Load a saved adapter into ``backend.denoiser`` as adapter ``name`` and record it in ``backend.info``."""
     meta = adapter_metadata(folder)

@@ -17,12 +17,19 @@ import torch
 
 from vpotool.config import flag, save_config
 from vpotool.errors import VpoError
-from vpotool.losses import group_advantage, kl_to_reference, normalize_advantage, policy_gradient_loss, scst_advantage
+from vpotool.losses import (
+    chunk_advantage,
+    group_advantage,
+    kl_to_reference,
+    normalize_advantage,
+    policy_gradient_loss,
+    scst_advantage,
+)
 from vpotool.manifest import manifest_config, read_manifest, resolve, reward_rows
 from vpotool.models.base import latent_channels
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
-from vpotool.rollout import check_chunking, chunking_of, rollout, rollout_step_logp
+from vpotool.rollout import check_chunking, chunk_frames, chunking_of, rollout, rollout_step_logp
 from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp, use_settings
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
@@ -40,16 +47,35 @@ class Rollouts:
     uncond: dict | None
     states: list[torch.Tensor]
     logps: torch.Tensor
-    advantage: torch.Tensor
+    advantage: torch.Tensor  # [B], or [B, chunks] (per-chunk advantages of an autoregressive rollout)
     reward: torch.Tensor
     baseline: torch.Tensor
-    latents: torch.Tensor | None = None  # the final latents: an autoregressive rollout's context
+    latents: torch.Tensor | None = None  # an autoregressive rollout's context: its own final latents, or the teacher
+
+
+def teacher_latents(backend, prompts: list[str], seeds: list[int], settings: dict) -> torch.Tensor:
+    """Ground-truth clips of ``prompts`` encoded as latents, the context of teacher-forced rollouts: the tiny world
+    renders them (a long clip per prompt and seed, :func:`vpotool.world.long.render_long_clip`)."""
+    from vpotool.world.grammar import parse_prompt
+    from vpotool.world.long import render_long_clip
+
+    try:
+        parsed = [parse_prompt(p) for p in prompts]
+    except VpoError as e:
+        raise VpoError(f"--context teacher needs a ground-truth clip per prompt, which the tiny world renders for its "
+                       f"own prompts only ({e}); use --context own") from None  # fmt: skip
+    f, h, w = settings["frames"], settings["height"], settings["width"]
+    clips = torch.stack([render_long_clip(p, f, h, w, s) for p, s in zip(parsed, seeds, strict=True)])
+    return backend.encode(clips.to(backend.device, backend.dtype)).float()
 
 
 @torch.no_grad()
 def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dict, cfg: ScstConfig) -> Rollouts:
     """Sample stochastic trajectories (and, for the greedy baseline, the deterministic ones from the same noise),
-    score them and compute advantages."""
+    score them and compute advantages. On an autoregressive model each chunk sees the chunks the model made
+    (``cfg.context`` own, Self-Forcing) or the ground truth's (teacher); ``cfg.advantage`` chunk scores each chunk
+    (:func:`vpotool.rollout.chunk_frames`) and credits its steps with the reward to go
+    (:func:`vpotool.losses.chunk_advantage`)."""
     k = cfg.group_size if cfg.baseline == "group-mean" else 1
     prompts = [p for p in prompts for _ in range(k)]
     seeds = [s * 101 + j for s in seeds for j in range(k)]
@@ -59,24 +85,34 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
     common = dict(steps=settings["steps"], guidance=settings["guidance"], uncond=uncond)
     chunking = chunking_of(backend)
-    if chunking is not None:  # the model's own rollout: each chunk beside the chunks it made (Self-Forcing)
+    teacher = None
+    if chunking is not None:
         common["chunking"] = chunking
+        if cfg.context == "teacher":
+            teacher = common["teacher"] = teacher_latents(backend, prompts, seeds, settings)
     run = sample if chunking is None else rollout
     traj = run(backend, cond, noise, noise_level=cfg.noise_level, step_seeds=seeds, keep_states=True, **common)
+    spans = chunk_frames(backend, chunking, shape[1]) if cfg.advantage == "chunk" else None
 
     def score(latents):
         frames = backend.decode(latents.to(backend.dtype))[:, : settings["frames"], :, : settings["height"]]
-        return reward_values(reward, frames[..., : settings["width"]], prompts, cfg, settings["fps"]).float()
+        frames = frames[..., : settings["width"]]
+        video = reward_values(reward, frames, prompts, cfg, settings["fps"]).float()
+        if spans is None:
+            return video, None
+        chunks = [reward_values(reward, frames[:, a:b], prompts, cfg, settings["fps"]).float() for a, b in spans]
+        return video, torch.stack(chunks, 1)
 
-    r = score(traj.latents)
+    r, r_chunks = score(traj.latents)
     if cfg.baseline == "greedy":
-        baseline = score(run(backend, cond, noise, **common).latents)  # the greedy (deterministic) rollout
-        adv = scst_advantage(r, baseline)
+        baseline, b_chunks = score(run(backend, cond, noise, **common).latents)  # the greedy (deterministic) rollout
+        adv = scst_advantage(r, baseline) if spans is None else chunk_advantage(r_chunks, b_chunks)
     else:
         baseline = r.view(-1, k).mean(1).repeat_interleave(k)
         adv = group_advantage(r, k)
     adv = normalize_advantage(adv, cfg.adv_clip or None, scale=cfg.normalize)
-    return Rollouts(cond, uncond, traj.states, traj.logps, adv, r, baseline, traj.latents)
+    context = traj.latents if teacher is None else teacher
+    return Rollouts(cond, uncond, traj.states, traj.logps, adv, r, baseline, context)
 
 
 def policy_step(
@@ -98,14 +134,16 @@ def policy_step(
             return rollout_step_logp(backend, chunking, *args)
         return step_logp(backend, sched, i, ro.states[i], ro.states[i + 1], ro.cond, ro.uncond, guidance, noise_level)
 
+    steps = len(sched)
     for n, i in enumerate(steps_to_train):
+        adv = ro.advantage if ro.advantage.ndim == 1 else ro.advantage[:, i // steps]  # per chunk: chunk-major steps
         with grad_sync(trainer, last=last and n == len(steps_to_train) - 1):
             logp, mean, std = logp_of(i)
             if clipped:
-                loss = policy_gradient_loss(logp[:, None], ro.advantage, ro.logps[:, i : i + 1], cfg.clip_eps)
+                loss = policy_gradient_loss(logp[:, None], adv, ro.logps[:, i : i + 1], cfg.clip_eps)
                 loss = loss / len(steps_to_train)
             else:
-                loss = policy_gradient_loss(logp[:, None], ro.advantage)
+                loss = policy_gradient_loss(logp[:, None], adv)
             if cfg.kl_beta:
                 with torch.no_grad(), reference_mode(denoiser, "base"):
                     _, mean_ref, _ = logp_of(i)
@@ -338,18 +376,23 @@ def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
     with the clipped ratio: for callers that own the loop, such as ``vpotool loop``. Returns
     ``(metrics, grad_norm)``."""
     t0 = time.perf_counter()
-    check_rollout_training(trainer.backend, True, stored.settings)
+    check_rollout_training(trainer.backend, cfg, stored.settings)
     sched = trainer.backend.schedule(stored.settings["steps"], stored.shape)
     batches = stored_batches(trainer, cfg, stored, step // cfg.ppo_epochs)
     values, grad_norm = scst_update(trainer, cfg, batches, sched, stored.settings, clipped=True)
     return {**values, "step_time": time.perf_counter() - t0}, grad_norm
 
 
-def check_rollout_training(backend, offline: bool, settings: dict) -> None:
+def check_rollout_training(backend, cfg: ScstConfig, settings: dict) -> None:
     """Refuse, in one line, what policy gradients on an autoregressive model cannot do: a re-noised context (its
-    noise is not kept, so log-probabilities could not be recomputed), and a video that is not whole chunks."""
+    noise is not kept, so log-probabilities could not be recomputed), and a video that is not whole chunks; and the
+    chunk options on a bidirectional model."""
     chunking = chunking_of(backend)
     if chunking is None:
+        for name, plain in (("advantage", "video"), ("context", "own")):
+            if getattr(cfg, name, plain) != plain:
+                raise VpoError(f"--{name} {getattr(cfg, name)} needs an autoregressive model (chunks); --model "
+                               f"{backend.info.name} makes every frame at once: drop the flag")  # fmt: skip
         return
     if chunking.context_noise:
         raise VpoError(f"train-scst on --model {backend.info.name} needs a clean context; pass --model-options "
@@ -369,7 +412,7 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
     trainer = setup(cfg, backend, prompts=stored.prompts if stored is not None else prompts)
     b, acc = trainer.backend, trainer.accelerator
     settings = resolved_settings(cfg, b)
-    check_rollout_training(b, stored is not None, settings)
+    check_rollout_training(b, cfg, settings)
     use_settings(b, settings if stored is None else stored.video)
     if stored is None:
         reward = load_rollout_reward(cfg, b.device, need_grad=False)
