@@ -300,6 +300,10 @@ class EvalConfig(StageConfig):
     baseline: str = opt("base", "Checkpoint that win rates are computed against: base, or one --adapter (its path "
                         "or its name in the table).")  # fmt: skip
     frechet: bool = opt(True, "Also report world.frechet, the distance to ground-truth clips (world prompts only).")
+    fvd_reference: str | None = opt(None, "Also report fvd: the Frechet distance of each checkpoint's videos to this "
+                                    "folder of reference clips (unpaired to the prompts).")  # fmt: skip
+    fvd_model: str | None = opt(None, "The FVD's features: a VideoMAE classifier folder, as content-debiased FVD "
+                                "(default: the tiny world's clip features).")  # fmt: skip
 
     def __post_init__(self):
         self._check(bool(self.out), "out", "is required")
@@ -311,6 +315,8 @@ class EvalConfig(StageConfig):
             self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")
         self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
         self._check(bool(self.baseline), "baseline", "must be base or one of the --adapter checkpoints")
+        why = "needs --fvd-reference (the clips to compare with)"
+        self._check(bool(self.fvd_reference) or not self.fvd_model, "fvd_model", why)
         twice = [a for i, a in enumerate(self.adapter_list) if a in self.adapter_list[:i]]
         if twice:
             raise VpoError(f"--adapter {twice[0]} is given twice; list each checkpoint once")

@@ -172,7 +172,7 @@ def eval_table(rows: list[dict]) -> str:
     head = "".join(f"<th>{escape(c)}</th>" for c in checkpoints)
     body = []
     for metric in dict.fromkeys(r["metric"] for r in rows):
-        name = f"{metric} ↓" if metric.endswith("frechet") else metric
+        name = f"{metric} ↓" if lower_better(metric) else metric
         tds = []
         for c in checkpoints:
             r = {k: clean(v) for k, v in cells.get((metric, c), {}).items()}
@@ -180,7 +180,7 @@ def eval_table(rows: list[dict]) -> str:
             sub = [f"win {_number(r['win_rate'], 2)}" if finite(r.get("win_rate")) else "", f"n {r.get('n', '–')}"]
             tds.append(f"<td>{text}<small>{' · '.join(s for s in sub if s)}</small></td>")
         body.append(f"<tr><th>{escape(name)}</th>{''.join(tds)}</tr>")
-    lower = "; ↓ lower is better" if any(r["metric"].endswith("frechet") for r in rows) else ""
+    lower = "; ↓ lower is better" if any(lower_better(r["metric"]) for r in rows) else ""
     note = f"<p class='note'>mean ± std over the held-out videos; win: share above the baseline, ties half{lower}.</p>"
     head = f"<thead><tr><th>metric</th>{head}</tr></thead>"
     return f'<table class="eval">{head}<tbody>{"".join(body)}</tbody></table>{note}'
@@ -234,3 +234,8 @@ def gallery_section(kind: str) -> str:
 <div id="cards"></div>
 <nav class="pager"><button id="prev" type="button">&lsaquo; previous</button><span id="page"></span>
 <button id="next" type="button">next &rsaquo;</button></nav>"""
+
+
+def lower_better(metric: str) -> bool:
+    """Distances (world.frechet, fvd) are better low; every other eval metric is better high."""
+    return metric.endswith("frechet") or metric == "fvd"

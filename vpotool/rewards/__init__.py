@@ -69,6 +69,7 @@ REWARDS.update(
         "subject": _lazy("vpotool.rewards.features:load_subject"),
         "vjepa": _lazy("vpotool.rewards.features:load_vjepa"),
         "raft": _lazy("vpotool.rewards.raft:load_raft"),
+        "reference": _lazy("vpotool.rewards.reference:load_reference"),
     }
 )
 

@@ -29,6 +29,8 @@ from vpotool.world.rates import CHECKS, clip_checks
 
 BASE = "base"
 FRECHET = "world.frechet"
+FVD = "fvd"
+LOWER_BETTER = (FRECHET, FVD)
 DRIFT = "world.drift."  # eval metrics world.drift.<check>: slope per segment of a long video's rate
 RATE = "world.rate."  # eval metrics world.rate.<check>: the share of videos passing each vpotool.world.rates check
 STRIP = "strip.png"  # frames of every checkpoint's first video of the first prompts, side by side
@@ -58,6 +60,7 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
             "--reward world needs tiny-world prompts (e.g. --prompts world:heldout); drop world from --reward "
             "for other prompts"
         )
+    fvd = fvd_features(cfg) if cfg.fvd_reference else None  # a bad folder or model fails before any sampling
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "eval.yaml")
@@ -131,6 +134,8 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
     elif cfg.frechet:
         why = f"it needs tiny-world prompts, and {cfg.prompts} holds others"
         console().print(f"[yellow]note:[/] {FRECHET} skipped: {why}")
+    if fvd is not None:
+        result += [fvd_row(fvd, name, runs[name][0], samples[name], cfg.batch_size) for name in runs]
     path = out / "eval.parquet"
     write_manifest(path, result, "eval", cfg.to_dict())
     frame_strip({name: samples_path for name, (samples_path, _) in runs.items()}, out / STRIP)
@@ -287,6 +292,32 @@ def world_clip_stats(samples_path: Path, rows: list[dict], batch_size: int) -> t
     return torch.cat(feats), checks
 
 
+def fvd_features(cfg: EvalConfig):
+    """``(embedder, reference videos)`` of ``--fvd-model`` and ``--fvd-reference``
+    (:mod:`vpotool.rewards.reference`)."""
+    from vpotool.models import resolve_device
+    from vpotool.rewards.reference import load_embedder, reference_videos
+
+    videos = reference_videos(cfg.fvd_reference)
+    return load_embedder(cfg.fvd_model, resolve_device(cfg.device), what="--fvd-model"), videos
+
+
+def fvd_row(fvd, name: str, samples_path: Path, rows: list[dict], batch_size: int) -> dict:
+    """The ``fvd`` row of checkpoint ``name``: the Frechet distance between the features of its videos' windows and
+    the reference clips' (the world's features: references resized to the videos' size)."""
+    from vpotool.rewards.reference import reference_features, windows
+
+    embed, videos = fvd
+    size = (rows[0]["height"], rows[0]["width"]) if embed.name == "world" else (None, None)
+    reference, length = reference_features(embed, videos, *size)
+    mine = []
+    for i in range(0, len(rows), batch_size):
+        clips, _ = windows(load_frames(samples_path, rows[i : i + batch_size]), length)
+        mine.append(embed(clips))
+    dist = frechet_distance(torch.cat(mine), reference)
+    return dict(checkpoint=name, metric=FVD, mean=dist, std=math.nan, n=len(rows), win_rate=math.nan)
+
+
 def mean_of(segments: list[dict], check: str) -> float:
     """The share of a video's segments that pass ``check`` (0 or 1 for a video of one segment)."""
     return sum(float(c[check]) for c in segments) / len(segments)
@@ -363,7 +394,7 @@ def print_table(rows: list[dict], checkpoints: list[str], baseline: str) -> None
 
     by = {(r["checkpoint"], r["metric"]): r for r in rows}
     others = [c for c in checkpoints if c != baseline]
-    notes = ["↓ lower is better"] if any(r["metric"] == FRECHET for r in rows) else []
+    notes = ["↓ lower is better"] if any(r["metric"] in LOWER_BETTER for r in rows) else []
     notes += [f"win: share of videos above {baseline}, ties half"] if others else []
     table = Table(title="vpotool eval", caption="; ".join(notes) or None)
     table.add_column("metric", no_wrap=True)
@@ -372,7 +403,7 @@ def print_table(rows: list[dict], checkpoints: list[str], baseline: str) -> None
     for c in others:
         table.add_column(f"{c} win", justify="right")
     for metric in dict.fromkeys(r["metric"] for r in rows):
-        label = f"{metric} ↓" if metric == FRECHET else metric
+        label = f"{metric} ↓" if metric in LOWER_BETTER else metric
         cells = [label]
         for c in checkpoints:
             r = by.get((c, metric))
