@@ -22,7 +22,7 @@ OUT=${1:-runs/compare-ar}
 SEEDS=${SEEDS:-"0 1 2"}
 STEPS=${STEPS:-36}          # optimizer steps of each SCST run and of each DPO run
 BATCH=${BATCH:-4}
-LR=${LR:-3e-4}
+LR=${LR:-1e-3}
 ITERS=${ITERS:-6}
 PROMPTS=$((STEPS * 2 * BATCH / ITERS / 4))  # loop prompts per iteration at K = 4: the SCST run's video budget
 EVAL_PROMPTS=${EVAL_PROMPTS:-world:val}
