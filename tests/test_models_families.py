@@ -417,3 +417,22 @@ def test_wan_sample_with_its_unipc_scheduler_equals_wan_pipeline(sampler, negati
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     else:
         assert (ours - theirs).abs().max() > 1e-3
+
+
+def test_wan_cleans_prompts_as_wan_pipeline(checkpoints):
+    """WanPipeline cleans each prompt (ftfy when installed, HTML entities unescaped twice, whitespace collapsed)
+    before tokenizing; vpotool's Wan families encode the same text."""
+    from diffusers import WanPipeline
+    from families import TEXT_LEN
+
+    from vpotool.models import load_backend
+
+    folder = checkpoints("wan")
+    backend = load_backend("wan", folder, "cpu")
+    pipe = WanPipeline.from_pretrained(folder)
+    prompts = ["a red&amp;amp;blue  circle&nbsp;moving\tleft ", "a blue square"]
+    ours = backend.encode_prompts(prompts)["encoder_hidden_states"]
+    theirs, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
+    raw = backend.encode_prompts(["a red&amp;amp;blue  circle&nbsp;moving\tleft "])["encoder_hidden_states"]
+    torch.testing.assert_close(ours[:, : theirs.shape[1]], theirs, atol=1e-5, rtol=1e-4)
+    assert torch.equal(raw[0], ours[0])

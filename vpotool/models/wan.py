@@ -92,7 +92,10 @@ class WanBackend(TextVideoBackend):
 
     @uses_text_encoder
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        ids, mask = tokenize(self.tokenizer, prompts, self.max_text_len, self.device)
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        # the pipeline's own cleaning: ftfy when installed, HTML entities unescaped twice, whitespace collapsed
+        ids, mask = tokenize(self.tokenizer, [prompt_clean(p) for p in prompts], self.max_text_len, self.device)
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # zero the padding, like Wan's trim-and-pad
         return {"encoder_hidden_states": hidden.to(self.dtype)}
