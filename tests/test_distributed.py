@@ -83,6 +83,18 @@ def test_reward_trainers_on_two_processes_match_one_with_accumulation(trainer, p
     assert_same_adapter(tmp_path / "one", tmp_path / "two", 2)
 
 
+def test_scst_on_autoregressive_rollouts_on_two_processes_matches_one(prompts_file, tmp_path):
+    """The same for SCST on ``tiny-ar``'s own rollouts with per-chunk advantages: each process rolls out its
+    micro-batch chunk by chunk, and the averaged gradients give the adapter of one accumulating process."""
+    common = ["train-scst", "--model", "tiny-ar", "--prompts", prompts_file, "--reward", "brightness",
+              "--max-steps", 2, "--lr", 1e-2, "--lora-rank", 2, "--batch-size", 1, "--guidance", 1.0,
+              "--frames", 33, "--height", 16, "--width", 16, "--steps", 2, "--device", "cpu",
+              "--advantage", "chunk", "--train-fraction", 0.5]  # fmt: skip
+    launch([*common, "--grad-accum", 2], tmp_path / "one", 1)
+    launch(common, tmp_path / "two", 2)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", 2)
+
+
 def test_loop_on_two_processes_writes_the_manifests_of_one(tmp_path):
     """``torchrun --nproc_per_node 2 -m vpotool loop``: each process samples and scores half of every iteration's
     prompts; the merged manifests hold the same samples (ids, seeds, scores) and pairs as one process's, and the
