@@ -14,6 +14,7 @@ from families import TEXT_LEN, _text_encoder, _wan
 
 from vpotool.errors import VpoError
 from vpotool.models import load_backend
+from vpotool.models.self_forcing import self_forcing_schedule
 from vpotool.rollout import rollout
 
 REFERENCE = Path(__file__).parent / "data" / "self_forcing_reference.safetensors"
@@ -104,6 +105,9 @@ def test_schedule_is_the_warped_four_step_grid(backend):
     sched = backend.schedule(4)
     torch.testing.assert_close(sched.sigmas, torch.tensor([1.0, 0.9375, 2.5 / 3, 0.625, 0.0]))
     torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)
+    plain = self_forcing_schedule([1000, 757, 522], 5.0, warp=False)  # the model sees t; sigma: the nearest grid point
+    torch.testing.assert_close(plain.timesteps, torch.tensor([1000.0, 757.0, 522.0]))
+    torch.testing.assert_close(plain.sigmas, torch.tensor([1.0, 0.757, 0.522, 0.0]), atol=1e-3, rtol=0)
     c = backend.chunking
     assert (c.first, c.chunk, c.context, c.window, c.context_noise) == (3, 3, 18, 21, 0.0)
 
@@ -175,3 +179,19 @@ def test_scst_on_its_rollouts_trains_a_lora(checkpoint, tmp_path):
     train_scst(cfg, backend=b, on_step=on_step)
     lora_b = [v for k, v in seen.items() if "lora_B" in k]  # initialised to zero
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)
+
+
+def test_sampler_noise_comes_from_each_videos_seed(backend):
+    from vpotool.sampling import seeded_noise
+
+    noise = seeded_noise((16, 6, 4, 6), [1, 2], "cpu")
+    cond = {"encoder_hidden_states": torch.randn(2, TEXT_LEN, 32, generator=torch.Generator().manual_seed(0))}
+    run = lambda seeds: rollout(  # noqa: E731
+        backend, cond, noise, chunking=backend.chunking, steps=4, scheduler=backend.pipeline_scheduler,
+        step_seeds=seeds,
+    ).latents  # fmt: skip
+    with torch.no_grad():
+        a, b, c = run([5, 6]), run([5, 6]), run([5, 7])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a[0], c[0], atol=0, rtol=0)  # the first video's stream alone decides it
+    assert (a[1] - c[1]).abs().max() > 1e-3

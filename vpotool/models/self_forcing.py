@@ -42,7 +42,8 @@ def self_forcing_schedule(step_list, shift: float, warp: bool = True, train_step
     sigmas ``shift * s / (1 + (shift - 1) * s)`` on ``s = linspace(1, 0, train_steps + 1)[:-1]`` (float32, as
     ``utils/scheduler.py`` computes them). With ``warp`` step t is grid point ``train_steps - t`` (t = 750 at shift 5:
     sigma 0.9375, timestep 937.5); without, the model sees t itself and its sigma is the grid point nearest t / 1000
-    (CausVid's configs). Returns timesteps ``[S]`` and sigmas ``[S + 1]`` ending at 0 (the last step jumps to x0)."""
+    (``warp_denoising_step: false``). Returns timesteps ``[S]`` and sigmas ``[S + 1]`` ending at 0 (the last step
+    jumps to x0)."""
     s = torch.linspace(1.0, 0.0, train_steps + 1)[:-1]
     grid = shift * s / (1 + (shift - 1) * s)
     steps = torch.tensor([float(t) for t in step_list])
@@ -204,11 +205,11 @@ class SelfForcingBackend(WanBackend):
         """Flow ``[B, C, F, h, w]``; ``timesteps [B]`` (every frame alike) or ``[B, F]``. The frames form blocks of
         ``chunking.chunk`` from the first, so the window must start on a block (the rollout's do)."""
         b, _, f, h, w = x_t.shape
-        p_t, p_h, p_w = self.model.config.patch_size
+        _, p_h, p_w = self.model.config.patch_size  # one frame a token (checked when loading)
         tokens = (h // p_h) * (w // p_w)
         t = timesteps.to(self.device, torch.float32)
         t = t[:, None].expand(b, f) if t.ndim == 1 else t
-        self.layout.tokens_per_frame = tokens * p_t
+        self.layout.tokens_per_frame = tokens
         return self.denoiser(
             hidden_states=x_t.to(self.dtype),
             timestep=t.repeat_interleave(tokens, dim=1),  # frame-major, as the transformer flattens its patches
@@ -278,6 +279,8 @@ def load_generator(path: str, checkpoint: str, ema: bool, dtype):
         raise VpoError(
             f"no transformer/config.json in {path}: {first_line(e)}; --model-path is a Wan 2.1 T2V diffusers folder"
         ) from e
+    if tuple(config.get("patch_size", (1, 2, 2)))[0] != 1:
+        raise VpoError(f"{path}/transformer/config.json patches several frames a token; a Wan 2.1 folder has one")
     with init_empty_weights():
         transformer = WanTransformer3DModel.from_config(config)
     converted = {k: v.to(dtype) for k, v in convert_wan_transformer_to_diffusers(state).items()}
