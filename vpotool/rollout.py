@@ -1,10 +1,10 @@
 """Autoregressive rollouts: a video made chunk by chunk, each chunk denoised while it sees the chunks before it.
 
-A chunk-causal family (SkyReels-V2 Diffusion Forcing, the built-in ``tiny-ar``) takes a window of latent frames
-with a timestep per frame. The rollout feeds it the last ``context`` latent frames it generated itself (clean, or
-re-noised to ``context_noise``, as SkyReels' ``addnoise_condition`` and Self-Forcing's context noise do) beside
-the chunk being denoised, and keeps the model's output for the chunk alone. The first chunk has no context; later
-chunks see at most ``context`` frames, so memory is bounded by the window, whatever the video's length.
+A chunk-causal family (SkyReels-V2 Diffusion Forcing, the built-in ``tiny-ar``, Self-Forcing) takes a window of
+latent frames with a timestep per frame. The rollout feeds it the last ``context`` latent frames it generated itself
+(clean, or re-noised to ``context_noise``, as SkyReels' ``addnoise_condition`` does) beside the chunk being
+denoised, and keeps the model's output for the chunk alone. The first chunk has no context; later chunks see at
+most ``context`` frames, so memory is bounded by the window, whatever the video's length.
 
 The steps inside a chunk are vpotool's sampler steps (:mod:`vpotool.sampling`): deterministic (the greedy rollout
 SCST compares with) or stochastic with a log-probability per (chunk, step), the Gaussian transition that
@@ -89,11 +89,13 @@ def rollout(
     ``grad_steps`` keep the graph through that chunk's denoising, while the context is always detached (the model
     sees its earlier chunks as data). ``keep_states`` keeps ``steps + 1`` states shaped like ``noise``, whose frames
     of chunk k are that chunk's states. ``scheduler``: a diffusers scheduler, copied per chunk and stepped on the
-    chunk, as the family's pipeline samples (deterministic only). ``teacher``: latents shaped like ``noise`` whose
-    frames are the context instead of the rollout's own (teacher forcing, as the model was trained; a clip made so
-    shows what the model does without exposure bias).
+    chunk, as the family's pipeline samples (no log-probabilities; one whose ``step`` takes a ``generator``, such as
+    Self-Forcing's re-noising sampler, gets each video's seeded stream). ``teacher``: latents shaped like ``noise``
+    whose frames are the context instead of the rollout's own (teacher forcing, as the model was trained; a clip made
+    so shows what the model does without exposure bias).
     """
     import copy
+    import inspect
 
     if backend.prediction != "flow":
         raise VpoError(f"autoregressive rollouts need a flow-matching model; --model {backend.info.name} is not")
@@ -116,6 +118,10 @@ def rollout(
             chunk_sched = copy.deepcopy(scheduler)
             chunk_sched.set_timesteps(steps, device=noise.device)
             times = chunk_sched.timesteps
+            # a scheduler that draws noise (Self-Forcing's re-noising) draws each video's from its seeded stream,
+            # as diffusers pipelines hand their generator to a step that takes one
+            takes_generator = "generator" in inspect.signature(chunk_sched.step).parameters
+            step_kw = {"generator": gens} if takes_generator and gens else {}
         else:
             times = sched.timesteps
         if keep_states:
@@ -133,7 +139,7 @@ def rollout(
                     # In place, as the pipeline writes ``latents[:, :, idx] = step(..., latents[:, :, idx])``: the
                     # scheduler keeps the sample it was given as its ``last_sample``, so UniPC's corrector then
                     # reads the updated values; stepping a copy would sample other videos than the pipeline.
-                    x.copy_(chunk_sched.step(raw.float(), t, x, return_dict=False)[0])
+                    x.copy_(chunk_sched.step(raw.float(), t, x, return_dict=False, **step_kw)[0])
                     continue
                 mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
                 if stochastic:

@@ -52,6 +52,12 @@ def _tiny_ar(path, device, dtype, **options):
     return load_tiny_ar(path, device, dtype, **options)
 
 
+def _self_forcing(path, device, dtype, **options):
+    from vpotool.models.self_forcing import load_self_forcing
+
+    return load_self_forcing(path, device, dtype, **options)
+
+
 MODELS: dict[str, Callable[..., Backend]] = {
     "tiny": _tiny,
     "wan": _wan,
@@ -60,6 +66,7 @@ MODELS: dict[str, Callable[..., Backend]] = {
     "opensora": _opensora,
     "skyreels": _skyreels,
     "tiny-ar": _tiny_ar,
+    "self-forcing": _self_forcing,
 }
 
 # ``--model-options`` each family takes, with their defaults (the reference implementation's). The VAE options apply
@@ -74,6 +81,16 @@ MODEL_OPTIONS: dict[str, dict] = {
     # autoregressive families: the rollout's window, context and context noise (vpotool.models.skyreels)
     "skyreels": {**VAE_OPTIONS, "base_frames": 97, "overlap_frames": 17, "addnoise": 0.0},
     "tiny-ar": {**VAE_OPTIONS, "addnoise": 0.0},
+    # checkpoint=PATH.pt (the generator), the rest Self-Forcing's config (vpotool.models.self_forcing)
+    "self-forcing": {
+        **VAE_OPTIONS,
+        "checkpoint": "",
+        "ema": True,
+        "context_noise": 0.0,
+        "denoising_steps": "1000,750,500,250",
+        "warp": True,
+        "shift": 5.0,
+    },
 }
 
 DTYPES = {
