@@ -16,17 +16,18 @@
 #   scst-then-dpo      the scst run's adapter, then the online-dpo run (--init-adapter): twice the compute
 #   bidir-scst         the bidirectional tiny model's scst at its 17 frames, evaluated against its own base
 # SCST's S steps sample 2 x BATCH x S videos (sample and greedy); the loop samples ITERS x PROMPTS x 4.
-# Every command resumes: rerunning the script after an interruption skips finished work.
+# Every command resumes: rerunning the script after an interruption skips finished work. Beside other work on a
+# small CPU, OMP_NUM_THREADS=1 keeps its threads from spinning against the others' (the figures of docs/results-ar.md).
 set -euo pipefail
 OUT=${1:-runs/compare-ar}
 SEEDS=${SEEDS:-"0 1 2"}
-STEPS=${STEPS:-36}          # optimizer steps of each SCST run and of each DPO run
+STEPS=${STEPS:-24}          # optimizer steps of each SCST run and of each DPO run
 BATCH=${BATCH:-4}
 LR=${LR:-1e-3}
-ITERS=${ITERS:-6}
+ITERS=${ITERS:-4}
 PROMPTS=$((STEPS * 2 * BATCH / ITERS / 4))  # loop prompts per iteration at K = 4: the SCST run's video budget
 EVAL_PROMPTS=${EVAL_PROMPTS:-world:val}
-EVAL_SEEDS=${EVAL_SEEDS:-2}
+EVAL_SEEDS=${EVAL_SEEDS:-1}
 EVAL_FRAMES=${EVAL_FRAMES:-65}
 RESULTS=${RESULTS:-docs/results-ar.md}
 read -ra SAMPLER <<< "${SAMPLER:---steps 10}"  # every run and eval: 10 sampler steps (half the default)
