@@ -13,6 +13,24 @@ def one_line(text) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
 
 
+def not_a_file(path) -> str | None:
+    """Why ``path`` cannot be read as an input file, as the end of a sentence about it: ``"not found"``, ``"is a
+    folder, not a file"`` or ``"is not a regular file (a device, pipe or socket)"`` (``/dev/zero`` would be read
+    forever); None for a regular file (through links)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a dangling link, a path through a file, a NUL byte
+        return "not found"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return "is not a regular file (a device, pipe or socket)"
+
+
 class VpoError(Exception):
     """A user-facing error. The CLI prints its message as one line and exits non-zero.
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vpotool import __version__
-from vpotool.errors import VpoError, one_line
+from vpotool.errors import VpoError, not_a_file, one_line
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,11 @@ def read_manifest(path: str | Path, schema_name: str, flag: str = "") -> pa.Tabl
     schema = SCHEMAS[schema_name]
     path = Path(path)
     via = f" (given to {flag})" if flag else ""
-    if not path.is_file():
+    why = not_a_file(path)
+    if why == "not found":
         raise VpoError(f"{schema_name} manifest not found: {path}{via}; it is written by {schema.written_by}")
+    if why:
+        raise VpoError(f"{path}{via} {why}; pass a {schema_name} manifest, written by {schema.written_by}")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -357,6 +360,10 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
     if not inputs:
         raise VpoError("merge needs at least one input manifest")
     check_merge_paths(inputs, out)
+    for p in inputs:
+        why = not_a_file(p)
+        if why and why != "not found":
+            raise VpoError(f"merge: {p} {why}; pass the manifests to combine")
     kinds = {str(p): manifest_kind(p) if Path(p).is_file() else None for p in inputs}
     for p, k in kinds.items():
         if k is None:
