@@ -101,3 +101,67 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     loaded = [t for _, t in load_prompts(str(path))]
     assert loaded == texts
     assert world_specs(loaded) is not None  # eval takes them for tiny-world prompts
+
+
+# ---------------------------------------------------------------- pair
+
+
+def test_pair_refuses_repeated_score_rows_and_scores_of_other_samples(cli, tmp_path):
+    from vpotool.stages.pair import select_pairs
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    runs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        run = runs[name] = tmp_path / name
+        assert cli("sample", "--prompts", prompts, "--candidates", 3, "--out", run, *FAST, "--seed", seed)[0] == 0
+    scores = runs["a"] / "scores.parquet"
+    assert cli("score", "--samples", runs["a"] / "samples.parquet", "--reward", "temporal", "--out", scores)[0] == 0
+    pairs = tmp_path / "pairs.parquet"
+    # Run b's sample ids are run a's: pairing by id joined b's videos with a's scores.
+    args = ("pair", "--scores", scores, "--out", pairs, "--strategy", "all")
+    refused(cli(*args, "--samples", runs["b"] / "samples.parquet"), "scores other samples", "a/samples.parquet")
+    table = pq.read_table(scores)
+    repeated = pa.concat_tables([table, table.slice(1, 1)]).replace_schema_metadata(table.schema.metadata)
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(repeated, twice)
+    sid = table.column("sample_id")[1].as_py()
+    line = refused(cli(*args[:2], twice, *args[3:], "--samples", runs["a"] / "samples.parquet"), f"{sid} twice")
+    assert "temporal" in line and not pairs.exists()
+    assert cli(*args, "--samples", runs["a"] / "samples.parquet")[0] == 0
+    assert len(pq.read_table(pairs)) == 3  # every ordered pair of 3 distinct scores, once each
+    # A sample listed twice with two scores is never paired with itself.
+    assert select_pairs([("s1", 2.0), ("s1", 1.0), ("s2", 0.0)], "all", 0.0) == [(0, 2), (1, 2)]
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_merge_refuses_shards_whose_columns_or_types_differ_naming_the_shard_and_column(tmp_path):
+    from vpotool.manifest import merge_manifests, write_manifest, write_table
+
+    def scores(path: Path, sid: str, **dims) -> Path:
+        write_manifest(path, [dict(sample_id=sid, prompt_id="p0", reward="temporal", overall=0.5, **dims)], "scores")
+        return path
+
+    a = scores(tmp_path / "a.parquet", "s1", smooth=0.1)
+    b = scores(tmp_path / "b.parquet", "s2", flicker=0.2)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(VpoError, match=r"b.parquet lacks column smooth, which .*a.parquet has") as e:
+        merge_manifests([a, b], out)
+    assert "\n" not in str(e.value)
+    c = scores(tmp_path / "c.parquet", "s3", smooth=0.1)
+    table = pq.read_table(c)
+    as_text = table.set_column(table.schema.get_field_index("overall"), "overall", pa.array(["0.5"]))
+    write_table(as_text.replace_schema_metadata(table.schema.metadata), c)
+    with pytest.raises(VpoError, match=r"c.parquet has column overall of type string, a scores manifest has double"):
+        merge_manifests([a, c], out)
+    smooth = table.schema.get_field_index("smooth")
+    write_table(table.set_column(smooth, "smooth", pa.array(["x"])).replace_schema_metadata(table.schema.metadata), c)
+    with pytest.raises(VpoError, match=r"c.parquet has column smooth of type string"):
+        merge_manifests([a, c], out)
+    write_table(table.cast(table.schema.set(smooth, pa.field("smooth", pa.float32()))), c)
+    with pytest.raises(VpoError, match=r"c.parquet has column smooth of type float, .*a.parquet of type double"):
+        merge_manifests([a, c], out)
+    assert not out.exists()
+    assert merge_manifests([a, scores(tmp_path / "d.parquet", "s4", smooth=0.3)], out) == ("scores", 2)

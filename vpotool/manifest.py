@@ -353,6 +353,32 @@ def check_merge_paths(inputs: list[str | Path], out: str | Path) -> None:
         )
 
 
+def check_merge_columns(table: pa.Table, path, schema: Schema, first: tuple | None) -> None:
+    """Refuse, naming the input and the column, a manifest whose columns or column types differ from its schema's or
+    from the first input's ``(path, pyarrow schema)``: shards of one job have the same columns, and rows of
+    different columns cannot share one file."""
+    wanted = {f.name: f.type for f in schema.fields}
+    for f in table.schema:
+        if f.name in wanted and f.type != wanted[f.name]:
+            raise VpoError(f"merge: {path} has column {f.name} of type {f.type}, a {schema.name} manifest has "
+                           f"{wanted[f.name]}; regenerate it with {schema.written_by}")  # fmt: skip
+        if f.name not in wanted and not (schema.extra_floats and pa.types.is_floating(f.type)):
+            why = "a float" if schema.extra_floats else "no such"
+            raise VpoError(f"merge: {path} has column {f.name} of type {f.type}, but a {schema.name} manifest has "
+                           f"{why} column there; regenerate it with {schema.written_by}")  # fmt: skip
+    if first is None:
+        return
+    (first_path, theirs), mine = first, table.schema
+    for name in dict.fromkeys(theirs.names + mine.names):
+        if name not in mine.names or name not in theirs.names:
+            has, lacks = (first_path, path) if name in theirs.names else (path, first_path)
+            raise VpoError(f"merge: {lacks} lacks column {name}, which {has} has; merge shards of one job "
+                           "(the same stage and options)")  # fmt: skip
+        if mine.field(name).type != theirs.field(name).type:
+            raise VpoError(f"merge: {path} has column {name} of type {mine.field(name).type}, {first_path} of "
+                           f"type {theirs.field(name).type}; merge shards of one job")  # fmt: skip
+
+
 def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int]:
     """Combine manifests of one kind (e.g. shards) into ``out``: relative paths are rewritten against ``out``'s
     folder and rows are deduplicated by the schema's key (a key with different contents is an error).
@@ -376,8 +402,11 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
     out = Path(out)
     rows: dict[tuple, dict] = {}
     config = {}
+    first = None
     for p in inputs:
         table = read_manifest(p, kind)
+        check_merge_columns(table, p, schema, first)
+        first = first or (p, table.schema)
         config = config or manifest_config(table)
         for r in table.to_pylist():
             for col in PATH_COLUMNS.get(kind, ()):
