@@ -165,3 +165,62 @@ def test_merge_refuses_shards_whose_columns_or_types_differ_naming_the_shard_and
         merge_manifests([a, c], out)
     assert not out.exists()
     assert merge_manifests([a, scores(tmp_path / "d.parquet", "s4", smooth=0.3)], out) == ("scores", 2)
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def fail_after(n: int, write):
+    """``write`` that raises ENOSPC, as a full disk does, from its ``n + 1``-th call on."""
+    import errno
+
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(*args, **kwargs)
+
+    return full
+
+
+def test_a_full_disk_stops_sample_and_score_in_one_line_keeping_their_rows(cli, prompts_file, tmp_path, monkeypatch):
+    from vpotool import video
+    from vpotool.manifest import pq as manifest_pq
+
+    run = tmp_path / "run"
+    args = ("sample", "--prompts", prompts_file, "--candidates", 2, "--batch-size", 2, "--out", run, *FAST)
+    with monkeypatch.context() as m:
+        m.setattr(video, "_encode", fail_after(2, video._encode))  # the second batch's first video
+        refused(cli(*args), "no space left on device writing", "p00001-c00.mp4", "free space or pass another --out")
+    assert pq.read_table(run / "samples.parquet").column("sample_id").to_pylist() == ["p00000-c00", "p00000-c01"]
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert cli(*args)[0] == 0 and len(pq.read_table(run / "samples.parquet")) == 4
+    scores = run / "scores.parquet"
+    args = ("score", "--samples", run / "samples.parquet", "--reward", "temporal", "--batch-size", 2, "--out", scores)
+    with monkeypatch.context() as m:
+        m.setattr(manifest_pq, "write_table", fail_after(1, manifest_pq.write_table))  # the second batch's flush
+        refused(cli(*args), "no space left on device writing", "scores.parquet")
+    assert len(pq.read_table(scores)) == 2
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert cli(*args)[0] == 0 and len(pq.read_table(scores)) == 4
+
+
+def test_a_full_disk_stops_train_dpo_without_a_half_checkpoint_and_resume_works(cli, tmp_path, monkeypatch):
+    from test_train_dpo import write_pairs
+
+    from vpotool.training import common
+
+    pairs = write_pairs(tmp_path)
+    out = tmp_path / "run"
+    args = ("train-dpo", "--pairs", pairs, "--out", out, "--max-steps", 2, "--save-every", 1, "--batch-size", 2)
+    args += ("--lora-rank", 2, "--device", "cpu")
+    with monkeypatch.context() as m:
+        # step 1 saves whole; step 2's adapter is written, its trainer state meets a full disk
+        m.setattr(common, "write_safetensors", fail_after(1, common.write_safetensors))
+        refused(cli(*args), "no space left on device writing", "step-2", "free space or pass another --out")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert cli(*args)[0] == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert pq.read_table(out / "metrics.parquet").column("step").to_pylist() == [1, 2]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpotool.errors import VpoError, not_a_file
+from vpotool.errors import VpoError, disk_space, not_a_file
 
 
 def opt(default: Any, help: str) -> Any:
@@ -282,8 +282,12 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        with disk_space(path):
+            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """The one exception type users see: a problem with their input, stated with its fix."""
 
+import errno
+from contextlib import contextmanager
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
@@ -37,3 +40,18 @@ class VpoError(Exception):
     Messages name the problem and what to do about it, e.g.
     ``prompts file not found: prompts.txt (pass --prompts with a .txt or .parquet file)``.
     """
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on device; disk quota exceeded
+
+
+@contextmanager
+def disk_space(path, flag: str = "--out"):
+    """Turn a full disk (or quota) while writing ``path`` into one line naming the file, so a stage stops with its
+    finished rows saved instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise VpoError(f"no space left on device writing {path}; free space or pass another {flag}") from e

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vpotool import __version__
-from vpotool.errors import VpoError, not_a_file, one_line
+from vpotool.errors import VpoError, disk_space, not_a_file, one_line
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,10 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        pq.write_table(table, tmp)
-        crash_point()
-        os.replace(tmp, path)
+        with disk_space(path):
+            pq.write_table(table, tmp)
+            crash_point()
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     crash_point()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from vpotool import __version__
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, disk_space
 from vpotool.latents import write_safetensors
 from vpotool.manifest import RowWriter, remove_stale_temps
 from vpotool.training import fsdp
@@ -208,6 +209,21 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return folder
+    try:
+        with disk_space(folder):
+            write_checkpoint(trainer, cfg, step, folder, tensors, opt, full, extra_adapters)
+    except BaseException:
+        # A step folder without its trainer state is no checkpoint; left behind (empty, or with the adapter
+        # alone) it would read as one to eval and people, while resuming skips it.
+        if not (folder / STATE_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    acc.wait_for_everyone()
+    return folder
+
+
+def write_checkpoint(trainer, cfg, step: int, folder: Path, tensors: dict, opt: dict, full, extra_adapters) -> None:
+    """The main process's part of :func:`save_checkpoint`: the adapter, then the trainer state, into ``folder``."""
     b = trainer.backend
     meta = {"base_model": b.info.name, "base_model_path": b.info.path, "step": step, "config": cfg.to_dict()}
     save_adapter(trainer.denoiser, folder, meta, full_state=full)
@@ -228,8 +244,6 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     # Written last: a step folder counts as a checkpoint only once this exists. Its crash point (the adapter is
     # saved, the state not yet) is where the crash-safety tests kill.
     write_safetensors(path, tensors or {"empty": torch.zeros(0)}, state_meta, crash=True)
-    acc.wait_for_everyone()
-    return folder
 
 
 def load_checkpoint(trainer: Trainer, folder: Path, extra_adapters: tuple[str, ...] = ()) -> int:
