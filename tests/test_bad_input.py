@@ -224,3 +224,23 @@ def test_a_full_disk_stops_train_dpo_without_a_half_checkpoint_and_resume_works(
     assert cli(*args)[0] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert pq.read_table(out / "metrics.parquet").column("step").to_pylist() == [1, 2]
+
+
+# ---------------------------------------------------------------- adapters
+
+
+@pytest.mark.parametrize("content", ["nothing", "other weights"])
+def test_an_adapter_folder_without_lora_weights_stops_before_any_sampling(cli, prompts_file, tmp_path, content):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    if content == "other weights":
+        save_file({"proj.weight": torch.zeros(2, 2)}, str(folder / "pytorch_lora_weights.safetensors"))
+    why = "no LoRA adapter at" if content == "nothing" else "holds no LoRA weights"
+    run, ev = tmp_path / "run", tmp_path / "eval"
+    refused(cli("sample", "--prompts", prompts_file, "--out", run, "--adapter", folder, *FAST), why, "step-N")
+    args = ("eval", "--prompts", prompts_file, "--out", ev, "--adapter", folder, "--reward", "flicker", *FAST)
+    refused(cli(*args), "no LoRA adapter" if content == "nothing" else why)
+    assert not run.exists() and not ev.exists()  # nothing sampled, no folder made

@@ -102,6 +102,10 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     keeps one resident).
     """
     every = load_prompts(cfg.prompts)
+    if cfg.adapter and backend is None:  # before any folder or model: a folder without LoRA weights stops here
+        from vpotool.training.lora import adapter_metadata
+
+        adapter_metadata(cfg.adapter)
     prompts = shard_slice(every, cfg.shard)
     if not prompts:
         n = len(every)
