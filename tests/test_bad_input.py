@@ -244,3 +244,55 @@ def test_an_adapter_folder_without_lora_weights_stops_before_any_sampling(cli, p
     args = ("eval", "--prompts", prompts_file, "--out", ev, "--adapter", folder, "--reward", "flicker", *FAST)
     refused(cli(*args), "no LoRA adapter" if content == "nothing" else why)
     assert not run.exists() and not ev.exists()  # nothing sampled, no folder made
+
+
+# ---------------------------------------------------------------- absurd sizes
+
+
+@pytest.fixture
+def machine_of_64_gib(monkeypatch):
+    """Every device has 64 GiB, so what is refused does not depend on the machine running the tests."""
+    from vpotool import memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (64 * 2**30, "the 64 GiB device"))
+
+
+def test_absurd_sample_sizes_and_lora_ranks_are_refused_up_front(cli, prompts_file, tmp_path, machine_of_64_gib):
+    from test_train_dpo import write_pairs
+
+    run = tmp_path / "run"
+    base = ("sample", "--prompts", prompts_file, "--out", run, "--frames", 9, "--steps", 2, "--device", "cpu")
+    line = refused(
+        cli(*base, "--candidates", 10**9), "sampling 1000000000 videos", "more than the 64 GiB device has (64.0 GiB)"
+    )
+    assert "lower --candidates" in line
+    refused(cli(*base, "--height", 16000, "--width", 16000), "of 16000x16000", "GiB, more than the 64 GiB device")
+    assert not list(run.rglob("*.parquet"))
+    pairs = write_pairs(tmp_path)
+    args = ("train-dpo", "--pairs", pairs, "--out", tmp_path / "t", "--max-steps", 1, "--device", "cpu")
+    line = refused(cli(*args, "--lora-rank", 10**6), "--lora-rank 1000000 (18,432,000,000 LoRA parameters")
+    assert "lower --lora-rank" in line and not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_large_runs_that_fit_a_big_gpu_are_not_refused(monkeypatch):
+    """Wan 2.1 at 720p, 81 frames, 8 videos a call: about 7 GiB of latents and frames; a rank-128 LoRA on the
+    attention projections of 40 blocks of width 5120 (a 14B model): 1.6 GiB with its optimizer state. Both fit an
+    80 GiB GPU."""
+    import torch
+
+    from vpotool import memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (80 * 2**30, "an 80 GiB GPU"))
+    need = memory.video_call_bytes(8, (16, 21, 90, 160), 81, 720, 1280)
+    assert 6 * 2**30 < need < 8 * 2**30
+    memory.check_fits(need, "cuda", "sampling", "")
+
+    def block():
+        return torch.nn.ModuleDict({n: torch.nn.Linear(5120, 5120, device="meta") for n in ("to_q", "to_k", "to_v")})
+
+    model = torch.nn.ModuleDict({f"b{i}": block() for i in range(40)})
+    n = memory.lora_parameters(model, 128, ["to_q", "to_k"])
+    assert n == 40 * 2 * 128 * (5120 + 5120)
+    memory.check_fits(16 * n, "cuda", "a LoRA", "")
+    with pytest.raises(VpoError, match="more than an 80 GiB GPU has"):
+        memory.check_fits(16 * memory.lora_parameters(model, 10**6, ["to_q"]), "cuda", "a LoRA", "lower it")

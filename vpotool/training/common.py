@@ -88,6 +88,7 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     if cfg.offload_text_encoder:
         backend.offload_text_encoder(list(prompts))
     targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
+    check_lora_memory(backend, cfg.lora_rank, targets, len(extra_adapters))
     alpha = cfg.lora_alpha or cfg.lora_rank
     params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)
     for name in extra_adapters:
@@ -140,6 +141,17 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     metrics.rows = [r for r in metrics.rows if r["step"] <= trainer.start_step]
     metrics.done = {metrics.key(r) for r in metrics.rows}
     return trainer
+
+
+def check_lora_memory(backend, rank: int, targets: list[str], frozen: int = 0) -> None:
+    """Refuse up front (see :mod:`vpotool.memory`) a LoRA whose float32 weights, gradients and AdamW moments (16
+    bytes a parameter, plus 4 for each of ``frozen`` frozen copies) could not fit the device, e.g. ``--lora-rank
+    1000000``: counted from the target modules' shapes, before any is allocated."""
+    from vpotool.memory import check_fits, lora_parameters
+
+    n = lora_parameters(backend.denoiser, rank, targets)
+    what = f"--lora-rank {rank} ({n:,} LoRA parameters on {', '.join(targets)}, with gradients and AdamW state)"
+    check_fits(n * (16 + 4 * frozen), backend.device, what, "lower --lora-rank (4 to 128 is usual)")
 
 
 # Options a resumed run may change: they extend it or change where and how it runs, not what it learns from; a
