@@ -296,3 +296,27 @@ def test_large_runs_that_fit_a_big_gpu_are_not_refused(monkeypatch):
     memory.check_fits(16 * n, "cuda", "a LoRA", "")
     with pytest.raises(VpoError, match="more than an 80 GiB GPU has"):
         memory.check_fits(16 * memory.lora_parameters(model, 10**6, ["to_q"]), "cuda", "a LoRA", "lower it")
+
+
+# ---------------------------------------------------------------- resuming a trainer
+
+
+def test_train_dpo_resumes_from_a_copy_of_its_pairs_and_refuses_pairs_rewritten_in_place(cli, tmp_path):
+    import shutil
+
+    from test_train_dpo import write_pairs
+
+    pairs = write_pairs(tmp_path)
+    out = tmp_path / "run"
+    args = ("train-dpo", "--out", out, "--batch-size", 2, "--lora-rank", 2, "--device", "cpu", "--save-every", 1)
+    assert cli(*args, "--pairs", pairs, "--max-steps", 1)[0] == 0
+    copy = tmp_path / "copy.parquet"
+    shutil.copy(pairs, copy)
+    code, _, err = cli(*args, "--pairs", copy, "--max-steps", 2)  # the same pairs at another path
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    table = pq.read_table(copy)
+    pq.write_table(table.slice(0, 3).replace_schema_metadata(table.schema.metadata), copy)
+    before = snapshot(out)
+    refused(cli(*args, "--pairs", copy, "--max-steps", 3), "other settings", "the contents of --pairs", "new --out")
+    assert snapshot(out) == before

@@ -170,19 +170,45 @@ def check_resumable(cfg: TrainConfig, folder: Path) -> None:
     """Refuse, in one line, to resume ``folder`` (a checkpoint) under settings its adapter was not trained with."""
     try:
         with safe_open(str(folder / STATE_FILE), "pt") as f:
-            saved = json.loads(f.metadata().get("config", "{}"))
+            meta = f.metadata() or {}
+        saved = json.loads(meta.get("config", "{}"))
     except Exception as e:  # noqa: BLE001 (any damage means the same thing to the user)
         raise VpoError(
             f"checkpoint {folder} is damaged ({e}); delete that folder to resume from an earlier one"
         ) from e
+    # Input files are compared by contents where the checkpoint recorded them: a byte-identical copy at another
+    # path is the same run, a file rewritten in place is not.
+    recorded = json.loads(meta.get("inputs", "{}"))
+    digests = {k: v for k, v in input_digests(cfg).items() if k in recorded}
     # An unset option (None) takes the same default as before, e.g. train-dpo's beta from the same model.
-    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_HARMLESS and v is not None}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_HARMLESS | set(digests) and v is not None}
     differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+    differ += [f"the contents of --{k} ({getattr(cfg, k)})" for k, v in digests.items() if recorded[k] != v]
     if differ:
         raise VpoError(
             f"{cfg.out} holds a run trained with other settings ({'; '.join(differ)}); pass a new --out, or "
             f"delete {Path(cfg.out) / 'checkpoints'} to start over there"
         )
+
+
+INPUT_FILES = ("pairs", "prompts", "samples", "scores")  # options naming a file a trainer learns from
+
+
+def input_digests(cfg: TrainConfig) -> dict[str, str]:
+    """A fingerprint of the contents of each input file ``cfg`` names (pairs, prompts, samples, scores), recorded in
+    every checkpoint so that a resume compares contents, not paths."""
+    import hashlib
+
+    out = {}
+    for name in INPUT_FILES:
+        path = getattr(cfg, name, None)
+        if path and Path(path).is_file():
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[name] = h.hexdigest()
+    return out
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -250,6 +276,7 @@ def write_checkpoint(trainer, cfg, step: int, folder: Path, tensors: dict, opt: 
         "param_groups": json.dumps(opt["param_groups"]),
         "scheduler": json.dumps(sched),
         "config": json.dumps(cfg.to_dict(), default=str),
+        "inputs": json.dumps(input_digests(cfg)),
     }
     path = folder / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
