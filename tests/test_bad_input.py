@@ -320,3 +320,20 @@ def test_train_dpo_resumes_from_a_copy_of_its_pairs_and_refuses_pairs_rewritten_
     before = snapshot(out)
     refused(cli(*args, "--pairs", copy, "--max-steps", 3), "other settings", "the contents of --pairs", "new --out")
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- temporal rewards on 1-frame videos
+
+
+def test_temporal_rewards_refuse_one_frame_videos(cli, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    run = tmp_path / "run"
+    size = ("--frames", 1, "--height", 16, "--width", 16, "--steps", 2, "--device", "cpu")
+    assert cli("sample", "--prompts", prompts, "--candidates", 2, "--out", run, *size)[0] == 0
+    args = ("score", "--samples", run / "samples.parquet", "--out", run / "scores.parquet", "--reward")
+    for reward in ("flicker", "smoothness", "dynamics", "temporal", "brightness,world", "brightness:1,dynamics:1"):
+        name = reward.split(",")[-1].split(":")[0]
+        refused(cli(*args, reward), f"reward {name} compares frames", "at least 2 frames", "1-frame videos")
+    assert not (run / "scores.parquet").exists() and not (run / "scores.yaml").exists()
+    assert cli(*args, "brightness")[0] == 0  # a per-frame reward scores them
