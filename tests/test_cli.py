@@ -36,6 +36,25 @@ def test_unknown_option_is_one_line(cli):
     assert "No such option: --bogus" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["sample", "--bogus"], ["vpotool sample: No such option: --bogus", "see vpotool sample --help"]),
+        (["sample", "-k", "many"], ["vpotool sample: Invalid value for '--candidates'", "vpotool sample --help"]),
+        (["merge", "--out", "x.parquet"], ["vpotool merge: Missing argument", "see vpotool merge --help"]),
+        (["bogus"], ["vpotool: No such command 'bogus'", "see vpotool --help"]),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_command_and_its_help(cli, args, words):
+    code, out, err = cli(*args)
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+    code, out, _ = cli(*[a for a in args[:1] if a in SUBCOMMANDS], "--help")  # help still answers
+    assert code == 0 and "Usage: vpotool" in out
+
+
 def test_version(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.startswith("vpotool ")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, disk_space, not_a_file
 
 
 def opt(default: Any, help: str) -> Any:
@@ -204,10 +204,24 @@ def load_yaml(path: str) -> dict:
     import yaml
 
     p = Path(path)
-    if not p.is_file():
+    why = not_a_file(p)
+    if why == "not found":
         raise VpoError(f"config file not found: {path} (pass --config with a YAML file)")
+    if why:
+        raise VpoError(f"config file {path} {why} (pass --config with a YAML file)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        # Options are plain values. Nested aliases (a "billion laughs" file) expand to gigabytes once printed or
+        # copied, from a few hundred bytes: refused before anything is built from them.
+        alias = next((e for e in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(e, yaml.AliasEvent)), None)
+        if alias is not None:
+            raise VpoError(
+                f"{path} uses the YAML alias *{alias.anchor} (line {alias.start_mark.line + 1}); config files take "
+                "plain values: write the value out instead"
+            )
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as e:
+        raise VpoError(f"{path} is not UTF-8 text; pass --config with a YAML file") from e
     except yaml.YAMLError as e:
         raise VpoError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
@@ -268,8 +282,12 @@ def save_config(cfg: StageConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        with disk_space(path):
+            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass

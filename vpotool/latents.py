@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save
 
 from vpotool import __version__
+from vpotool.errors import disk_space
 from vpotool.manifest import crash_point, temp_path
 
 
@@ -22,7 +23,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     data = save(tensors, metadata=metadata)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with disk_space(path), open(tmp, "wb") as f:
             f.write(data)
         if crash:
             crash_point()

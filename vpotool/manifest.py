@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vpotool import __version__
-from vpotool.errors import VpoError, one_line
+from vpotool.errors import VpoError, disk_space, not_a_file, one_line
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,10 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        pq.write_table(table, tmp)
-        crash_point()
-        os.replace(tmp, path)
+        with disk_space(path):
+            pq.write_table(table, tmp)
+            crash_point()
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     crash_point()
@@ -195,8 +196,11 @@ def read_manifest(path: str | Path, schema_name: str, flag: str = "") -> pa.Tabl
     schema = SCHEMAS[schema_name]
     path = Path(path)
     via = f" (given to {flag})" if flag else ""
-    if not path.is_file():
+    why = not_a_file(path)
+    if why == "not found":
         raise VpoError(f"{schema_name} manifest not found: {path}{via}; it is written by {schema.written_by}")
+    if why:
+        raise VpoError(f"{path}{via} {why}; pass a {schema_name} manifest, written by {schema.written_by}")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -350,6 +354,32 @@ def check_merge_paths(inputs: list[str | Path], out: str | Path) -> None:
         )
 
 
+def check_merge_columns(table: pa.Table, path, schema: Schema, first: tuple | None) -> None:
+    """Refuse, naming the input and the column, a manifest whose columns or column types differ from its schema's or
+    from the first input's ``(path, pyarrow schema)``: shards of one job have the same columns, and rows of
+    different columns cannot share one file."""
+    wanted = {f.name: f.type for f in schema.fields}
+    for f in table.schema:
+        if f.name in wanted and f.type != wanted[f.name]:
+            raise VpoError(f"merge: {path} has column {f.name} of type {f.type}, a {schema.name} manifest has "
+                           f"{wanted[f.name]}; regenerate it with {schema.written_by}")  # fmt: skip
+        if f.name not in wanted and not (schema.extra_floats and pa.types.is_floating(f.type)):
+            why = "a float" if schema.extra_floats else "no such"
+            raise VpoError(f"merge: {path} has column {f.name} of type {f.type}, but a {schema.name} manifest has "
+                           f"{why} column there; regenerate it with {schema.written_by}")  # fmt: skip
+    if first is None:
+        return
+    (first_path, theirs), mine = first, table.schema
+    for name in dict.fromkeys(theirs.names + mine.names):
+        if name not in mine.names or name not in theirs.names:
+            has, lacks = (first_path, path) if name in theirs.names else (path, first_path)
+            raise VpoError(f"merge: {lacks} lacks column {name}, which {has} has; merge shards of one job "
+                           "(the same stage and options)")  # fmt: skip
+        if mine.field(name).type != theirs.field(name).type:
+            raise VpoError(f"merge: {path} has column {name} of type {mine.field(name).type}, {first_path} of "
+                           f"type {theirs.field(name).type}; merge shards of one job")  # fmt: skip
+
+
 def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int]:
     """Combine manifests of one kind (e.g. shards) into ``out``: relative paths are rewritten against ``out``'s
     folder and rows are deduplicated by the schema's key (a key with different contents is an error).
@@ -357,6 +387,10 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
     if not inputs:
         raise VpoError("merge needs at least one input manifest")
     check_merge_paths(inputs, out)
+    for p in inputs:
+        why = not_a_file(p)
+        if why and why != "not found":
+            raise VpoError(f"merge: {p} {why}; pass the manifests to combine")
     kinds = {str(p): manifest_kind(p) if Path(p).is_file() else None for p in inputs}
     for p, k in kinds.items():
         if k is None:
@@ -369,8 +403,11 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
     out = Path(out)
     rows: dict[tuple, dict] = {}
     config = {}
+    first = None
     for p in inputs:
         table = read_manifest(p, kind)
+        check_merge_columns(table, p, schema, first)
+        first = first or (p, table.schema)
         config = config or manifest_config(table)
         for r in table.to_pylist():
             for col in PATH_COLUMNS.get(kind, ()):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, disk_space
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -33,8 +33,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, crf: int = 12) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     try:
-        _encode(tmp, frames, fps, crf)
-        os.replace(tmp, path)
+        with disk_space(path):
+            _encode(tmp, frames, fps, crf)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -59,12 +59,12 @@ def main() -> None:
         from click import exceptions as click_errors
 
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="vpotool")
     except VpoError as e:
         typer.secho(f"error: {one_line(e)}", fg="red", err=True)
         leave(2)
-    except click_errors.ClickException as e:  # usage errors: click's own message and exit status
-        e.show()
+    except click_errors.ClickException as e:  # usage errors: one line (click prints three), click's exit status
+        typer.secho(f"error: {usage_line(e)}", fg="red", err=True)
         leave(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
@@ -72,6 +72,14 @@ def main() -> None:
     if code == 130:  # typer turns Ctrl-C inside a command into exit status 130
         typer.secho("interrupted: finished rows are saved; rerun the same command to resume", fg="yellow", err=True)
     leave(code if isinstance(code, int) else 0)
+
+
+def usage_line(e) -> str:
+    """A click error as one line naming the command and where its help is, e.g. ``vpotool sample: No such option:
+    --foo; see vpotool sample --help`` (click prints a usage line, a hint and the error on three)."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "vpotool"
+    return f"{command}: {one_line(e.format_message()).rstrip('.')}; see {command} --help"
 
 
 def leave(code: int) -> NoReturn:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vpotool.config import PairConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, remove_stale_temps, resolve, reward_rows, write_manifest
+from vpotool.manifest import manifest_config, read_manifest, remove_stale_temps, resolve, reward_rows, write_manifest
 from vpotool.stages.common import output_file, writer_lock
 
 LABEL_CHOICES = ("left", "right", "tie", "skip")  # the answers of `vpotool label`
@@ -31,7 +31,11 @@ def select_pairs(scored: list[tuple[str, float]], strategy: str, min_margin: flo
     else:
         candidates = [(i, j) for i in range(len(scored)) for j in range(len(scored)) if i != j]
     margin = max(min_margin, 0.0)
-    return [(i, j) for i, j in candidates if scored[i][1] - scored[j][1] > 0 and scored[i][1] - scored[j][1] >= margin]
+    return [
+        (i, j)
+        for i, j in candidates
+        if scored[i][0] != scored[j][0] and scored[i][1] - scored[j][1] > 0 and scored[i][1] - scored[j][1] >= margin
+    ]  # never a sample against itself (a row listed twice)
 
 
 def tally_labels(labels: list[dict]) -> list[dict]:
@@ -72,13 +76,40 @@ def tally_labels(labels: list[dict]) -> list[dict]:
     return out
 
 
-def score_pairs(cfg: PairConfig, samples: dict[str, dict]) -> list[dict]:
-    """Reward preferences from ``cfg.scores``: per prompt, the pairs ``cfg.strategy`` selects above the margin."""
+def check_scored_samples(scores_table, scores_path: Path, samples_table, samples_path: Path) -> None:
+    """Refuse scores made from other samples than ``samples_path``'s: run B's sample ids are run A's when both
+    sampled the same prompts, so pairing by id would join B's videos with A's scores. ``score`` records the
+    identity of the samples it scored (:func:`vpotool.stages.score.samples_identity`); files without it pass."""
+    from vpotool.stages.score import samples_identity
+
+    config = manifest_config(scores_table)
+    recorded = config.get("_resume", {}).get("samples")
+    if recorded and recorded != samples_identity(samples_table):
+        made_from = f" ({config['samples']})" if config.get("samples") else ""
+        raise VpoError(
+            f"{scores_path} scores other samples{made_from} than {samples_path}; pass --samples the manifest these "
+            f"scores were made from, or score {samples_path} with `vpotool score`"
+        )
+
+
+def score_pairs(cfg: PairConfig, samples: dict[str, dict], samples_table=None) -> list[dict]:
+    """Reward preferences from ``cfg.scores``: per prompt, the pairs ``cfg.strategy`` selects above the margin.
+    ``samples_table``: the samples manifest, to check that the scores were made from it."""
     scores_path, samples_path = Path(cfg.scores), Path(cfg.samples)
-    scores = read_manifest(scores_path, "scores", "--scores").to_pylist()
+    table = read_manifest(scores_path, "scores", "--scores")
+    if samples_table is not None:
+        check_scored_samples(table, scores_path, samples_table, samples_path)
+    scores = table.to_pylist()
     reward, rows = reward_rows(scores, cfg.reward, cfg.dimension, scores_path, "--dimension")
+    seen: set[str] = set()
     by_prompt: dict[str, list[tuple[str, float]]] = {}
     for r in rows:
+        if r["sample_id"] in seen:
+            raise VpoError(
+                f"{scores_path} holds sample {r['sample_id']} twice for reward {reward}; drop the repeated row "
+                "(or rescore into a new --out)"
+            )
+        seen.add(r["sample_id"])
         value = r[cfg.dimension]
         if value is None or not math.isfinite(value):
             raise VpoError(
@@ -130,8 +161,11 @@ def run_pair(cfg: PairConfig) -> Path:
         given = getattr(cfg, flag)
         if given and Path(given).resolve() == out.resolve():
             raise VpoError(f"--out {out} is also --{flag}; write the pairs to a new file, e.g. pairs.parquet")
-    samples = {r["sample_id"]: r for r in read_manifest(samples_path, "samples", "--samples").to_pylist()}
-    found = (score_pairs(cfg, samples) if cfg.scores else []) + (human_pairs(cfg, samples) if cfg.labels else [])
+    samples_table = read_manifest(samples_path, "samples", "--samples")
+    samples = {r["sample_id"]: r for r in samples_table.to_pylist()}
+    found = (score_pairs(cfg, samples, samples_table) if cfg.scores else []) + (
+        human_pairs(cfg, samples) if cfg.labels else []
+    )
 
     def rel(sample: dict, column: str) -> str:
         return os.path.relpath(resolve(samples_path, sample[column]), out.resolve().parent)

@@ -92,6 +92,20 @@ def rollout_record(backend, settings: dict) -> dict | None:
     return chunking.as_dict()
 
 
+def check_sampling_memory(backend, settings: dict, cfg: SampleConfig) -> None:
+    """Refuse up front (see :mod:`vpotool.memory`) a request whose videos of one denoiser call (a prompt's
+    candidates always go together) could not fit the device, e.g. ``--candidates 1000000000`` or ``--height 16000
+    --width 16000``."""
+    from vpotool.memory import check_fits, video_call_bytes
+
+    f, h, w = settings["frames"], settings["height"], settings["width"]
+    videos = max(cfg.batch_size // cfg.candidates, 1) * cfg.candidates
+    need = video_call_bytes(videos, backend.latent_shape(f, h, w), f, h, w)
+    what = f"sampling {videos} videos of {f} frames of {h}x{w} at once (--candidates {cfg.candidates}, --batch-size "
+    check_fits(need, backend.device, what + f"{cfg.batch_size}) for their latents and frames alone",
+               "lower --candidates, --batch-size, --frames, --height or --width")  # fmt: skip
+
+
 def run_sample(cfg: SampleConfig, backend=None) -> Path:
     """Write ``cfg.out/samples.parquet`` (one row per video), ``videos/*.mp4`` and ``latents/*.safetensors``
     (with ``--save-trajectory`` also holding each video's sampler states and step log-probabilities).
@@ -102,6 +116,10 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     keeps one resident).
     """
     every = load_prompts(cfg.prompts)
+    if cfg.adapter and backend is None:  # before any folder or model: a folder without LoRA weights stops here
+        from vpotool.training.lora import adapter_metadata
+
+        adapter_metadata(cfg.adapter)
     prompts = shard_slice(every, cfg.shard)
     if not prompts:
         n = len(every)
@@ -136,6 +154,7 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             f"--height and --width must be multiples of {m} for --model {backend.info.name} "
             f"(got {settings['height']}x{settings['width']})"
         )
+    check_sampling_memory(backend, settings, cfg)
     chunking = rollout_record(backend, settings)
     use_settings(backend, settings)
     cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"

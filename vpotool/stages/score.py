@@ -65,6 +65,29 @@ def reward_identity(cfg: ScoreConfig, name: str) -> dict:
     return {p: {"path": reward_path(cfg.reward_path, p, cfg.reward), "options": options.get(p, {})} for p in parts}
 
 
+# Rewards that compare frames with each other: on a 1-frame video each gives one constant for every video.
+# (world: its motion and persistence checks; raft: optical flow between frames.)
+TEMPORAL_REWARDS = ("flicker", "smoothness", "dynamics", "temporal", "world", "raft")
+
+
+def check_frame_counts(names: list[str], samples: list[dict], samples_path: Path) -> None:
+    """Refuse a temporal reward (alone or inside a composite) on videos of fewer than 2 frames, in one line."""
+    from vpotool.rewards.composite import parse_weights
+
+    short = next((r for r in samples if r["frames"] < 2), None)
+    if short is None:
+        return
+    for name in names:
+        parts = parse_weights(name) if ":" in name else {name: 1.0}
+        temporal = [p for p in parts if p in TEMPORAL_REWARDS]
+        if temporal:
+            raise VpoError(
+                f"reward {temporal[0]} compares frames and needs videos of at least 2 frames; {samples_path} holds "
+                f"{short['frames']}-frame videos (e.g. {short['sample_id']}): sample --frames 2 or more, or score "
+                "them with a per-frame reward"
+            )
+
+
 def run_score(cfg: ScoreConfig, rewards: dict | None = None) -> Path:
     """Write ``cfg.out`` with one row per (sample, reward). Rerunning skips rows already scored; a rerun on other
     samples, or with other weights or options for a reward already scored, is refused. One process writes a
@@ -101,6 +124,7 @@ def score_into(
     composites = {n: r.describe() for n, r in rewards.items() if hasattr(r, "describe")}
     if composites:  # each part's weight and normalisation range, so a composite score can be read back
         writer.config["composites"] = composites
+    check_frame_counts(names, samples, samples_path)
     save_config(cfg, out.with_name(f"{out.stem}.yaml"))  # after the checks: a refused run leaves it alone
     todo = [r for r in samples if any((r["sample_id"], n) not in writer.done for n in names)]
     with progress_bar("score " + ",".join(names), total=len(samples)) as advance:

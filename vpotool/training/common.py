@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from vpotool import __version__
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, disk_space
 from vpotool.latents import write_safetensors
 from vpotool.manifest import RowWriter, remove_stale_temps
 from vpotool.training import fsdp
@@ -87,6 +88,7 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     if cfg.offload_text_encoder:
         backend.offload_text_encoder(list(prompts))
     targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
+    check_lora_memory(backend, cfg.lora_rank, targets, len(extra_adapters))
     alpha = cfg.lora_alpha or cfg.lora_rank
     params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)
     for name in extra_adapters:
@@ -141,6 +143,17 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     return trainer
 
 
+def check_lora_memory(backend, rank: int, targets: list[str], frozen: int = 0) -> None:
+    """Refuse up front (see :mod:`vpotool.memory`) a LoRA whose float32 weights, gradients and AdamW moments (16
+    bytes a parameter, plus 4 for each of ``frozen`` frozen copies) could not fit the device, e.g. ``--lora-rank
+    1000000``: counted from the target modules' shapes, before any is allocated."""
+    from vpotool.memory import check_fits, lora_parameters
+
+    n = lora_parameters(backend.denoiser, rank, targets)
+    what = f"--lora-rank {rank} ({n:,} LoRA parameters on {', '.join(targets)}, with gradients and AdamW state)"
+    check_fits(n * (16 + 4 * frozen), backend.device, what, "lower --lora-rank (4 to 128 is usual)")
+
+
 # Options a resumed run may change: they extend it or change where and how it runs, not what it learns from; a
 # trainer may also retune the optimizer's schedule (continuing at a lower lr is common practice). Every other option
 # (model, LoRA shape, pairs or prompts, reward, beta, sampler settings, batch size, seed, ...) must be the
@@ -157,19 +170,45 @@ def check_resumable(cfg: TrainConfig, folder: Path) -> None:
     """Refuse, in one line, to resume ``folder`` (a checkpoint) under settings its adapter was not trained with."""
     try:
         with safe_open(str(folder / STATE_FILE), "pt") as f:
-            saved = json.loads(f.metadata().get("config", "{}"))
+            meta = f.metadata() or {}
+        saved = json.loads(meta.get("config", "{}"))
     except Exception as e:  # noqa: BLE001 (any damage means the same thing to the user)
         raise VpoError(
             f"checkpoint {folder} is damaged ({e}); delete that folder to resume from an earlier one"
         ) from e
+    # Input files are compared by contents where the checkpoint recorded them: a byte-identical copy at another
+    # path is the same run, a file rewritten in place is not.
+    recorded = json.loads(meta.get("inputs", "{}"))
+    digests = {k: v for k, v in input_digests(cfg).items() if k in recorded}
     # An unset option (None) takes the same default as before, e.g. train-dpo's beta from the same model.
-    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_HARMLESS and v is not None}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_HARMLESS | set(digests) and v is not None}
     differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+    differ += [f"the contents of --{k} ({getattr(cfg, k)})" for k, v in digests.items() if recorded[k] != v]
     if differ:
         raise VpoError(
             f"{cfg.out} holds a run trained with other settings ({'; '.join(differ)}); pass a new --out, or "
             f"delete {Path(cfg.out) / 'checkpoints'} to start over there"
         )
+
+
+INPUT_FILES = ("pairs", "prompts", "samples", "scores")  # options naming a file a trainer learns from
+
+
+def input_digests(cfg: TrainConfig) -> dict[str, str]:
+    """A fingerprint of the contents of each input file ``cfg`` names (pairs, prompts, samples, scores), recorded in
+    every checkpoint so that a resume compares contents, not paths."""
+    import hashlib
+
+    out = {}
+    for name in INPUT_FILES:
+        path = getattr(cfg, name, None)
+        if path and Path(path).is_file():
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[name] = h.hexdigest()
+    return out
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -208,6 +247,21 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return folder
+    try:
+        with disk_space(folder):
+            write_checkpoint(trainer, cfg, step, folder, tensors, opt, full, extra_adapters)
+    except BaseException:
+        # A step folder without its trainer state is no checkpoint; left behind (empty, or with the adapter
+        # alone) it would read as one to eval and people, while resuming skips it.
+        if not (folder / STATE_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    acc.wait_for_everyone()
+    return folder
+
+
+def write_checkpoint(trainer, cfg, step: int, folder: Path, tensors: dict, opt: dict, full, extra_adapters) -> None:
+    """The main process's part of :func:`save_checkpoint`: the adapter, then the trainer state, into ``folder``."""
     b = trainer.backend
     meta = {"base_model": b.info.name, "base_model_path": b.info.path, "step": step, "config": cfg.to_dict()}
     save_adapter(trainer.denoiser, folder, meta, full_state=full)
@@ -222,14 +276,13 @@ def save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, extra_adapter
         "param_groups": json.dumps(opt["param_groups"]),
         "scheduler": json.dumps(sched),
         "config": json.dumps(cfg.to_dict(), default=str),
+        "inputs": json.dumps(input_digests(cfg)),
     }
     path = folder / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written last: a step folder counts as a checkpoint only once this exists. Its crash point (the adapter is
     # saved, the state not yet) is where the crash-safety tests kill.
     write_safetensors(path, tensors or {"empty": torch.zeros(0)}, state_meta, crash=True)
-    acc.wait_for_everyone()
-    return folder
 
 
 def load_checkpoint(trainer: Trainer, folder: Path, extra_adapters: tuple[str, ...] = ()) -> int:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from vpotool import __version__
-from vpotool.errors import VpoError
+from vpotool.errors import VpoError, one_line
 from vpotool.latents import write_safetensors
 from vpotool.training import fsdp
 
@@ -132,9 +132,15 @@ def adapter_metadata(folder: str | Path) -> dict[str, str]:
         raise VpoError(f"no LoRA adapter at {folder} (expected {ADAPTER_FILE}; pass a checkpoints/step-N folder)")
     try:
         with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
+            meta, keys = dict(f.metadata() or {}), list(f.keys())
     except Exception as e:  # noqa: BLE001 (a damaged file of any kind is the same user problem)
-        raise VpoError(f"unreadable LoRA adapter {path}: {e}") from e
+        raise VpoError(f"unreadable LoRA adapter {path}: {one_line(e)}") from e
+    if not any("lora_" in k for k in keys):  # diffusers would load nothing and fail later, after sampling the base
+        raise VpoError(
+            f"{path} holds no LoRA weights ({len(keys)} tensors, none a lora_A/lora_B weight); pass a "
+            "checkpoints/step-N folder written by a vpotool trainer"
+        )
+    return meta
 
 
 def adapter_weights(denoiser, folder: str | Path, model: str, flag: str) -> dict[str, torch.Tensor]:
