@@ -30,6 +30,8 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-world:val}
 EVAL_SEEDS=${EVAL_SEEDS:-1}
 EVAL_FRAMES=${EVAL_FRAMES:-65}
 RESULTS=${RESULTS:-docs/results-ar.md}
+VARIANTS=${VARIANTS:-"scst self-forcing-scst teacher-scst online-dpo scst-then-dpo bidir-scst"}  # a subset: run these
+EVAL=${EVAL:-1}  # 0: train only (e.g. a second instance on another core, with other VARIANTS)
 read -ra SAMPLER <<< "${SAMPLER:---steps 10}"  # every run and eval: 10 sampler steps (half the default)
 AR=(--model tiny-ar --frames 33 "${SAMPLER[@]}")
 
@@ -41,9 +43,11 @@ timed() {  # timed NAME COMMAND...: run COMMAND (which writes $OUT/NAME); its se
   "$@"
   echo $(($(date +%s) - t0)) > "$OUT/$name/seconds"
 }
+wanted() { [[ " $VARIANTS " == *" $1 "* ]]; }
 scst() {  # scst NAME [train-scst flags]
   local name=$1 s
   shift
+  wanted "$name" || return 0
   for s in $SEEDS; do
     timed "$name-seed$s" vpotool train-scst --out "$OUT/$name-seed$s" --seed "$s" --prompts world:align \
       --reward world --baseline greedy --normalize --lr "$LR" --lora-rank 8 --train-fraction 0.5 \
@@ -53,6 +57,7 @@ scst() {  # scst NAME [train-scst flags]
 dpo() {  # dpo NAME [loop flags]
   local name=$1 s
   shift
+  wanted "$name" || return 0
   for s in $SEEDS; do
     timed "$name-seed$s" vpotool loop --out "$OUT/$name-seed$s" --seed "$s" --eval-prompts none "${AR[@]}" \
       --iterations "$ITERS" --prompts-per-iter "$PROMPTS" --candidates 4 --steps-per-iter $((STEPS / ITERS)) \
@@ -67,6 +72,8 @@ scst teacher-scst "${AR[@]}" --context teacher
 dpo online-dpo
 dpo scst-then-dpo --init-adapter "$OUT/scst-seedSEED/checkpoints/step-$STEPS"
 scst bidir-scst --model tiny --frames 17 "${SAMPLER[@]}"
+
+[[ $EVAL == 1 ]] || exit 0
 
 # evaluate NAME MODEL FRAMES GLOB: every finished run matching GLOB against MODEL's base, in $OUT/NAME
 evaluate() {
