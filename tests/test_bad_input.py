@@ -337,3 +337,22 @@ def test_temporal_rewards_refuse_one_frame_videos(cli, tmp_path):
         refused(cli(*args, reward), f"reward {name} compares frames", "at least 2 frames", "1-frame videos")
     assert not (run / "scores.parquet").exists() and not (run / "scores.yaml").exists()
     assert cli(*args, "brightness")[0] == 0  # a per-frame reward scores them
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train-scst", "--reward", "temporal"],
+        ["train-refl", "--reward", "brightness:1,flicker:1"],
+        ["train-refl", "--reward", "flicker", "--frames", 9, "--reward-frames", 1],
+        ["loop", "--reward", "world", "--iterations", 1],
+    ],
+)
+def test_trainers_refuse_temporal_rewards_on_one_frame_rollouts(args, cli, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    size = ["--frames", 1] if "--frames" not in args else []
+    code, _, err = cli(*args, "--prompts", prompts, *size, "--height", 16, "--width", 16, "--steps", 2,
+                       "--max-steps", 1, "--device", "cpu", "--out", tmp_path / "o")  # fmt: skip
+    assert code == 2 and "compares frames and needs videos of at least 2 frames" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "checkpoints").exists()

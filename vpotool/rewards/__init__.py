@@ -52,6 +52,26 @@ REWARDS: dict[str, RewardFactory] = {name: _weight_free(cls) for name, cls in _W
 WEIGHT_FREE = frozenset(REWARDS)
 
 
+# Rewards that compare frames with each other: one frame gives every video the same score
+TEMPORAL_REWARDS = ("flicker", "smoothness", "dynamics", "temporal", "world", "raft")
+
+
+def temporal_parts(spec: str) -> list[str]:
+    """The rewards of a ``--reward`` value (names or a weighted composite) that need at least 2 frames."""
+    names = list(parse_weights(spec)) if ":" in spec else [n.strip() for n in spec.split(",")]
+    return [n for n in names if n in TEMPORAL_REWARDS]
+
+
+def check_reward_frames(spec: str, frames: int, what: str) -> None:
+    """Refuse, in one line, a temporal reward on videos of fewer than 2 frames (``what`` says whose videos)."""
+    temporal = temporal_parts(spec) if frames < 2 else []
+    if temporal:
+        raise VpoError(
+            f"reward {temporal[0]} compares frames and needs videos of at least 2 frames; {what} has {frames}: "
+            "pass --frames 2 or more, or a per-frame reward"
+        )
+
+
 def default_pair_margin(spec: str) -> float:
     """The score difference below which `loop` pairs no two candidates unless told: the reward's own
     ``pair_margin`` (a margin is on the reward's scale), 0 for a reward that declares none."""

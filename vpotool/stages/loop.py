@@ -18,6 +18,7 @@ from vpotool.errors import VpoError, one_line
 from vpotool.manifest import check_same_settings, merge_manifests, read_manifest, write_manifest
 from vpotool.progress import console, sparkline
 from vpotool.prompts import load_prompts
+from vpotool.rewards import check_reward_frames
 from vpotool.sampling import resolved_settings, use_settings
 from vpotool.stages.common import output_folder, writer_lock
 from vpotool.stages.pair import run_pair
@@ -131,6 +132,7 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     reward = load_rollout_reward(cfg, b.device, need_grad=cfg.algo == "refl")
     ref_mode = init_reference(trainer, mcfg) if cfg.algo == "dpo" else "base"
     settings = resolved_settings(cfg, b)
+    check_reward_frames(cfg.reward, settings["frames"], "each candidate")
     use_settings(b, settings)
     if main:
         save_config(cfg, out / "loop.yaml")

@@ -67,19 +67,15 @@ def reward_identity(cfg: ScoreConfig, name: str) -> dict:
 
 # Rewards that compare frames with each other: on a 1-frame video each gives one constant for every video.
 # (world: its motion and persistence checks; raft: optical flow between frames.)
-TEMPORAL_REWARDS = ("flicker", "smoothness", "dynamics", "temporal", "world", "raft")
-
-
 def check_frame_counts(names: list[str], samples: list[dict], samples_path: Path) -> None:
     """Refuse a temporal reward (alone or inside a composite) on videos of fewer than 2 frames, in one line."""
-    from vpotool.rewards.composite import parse_weights
+    from vpotool.rewards import temporal_parts
 
     short = next((r for r in samples if r["frames"] < 2), None)
     if short is None:
         return
     for name in names:
-        parts = parse_weights(name) if ":" in name else {name: 1.0}
-        temporal = [p for p in parts if p in TEMPORAL_REWARDS]
+        temporal = temporal_parts(name)
         if temporal:
             raise VpoError(
                 f"reward {temporal[0]} compares frames and needs videos of at least 2 frames; {samples_path} holds "

@@ -14,12 +14,13 @@ from vpotool.errors import VpoError
 from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
+from vpotool.rewards import check_reward_frames
 from vpotool.rollout import chunking_of, rollout
 from vpotool.sampling import resolved_settings, sample, seeded_noise, use_settings
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
-from vpotool.training.reward import load_rollout_reward, reward_values, select_frames, selected_fps
+from vpotool.training.reward import frame_index, load_rollout_reward, reward_values, select_frames, selected_fps
 
 
 def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, cfg: ReflConfig, gen) -> torch.Tensor:
@@ -110,6 +111,8 @@ def train_refl(cfg: ReflConfig, backend=None, on_step=None) -> Path:
         enable_vae_checkpointing(b)
     reward = load_rollout_reward(cfg, b.device, need_grad=True)
     settings = resolved_settings(cfg, b)
+    seen = len(frame_index(settings["frames"], cfg.reward_frames))
+    check_reward_frames(cfg.reward, seen, "each rollout, as --reward-frames keeps it,")
     use_settings(b, settings)
     save_config(cfg, Path(cfg.out) / "train-refl.yaml")
 

@@ -29,6 +29,7 @@ from vpotool.manifest import manifest_config, read_manifest, resolve, reward_row
 from vpotool.models.base import latent_channels
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
+from vpotool.rewards import check_reward_frames
 from vpotool.rollout import check_chunking, chunk_frames, chunking_of, rollout, rollout_step_logp
 from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp, use_settings
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
@@ -413,6 +414,8 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
     b, acc = trainer.backend, trainer.accelerator
     settings = resolved_settings(cfg, b)
     check_rollout_training(b, cfg, settings)
+    if stored is None:
+        check_reward_frames(cfg.reward, settings["frames"], "each rollout")
     use_settings(b, settings if stored is None else stored.video)
     if stored is None:
         reward = load_rollout_reward(cfg, b.device, need_grad=False)
