@@ -114,3 +114,20 @@ def test_corrupt_video(tmp_path, kind):
     with pytest.raises(VpoError, match="corrupt or unreadable video") as e:
         read_video(path)
     assert "\n" not in str(e.value) and "bad.mp4" in str(e.value)
+
+
+def test_the_same_frames_encode_to_the_same_video_every_time(tmp_path):
+    """eval's reference clips go through the H.264 round trip on every run: the same frames must decode to the same
+    pixels each time, or world.frechet changes between identical evals."""
+    import hashlib
+
+    from vpotool.video import read_video, to_uint8, write_video
+    from vpotool.world import render_batch
+    from vpotool.world.grammar import world_prompts
+
+    clip = to_uint8(render_batch(world_prompts("val")[:1], [0], 17, 32, 32)[0])
+    seen = set()
+    for i in range(20):
+        write_video(tmp_path / f"{i}.mp4", clip, 8)
+        seen.add(hashlib.md5(read_video(tmp_path / f"{i}.mp4").tobytes()).hexdigest())
+    assert len(seen) == 1

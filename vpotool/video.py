@@ -47,7 +47,10 @@ def _encode(tmp: Path, frames: np.ndarray, fps: int, crf: int) -> None:
         stream = out.add_stream("libx264", rate=int(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        # asm=0: libx264's SIMD made the same small frames encode differently from one call to the next (a 32x32
+        # world clip: 8 different decodings in 25 encodes), so eval's reference clips and a rerun's videos differed;
+        # its C code encodes them identically every time, at about 1.7x the encoding time (480p)
+        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "asm=0"}
         stream.codec_context.thread_count = 1
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
