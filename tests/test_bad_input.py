@@ -356,3 +356,13 @@ def test_trainers_refuse_temporal_rewards_on_one_frame_rollouts(args, cli, tmp_p
                        "--max-steps", 1, "--device", "cpu", "--out", tmp_path / "o")  # fmt: skip
     assert code == 2 and "compares frames and needs videos of at least 2 frames" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_frames_a_video_vae_cannot_make_are_refused_naming_the_nearest(cli, tmp_path):
+    """Wan's VAE makes 4k + 1 frames: --frames 4 sampled 1-frame videos with exit 0."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    code, _, err = cli("sample", "--prompts", prompts, "--frames", 4, "--height", 16, "--width", 16, "--steps", 2,
+                       "--device", "cpu", "--out", tmp_path / "s")  # fmt: skip
+    assert code == 2 and "--frames 4: this model's video VAE makes 4k + 1 frames" in err and "--frames 1 or 5" in err
+    assert not (tmp_path / "s" / "samples.parquet").exists()

@@ -85,7 +85,7 @@ def test_eval_with_a_model_reward(cli, tmp_path):
     prompts.write_text("a red circle moving left\n")
     code, _, err = cli(
         "eval", "--prompts", prompts, "--reward", "clip,flicker", "--reward-path", path, "--out", tmp_path / "ev",
-        "--frames", 4, "--height", 16, "--width", 16, "--steps", 2, "--device", "cpu",
+        "--frames", 5, "--height", 16, "--width", 16, "--steps", 2, "--device", "cpu",
     )  # fmt: skip
     assert code == 0, err
     metrics = {r["metric"] for r in read_manifest(tmp_path / "ev" / "eval.parquet", "eval").to_pylist()}
@@ -102,7 +102,7 @@ def test_train_refl_on_a_model_reward_changes_the_adapter(cli, tmp_path):
     code, _, err = cli(
         "train-refl", "--prompts", prompts, "--reward", "clip", "--reward-path", path, "--out", out,
         "--max-steps", 2, "--batch-size", 2, "--lr", 1e-2, "--lora-rank", 4, "--save-every", 1,
-        "--frames", 4, "--height", 16, "--width", 16, "--steps", 2, "--guidance", 1.0, "--device", "cpu",
+        "--frames", 5, "--height", 16, "--width", 16, "--steps", 2, "--guidance", 1.0, "--device", "cpu",
     )  # fmt: skip
     assert code == 0, err
     files = sorted(out.glob("checkpoints/step-*/*lora*.safetensors"))

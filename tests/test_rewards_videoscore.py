@@ -61,11 +61,19 @@ def save_tokenizer(folder):
     fast.save_pretrained(folder)
 
 
-def save_checkpoint(folder, config=None, seed=0):
+TEST_CARD = '# Model\n\n```python\nMAX_NUM_FRAMES={frames}\nREGRESSION_QUERY_PROMPT = """{instruction}"""\n```\n'
+TEST_INSTRUCTION = 'Score the clip for the text prompt "{text_prompt}".\nFrames:\n'
+
+
+def save_checkpoint(folder, config=None, seed=0, card_frames: int | None = 16):
+    """A tiny random VideoScore folder; with ``card_frames``, a README.md model card whose code sets
+    ``MAX_NUM_FRAMES`` and ``REGRESSION_QUERY_PROMPT`` as the published cards do."""
     torch.manual_seed(seed)
     model = VideoScoreModel(config or tiny_config()).eval()
     model.save_pretrained(folder)
     save_tokenizer(folder)
+    if card_frames:
+        (folder / "README.md").write_text(TEST_CARD.format(frames=card_frames, instruction=TEST_INSTRUCTION))
     processor = {"do_image_splitting": False, "size": {"shortest_edge": 28, "longest_edge": 56}, "resample": 2}
     (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "image_mean": [0.5] * 3}))
     return model
@@ -241,15 +249,19 @@ def test_options(checkpoint, tmp_path):
         load_videoscore(path=str(checkpoint), prompt_template=str(bad))
 
 
-def test_frame_count_defaults_follow_the_checkpoint(tmp_path, checkpoint):
-    v11 = tmp_path / "VideoScore-v1.1"
-    v11.mkdir()
-    for f in checkpoint.iterdir():
-        (v11 / f.name).write_bytes(f.read_bytes())
-    assert load_videoscore(path=str(v11)).frames == 48
+def test_frame_count_defaults_follow_the_checkpoint(tmp_path):
+    """The config's count, else the model card's MAX_NUM_FRAMES; never the folder's name: a folder called v1.1 with
+    neither is refused in one line naming the option."""
+    carded = tmp_path / "carded"
+    save_checkpoint(carded, card_frames=48)
+    assert load_videoscore(path=str(carded)).frames == 48
     recorded = tmp_path / "recorded"
-    save_checkpoint(recorded, tiny_config(num_frames=8))
-    assert load_videoscore(path=str(recorded)).frames == 8
+    save_checkpoint(recorded, tiny_config(num_frames=8), card_frames=None)
+    assert load_videoscore(path=str(recorded), prompt_template="builtin").frames == 8
+    named = tmp_path / "VideoScore-v1.1"
+    save_checkpoint(named, card_frames=None)
+    with pytest.raises(VpoError, match="records no frame count.*videoscore.frames=48"):
+        load_videoscore(path=str(named), prompt_template="builtin")
 
 
 def test_an_upstream_style_template_appends_the_frames(checkpoint, tmp_path):
@@ -287,20 +299,18 @@ def test_frames_are_picked_as_upstream_picks_them(t, n):
 
 
 def test_the_model_cards_instruction_is_the_default_template(checkpoint, tmp_path):
-    """A checkpoint whose README.md prints ``REGRESSION_QUERY_PROMPT`` is queried with that text; without a card
-    the shipped template serves; ``prompt_template`` overrides both."""
-    carded = tmp_path / "carded"
-    carded.mkdir()
-    for f in checkpoint.iterdir():
-        (carded / f.name).write_bytes(f.read_bytes())
-    instruction = '\nRate this clip.\nThe text prompt is "{text_prompt}",\nframes follow:\n'
-    card = f'# Model\n\n```python\nMAX_NUM_FRAMES=16\nREGRESSION_QUERY_PROMPT = """{instruction}"""\n```\n'
-    (carded / "README.md").write_text(card)
-    reward = load_videoscore(path=str(carded), frames=2)
-    assert reward.template == instruction and reward.pick == "upstream"
+    """A checkpoint whose README.md prints ``REGRESSION_QUERY_PROMPT`` is queried with that text; ``prompt_template``
+    overrides it (``builtin``: vpotool's own); a folder without a card and without the option is refused in one
+    line, never scored with another instruction silently."""
+    reward = load_videoscore(path=str(checkpoint), frames=2)
+    assert reward.template == TEST_INSTRUCTION and reward.pick == "upstream"
     query = build_query(reward.template, "a red circle", "<F> ")
-    assert query == '\nRate this clip.\nThe text prompt is "a red circle",\nframes follow:\n<F> '
-    assert load_videoscore(path=str(checkpoint)).template == PROMPT_TEMPLATE
+    assert query == 'Score the clip for the text prompt "a red circle".\nFrames:\n<F> '
     own = tmp_path / "own.txt"
     own.write_text("score {prompt}")
-    assert load_videoscore(path=str(carded), prompt_template=str(own)).template == "score {prompt}"
+    assert load_videoscore(path=str(checkpoint), prompt_template=str(own)).template == "score {prompt}"
+    assert load_videoscore(path=str(checkpoint), prompt_template="builtin").template == PROMPT_TEMPLATE
+    bare = tmp_path / "bare"
+    save_checkpoint(bare, card_frames=None)
+    with pytest.raises(VpoError, match="no model card .*videoscore.prompt_template=FILE"):
+        load_videoscore(path=str(bare), frames=2)

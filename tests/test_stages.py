@@ -198,7 +198,7 @@ def test_config_file_errors(cli, prompts_file, tmp_path, bad):
 
 def test_config_file_sets_options_and_flags_override(cli, prompts_file, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"prompts: {prompts_file}\ncandidates: 3\nframes: 8\nheight: 16\nwidth: 16\nsteps: 2\n")
+    cfg.write_text(f"prompts: {prompts_file}\ncandidates: 3\nframes: 9\nheight: 16\nwidth: 16\nsteps: 2\n")
     assert cli("sample", "--config", cfg, "--candidates", 1, "--out", tmp_path / "r")[0] == 0
     samples = pd.read_parquet(tmp_path / "r" / "samples.parquet")
     assert len(samples) == 2 and set(samples.steps) == {2}

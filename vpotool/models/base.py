@@ -191,7 +191,17 @@ def video_latent_shape(codec, frames: int, height: int, width: int) -> tuple[int
     """``(C, F, h, w)`` of a codec with ``latent_channels``, ``temporal_factor`` and ``spatial_factor``
     (latent frames ``(T - 1) // factor + 1``, as the causal video VAEs compress)."""
     frames_to_latents = getattr(codec, "latent_frames", None)  # a codec with its own framing (tiny-ar's segments)
-    f = frames_to_latents(frames) if frames_to_latents else (frames - 1) // codec.temporal_factor + 1
+    if frames_to_latents:
+        f = frames_to_latents(frames)
+    else:
+        tf = codec.temporal_factor
+        if frames < 1 or (frames - 1) % tf:  # the decoder makes (f - 1) * tf + 1 frames: fewer than asked
+            below, above = max(1, (frames - 1) // tf * tf + 1), ((max(frames, 1) - 1) // tf + 1) * tf + 1
+            raise VpoError(
+                f"--frames {frames}: this model's video VAE makes {tf}k + 1 frames (1, {tf + 1}, {2 * tf + 1}, ...); "
+                f"pass --frames {below} or {above}"
+            )
+        f = (frames - 1) // tf + 1
     return (codec.latent_channels, f, height // codec.spatial_factor, width // codec.spatial_factor)
 
 

@@ -69,6 +69,7 @@ DEFAULT_ID = "TIGER-Lab/VideoScore-v1.1"
 WHAT = "a VideoScore checkpoint folder (v1 or v1.1)"
 OPTIONS = ("frames", "prompt_template", "frame_pick")
 CARD_TEMPLATE = re.compile(r'REGRESSION_QUERY_PROMPT\s*=\s*"""(.*?)"""', re.DOTALL)
+CARD_FRAMES = re.compile(r"MAX_NUM_FRAMES\s*=\s*(\d+)")
 IMAGE_TOKEN, FAKE_TOKEN = "<image>", "<fake_token_around_image>"
 V1_FRAMES, V11_FRAMES = 16, 48  # the frame counts the model cards give for VideoScore and VideoScore-v1.1
 
@@ -226,23 +227,35 @@ class VideoScoreReward:
 
 def default_frames(config, path: str) -> int:
     """Frames per video when the ``frames`` option is unset: a count the checkpoint's config records
-    (``num_frames``/``max_num_frames``), else 48 when the path or hub id names v1.1 and 16 otherwise."""
+    (``num_frames``/``max_num_frames``), else the ``MAX_NUM_FRAMES`` its model card's code sets (16 for VideoScore,
+    48 for v1.1); neither is a one-line ``VpoError``, never a guess from the folder's name."""
     for key in ("num_frames", "max_num_frames"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    name = str(path).lower().replace("_", ".")  # the whole path: hub cache folders end in a commit hash
-    return V11_FRAMES if "v1.1" in name else V1_FRAMES
+    found = CARD_FRAMES.search(model_card(path))
+    if found and int(found.group(1)) > 0:
+        return int(found.group(1))
+    raise VpoError(
+        f"reward videoscore: {path} records no frame count (no num_frames in its config, no MAX_NUM_FRAMES in a "
+        f"README.md model card); pass --reward-options videoscore.frames={V11_FRAMES} for VideoScore-v1.1, "
+        f"{V1_FRAMES} for VideoScore v1"
+    )
+
+
+def model_card(where: str) -> str:
+    """The checkpoint's ``README.md`` (its model card), or "" when it has none."""
+    card = optional_file(where, "README.md")
+    if not card:
+        return ""
+    with open(card, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def card_template(where: str) -> str | None:
     """The query instruction printed in the checkpoint's model card (``README.md``, ``REGRESSION_QUERY_PROMPT``);
     None when the folder has no such card."""
-    card = optional_file(where, "README.md")
-    if not card:
-        return None
-    with open(card, encoding="utf-8", errors="replace") as f:
-        found = CARD_TEMPLATE.search(f.read())
+    found = CARD_TEMPLATE.search(model_card(where))
     if not found or ("{text_prompt}" not in found.group(1) and "{prompt}" not in found.group(1)):
         return None
     return found.group(1)
@@ -301,11 +314,19 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
             f"not trained with and vpotool does not do; set do_image_splitting to false"
         )
     frames = options["frames"] or default_frames(model.config, where)
-    if options.get("prompt_template") is not None:
+    if options.get("prompt_template") == "builtin":  # vpotool's own instruction, asked for by name
+        template = PROMPT_TEMPLATE
+    elif options.get("prompt_template") is not None:
         template = read_template(options["prompt_template"])
     else:
         card = card_template(where)
-        template = PROMPT_TEMPLATE if card is None else check_template(card, f"{where}/README.md")
+        if card is None:
+            raise VpoError(
+                f"reward videoscore: {where} has no model card (README.md with REGRESSION_QUERY_PROMPT) to take the "
+                "query from, and another instruction moves the scores; copy the checkpoint's README.md there, or "
+                "pass --reward-options videoscore.prompt_template=FILE (or =builtin for vpotool's own)"
+            )
+        template = check_template(card, f"{where}/README.md")
     pick = options.get("frame_pick") or "upstream"
     if pick not in ("upstream", "spaced"):
         raise VpoError(f"reward videoscore: frame_pick must be upstream or spaced (got {pick!r})")
