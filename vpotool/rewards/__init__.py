@@ -81,6 +81,7 @@ def default_pair_margin(spec: str) -> float:
 REWARDS.update(
     {
         "videoscore": _lazy("vpotool.rewards.videoscore:load_videoscore"),
+        "videoalign": _lazy("vpotool.rewards.videoalign:load_videoalign"),
         "clip": _lazy("vpotool.rewards.clip:load_clip"),
         "pickscore": _lazy("vpotool.rewards.clip:load_pickscore"),
         "aesthetic": _lazy("vpotool.rewards.clip:load_aesthetic"),
