@@ -104,3 +104,17 @@ def test_bad_inputs(tmp_path, template, reward):
         reward(video(0)[:, :1], ["a"], fps=8)
     with pytest.raises(VpoError, match="prompt text not found"):
         load_reward("videoalign", str(FOLDER))
+
+
+def test_a_checkpoint_without_head_statistics_is_not_left_unnormalised(tmp_path, template):
+    """Upstream normalises each head by the checkpoint's inference_config; without it the heads are refused in one
+    line (or read raw when asked for)."""
+    bare = tmp_path / "bare"
+    shutil.copytree(FOLDER, bare)
+    config = json.loads((bare / "model_config.json").read_text())
+    config.pop("inference_config", None)
+    (bare / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(VpoError, match="records no head statistics.*videoalign.norm=false"):
+        load_reward("videoalign", str(bare), options={"videoalign": {"prompt_template": template}})
+    raw = load_reward("videoalign", str(bare), options={"videoalign": {"prompt_template": template, "norm": False}})
+    assert raw.setup["norm"] is False

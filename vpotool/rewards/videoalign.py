@@ -366,6 +366,13 @@ def load_videoalign(path: str | None = None, device="cpu", dtype=torch.float32, 
     chat_template = tokenizer.chat_template or read_json(base, "chat_template.json").get("chat_template")
     image = read_json(base, "preprocessor_config.json")
     norm = config.get("inference_config") or {}
+    missing = [f"{h}_{k}" for h in HEADS for k in ("mean", "std") if f"{h}_{k}" not in norm]
+    if options["norm"] and missing:
+        raise VpoError(
+            f"reward videoalign: {path} records no head statistics ({missing[0]} missing from model_config.json's "
+            "inference_config), so its heads cannot be normalised as upstream does; add them, or pass "
+            "--reward-options videoalign.norm=false for raw head values"
+        )
     setup = {
         "fps": float(options["fps"] or data.get("fps") or 2.0),
         "num_frames": data.get("num_frames"),
