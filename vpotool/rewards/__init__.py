@@ -91,6 +91,7 @@ REWARDS.update(
         "vjepa": _lazy("vpotool.rewards.features:load_vjepa"),
         "raft": _lazy("vpotool.rewards.raft:load_raft"),
         "reference": _lazy("vpotool.rewards.reference:load_reference"),
+        "videoscore2": _lazy("vpotool.rewards.videoscore2:load_videoscore2"),
     }
 )
 
