@@ -114,7 +114,8 @@ def main(argv=None):
     seeds = sorted({s for v in runs.values() for s, _ in v})
     n_eval = ar["base"]["world.overall"]["n"]
     p = print
-    p("### Exposure bias: base, SCST, Self-Forcing, DPO\n")
+    p("# Exposure bias on the tiny world: base, SCST, Self-Forcing, DPO\n")
+    p("Written by `examples/tiny_ar/results_table.py` from `examples/tiny_ar/compare.sh`; read in docs/results.md.\n")
     frames, n_seg, listed = 16 * len(base["curve"]) + 1, len(base["curve"]), ", ".join(map(str, seeds))
     p(
         f"`tiny-ar`, trained at 33 frames (two chunks) on `world:align`, evaluated on {n_eval} videos of "
