@@ -342,3 +342,34 @@ def test_stale_temp_files_of_a_dead_writer_are_removed_and_a_live_ones_kept(tmp_
     (tmp_path / f".scores.parquet.{pid}.tmp").write_bytes(b"x")
     RowWriter(tmp_path / "scores.parquet", "scores", {})  # a rerun of the stage cleans up on opening
     assert not (tmp_path / f".scores.parquet.{pid}.tmp").exists()
+
+
+def test_a_judges_answers_are_kept_beside_its_scores_and_read_as_no_dimension(tmp_path):
+    """A reward that keeps its answers (``last_texts``, as videoscore2 does) gets them in a ``text`` column of the
+    scores manifest; readers of dimensions (pair, eval, report) skip it, and merge accepts it."""
+    import torch
+
+    from vpotool.manifest import merge_manifests, read_manifest, reward_rows, write_manifest
+    from vpotool.stages.score import score_rows
+
+    class Judge:
+        name, differentiable, dimensions, score_range = "judge", False, ("quality", "overall"), (1.0, 5.0)
+
+        def __call__(self, frames, prompts):
+            self.last_texts = [f"answer {i}: looks fine" for i in range(len(prompts))]
+            q = torch.arange(len(prompts), dtype=torch.float32) + 1
+            return {"quality": q, "overall": q}
+
+    rows = [{"sample_id": f"s{i}", "prompt_id": "p0", "prompt": "a cat", "fps": 8, "video": "v.mp4"} for i in range(2)]
+    out = score_rows({"judge": Judge()}, torch.rand(2, 2, 3, 4, 4), rows)
+    assert [r["text"] for r in out] == ["answer 0: looks fine", "answer 1: looks fine"]
+    write_manifest(tmp_path / "a.parquet", out, "scores")
+    table = read_manifest(tmp_path / "a.parquet", "scores")
+    assert table.schema.field("text").type == "string"
+    name, got = reward_rows(table.to_pylist(), None, "quality", tmp_path / "a.parquet", "--dimension")
+    assert name == "judge" and [r["quality"] for r in got] == [1.0, 2.0]
+    with pytest.raises(VpoError, match="no dimension 'text'"):
+        reward_rows(table.to_pylist(), None, "text", tmp_path / "a.parquet", "--dimension")
+    write_manifest(tmp_path / "b.parquet", [{**r, "sample_id": r["sample_id"] + "b"} for r in out], "scores")
+    merge_manifests([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "m.parquet")
+    assert read_manifest(tmp_path / "m.parquet", "scores").num_rows == 4

@@ -33,6 +33,7 @@ class Schema:
     written_by: str
     extra_floats: bool = False
     key: tuple[str, ...] = ()
+    extra_strings: tuple[str, ...] = ()  # optional text columns (a scores row's judge answer)
 
     @property
     def columns(self) -> list[str]:
@@ -68,6 +69,7 @@ SCHEMAS: dict[str, Schema] = {
             "`vpotool score`",
             extra_floats=True,
             key=("sample_id", "reward"),
+            extra_strings=("text",),
         ),
         Schema(
             "pairs",
@@ -109,7 +111,7 @@ def _arrow_schema(schema: Schema, extra: Iterable[str] = (), config: dict | None
         "vpotool.version": __version__,
         "vpotool.config": json.dumps(config or {}, sort_keys=True, default=str),
     }
-    fields = list(schema.fields) + [pa.field(c, F) for c in extra]
+    fields = list(schema.fields) + [pa.field(c, S if c in schema.extra_strings else F) for c in extra]
     return pa.schema(fields, metadata=meta)
 
 
@@ -118,7 +120,7 @@ def to_table(rows: list[dict], schema_name: str, config: dict | None = None) -> 
     schema = SCHEMAS[schema_name]
     known = set(schema.columns)
     extra = sorted({k for r in rows for k in r} - known)
-    if extra and not schema.extra_floats:
+    if not schema.extra_floats and set(extra) - set(schema.extra_strings):
         raise ValueError(f"{schema_name} manifest has no columns {extra}")
     missing = [c for c in schema.columns if rows and any(c not in r for r in rows)]
     if missing:
@@ -363,7 +365,8 @@ def check_merge_columns(table: pa.Table, path, schema: Schema, first: tuple | No
         if f.name in wanted and f.type != wanted[f.name]:
             raise VpoError(f"merge: {path} has column {f.name} of type {f.type}, a {schema.name} manifest has "
                            f"{wanted[f.name]}; regenerate it with {schema.written_by}")  # fmt: skip
-        if f.name not in wanted and not (schema.extra_floats and pa.types.is_floating(f.type)):
+        text = f.name in schema.extra_strings and pa.types.is_string(f.type)
+        if f.name not in wanted and not text and not (schema.extra_floats and pa.types.is_floating(f.type)):
             why = "a float" if schema.extra_floats else "no such"
             raise VpoError(f"merge: {path} has column {f.name} of type {f.type}, but a {schema.name} manifest has "
                            f"{why} column there; regenerate it with {schema.written_by}")  # fmt: skip
@@ -425,6 +428,14 @@ def merge_manifests(inputs: list[str | Path], out: str | Path) -> tuple[str, int
     return kind, len(rows)
 
 
+SCORE_KEYS = ("sample_id", "prompt_id", "reward", "text")  # a scores row's columns that are not dimensions
+
+
+def score_dimensions(row: dict) -> dict[str, float]:
+    """A scores row's dimensions: its numeric columns that are set (not the ids, the reward's name or its text)."""
+    return {k: v for k, v in row.items() if k not in SCORE_KEYS and isinstance(v, int | float) and v is not None}
+
+
 def reward_rows(scores: list[dict], reward: str | None, dimension: str, path: Path, dimension_flag: str):
     """``(reward name, its rows)`` of a scores manifest: ``reward``, or the only one there; its rows must hold
     ``dimension``. Ambiguity and absence stop with one line naming ``--reward`` or ``dimension_flag``."""
@@ -437,7 +448,7 @@ def reward_rows(scores: list[dict], reward: str | None, dimension: str, path: Pa
     if name not in rewards:
         raise VpoError(f"{path} has no scores of reward '{name}' (--reward); it has: {', '.join(rewards)}")
     rows = [r for r in scores if r["reward"] == name]
-    dims = sorted(k for k, v in rows[0].items() if k not in ("sample_id", "prompt_id", "reward") and v is not None)
+    dims = sorted(score_dimensions(rows[0]))
     if dimension not in dims:
         known = ", ".join(dims)
         raise VpoError(f"reward '{name}' has no dimension '{dimension}'; choose {dimension_flag} from: {known}")

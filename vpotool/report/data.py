@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from vpotool.config import load_yaml
 from vpotool.errors import VpoError
-from vpotool.manifest import manifest_config, manifest_kind, read_manifest, resolve
+from vpotool.manifest import manifest_config, manifest_kind, read_manifest, resolve, score_dimensions
 
 # Config files the stages write next to their outputs, most telling first.
 CONFIG_FILES = ("loop.yaml", "train-dpo.yaml", "train-refl.yaml", "train-scst.yaml")
@@ -119,7 +119,7 @@ def load_scores(path: Path | None) -> dict[str, dict[str, float]]:
     several = len({r["reward"] for r in rows}) > 1
     out: dict[str, dict[str, float]] = {}
     for r in rows:
-        dims = {k: v for k, v in r.items() if k not in ("sample_id", "prompt_id", "reward") and clean(v) is not None}
+        dims = {k: v for k, v in score_dimensions(r).items() if clean(v) is not None}
         prefix = f"{r['reward']}." if several else ""
         ordered = sorted(dims, key=lambda k: (k != "overall", k))
         out.setdefault(r["sample_id"], {}).update({prefix + k: dims[k] for k in ordered})

@@ -16,7 +16,7 @@ import torch
 
 from vpotool.config import EvalConfig, SampleConfig, ScoreConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, write_manifest
+from vpotool.manifest import read_manifest, score_dimensions, write_manifest
 from vpotool.progress import console
 from vpotool.prompts import load_prompts
 from vpotool.report.strip import frame_strip
@@ -246,7 +246,7 @@ def metric_values(scores_path: Path, sample_ids: set[str], names: list[str]) -> 
     out: dict[str, dict[str, float]] = {}
     for reward in names:
         mine = [r for r in rows if r["reward"] == reward]
-        dims = sorted({k for r in mine for k, v in r.items() if v is not None} - {"sample_id", "prompt_id", "reward"})
+        dims = sorted({k for r in mine for k in score_dimensions(r)})
         for dim in ["overall"] + [d for d in dims if d != "overall"]:
             out[f"{reward}.{dim}"] = {r["sample_id"]: float(r[dim]) for r in mine if r.get(dim) is not None}
     return out

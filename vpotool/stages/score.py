@@ -32,9 +32,13 @@ def score_rows(rewards: dict, frames: torch.Tensor, rows: list[dict]) -> list[di
         with torch.no_grad():
             dims = call_reward(reward, x, prompts, rows[0]["fps"])  # a batch holds one fps (see score_into)
         values = {k: v.detach().double().cpu().tolist() for k, v in dims.items()}
+        texts = getattr(reward, "last_texts", None)  # a judge's answers, kept for inspection
+        texts = texts if isinstance(texts, list) and len(texts) == len(rows) else None
         for i, r in enumerate(rows):
             row = {"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "reward": name}
             row.update({k: v[i] for k, v in values.items()})
+            if texts is not None:
+                row["text"] = texts[i]
             bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 raise VpoError(
