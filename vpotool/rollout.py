@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import Backend, Chunking, Conditioning, NoiseSchedule, decoded_frames
+from vpotool.models.base import Backend, Chunking, Conditioning, NoiseSchedule, decoded_frames, noise_like
 from vpotool.sampling import Trajectory, _step_stream, gaussian_logp, guided_prediction, step_moments
 
 
@@ -53,14 +53,6 @@ def window_input(ctx: torch.Tensor, x: torch.Tensor, t, sigma: float, z: torch.T
     t_chunk = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(b, f)
     t_ctx = torch.full((b, n), sigma * 1000.0, device=x.device)
     return torch.cat([ctx.to(x.dtype), x], 2), torch.cat([t_ctx, t_chunk], 1)
-
-
-def _noise_like(like: torch.Tensor, gens) -> torch.Tensor:
-    """Standard normal noise shaped like ``like [B, ...]``: row i from ``gens[i]`` (reproducible), or the global
-    generator without them."""
-    if not gens:
-        return torch.randn_like(like)
-    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like)
 
 
 def rollout(
@@ -130,7 +122,7 @@ def rollout(
             with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
                 if i not in grad_steps:
                     x = x.detach()
-                z = _noise_like(ctx, gens) if c_sigma and n_ctx else None  # fresh each step, as the pipeline
+                z = noise_like(ctx, gens) if c_sigma and n_ctx else None  # fresh each step, as the pipeline
                 x_in, t_frames = window_input(ctx, x, float(t), c_sigma, z)
                 raw = guided_prediction(backend, x_in.to(backend.dtype), t_frames, cond, uncond, guidance)[
                     :, :, n_ctx:
@@ -143,7 +135,7 @@ def rollout(
                     continue
                 mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
                 if stochastic:
-                    x = mean + std * _noise_like(x, gens)
+                    x = mean + std * noise_like(x, gens)
                     logps.append(gaussian_logp(x, mean, std))
                 else:
                     x = mean

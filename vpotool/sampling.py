@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.models.base import Backend, Conditioning, NoiseSchedule, cond_cat
+from vpotool.models.base import Backend, Conditioning, NoiseSchedule, cond_cat, noise_like
 
 
 def _bcast(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -193,8 +193,7 @@ def sample(
                 return Trajectory(latents=x0_hat, logps=torch.stack(logps, 1) if logps else None, states=states)
             mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
             if stochastic:
-                z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]) if gens else torch.randn_like(x)
-                x = mean + std * z.to(x.device)
+                x = mean + std * noise_like(x, gens)
                 logps.append(gaussian_logp(x, mean, std))
             else:
                 x = mean

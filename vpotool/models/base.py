@@ -205,6 +205,14 @@ def video_latent_shape(codec, frames: int, height: int, width: int) -> tuple[int
     return (codec.latent_channels, f, height // codec.spatial_factor, width // codec.spatial_factor)
 
 
+def noise_like(like: torch.Tensor, gens=None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like [B, ...]``: row i from ``gens[i]`` (a list of per-video generators,
+    reproducible whatever the batch), or the global generator without them."""
+    if not gens:
+        return torch.randn_like(like)
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like)
+
+
 def decoded_frames(codec, latent_frames: int) -> int:
     """The video frames ``latent_frames`` latent frames decode to: the inverse of :func:`video_latent_shape`'s."""
     own = getattr(codec, "pixel_frames", None)

@@ -18,7 +18,7 @@ import os
 import torch
 
 from vpotool.errors import VpoError, first_line
-from vpotool.models.base import Chunking, Conditioning, NoiseSchedule, SamplingDefaults
+from vpotool.models.base import Chunking, Conditioning, NoiseSchedule, SamplingDefaults, noise_like
 from vpotool.models.wan import WanBackend, WanVaeCodec, wan_parts
 
 SELF_FORCING_DEFAULTS = SamplingDefaults(frames=81, height=480, width=832, fps=16, steps=4, guidance=1.0)
@@ -61,7 +61,7 @@ def draw_noise(like: torch.Tensor, generator) -> torch.Tensor:
     """Standard normal noise shaped like ``like [B, ...]``: row i from ``generator[i]`` (a list, the rollout's
     per-video streams), else from ``generator`` or the global generator."""
     if isinstance(generator, list | tuple):
-        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generator]).to(like)
+        return noise_like(like, generator)
     return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
