@@ -48,6 +48,7 @@ class VideoMAEEmbedder:
     """cd-FVD's VideoMAE features of float frames ``[B, T, 3, H, W]`` in [0, 1] (see the module docstring)."""
 
     name = "videomae"
+    own_size = True  # resizes every clip to the model's input
 
     def __init__(self, model, device="cpu"):
         self.model, self.device = model, device
@@ -108,19 +109,37 @@ def reference_videos(folder: str | Path) -> list[torch.Tensor]:
     return [frames_to_tensor(read_video(p)) for p in files]
 
 
-def reference_features(embed, videos: list[torch.Tensor], height: int | None = None, width: int | None = None):
-    """Features ``[N, D]`` of every window of the reference ``videos`` (at ``height x width`` when given) and the
-    window length: the shortest video's, or the embedder's clip length."""
-    length = embed.clip_frames or min(v.shape[0] for v in videos)
-    if min(v.shape[0] for v in videos) < length:
-        raise VpoError(f"reference videos: {embed.name} features need clips of {length} frames; some are shorter")
-    feats = []
-    for v in videos:
-        if height and width and v.shape[-2:] != (height, width):
-            v = F.interpolate(v, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-        w, _ = windows(v[None], length)
-        feats.append(embed(w))
-    return torch.cat(feats), length
+class ReferenceSet:
+    """Reference clips and their features in one feature space, embedded once per video size: every window of each
+    clip, the window length being the shortest clip's (or the embedder's clip length). Features computed at the
+    videos' own size (the world's) get the references resized to it; an embedder that resizes its input itself
+    (``own_size``, VideoMAE) embeds them as they are."""
+
+    def __init__(self, embed, videos: list[torch.Tensor]):
+        self.embed, self.videos = embed, videos
+        self.length = embed.clip_frames or min(v.shape[0] for v in videos)
+        if min(v.shape[0] for v in videos) < self.length:
+            raise VpoError(
+                f"reference videos: {embed.name} features need clips of {self.length} frames; some are shorter"
+            )
+        self._features: dict = {}
+
+    def features(self, height: int, width: int) -> torch.Tensor:
+        """``[N, D]``: the references' window features for videos of ``height x width``."""
+        size = None if getattr(self.embed, "own_size", False) else (height, width)
+        if size not in self._features:
+            feats = []
+            for v in self.videos:
+                if size and v.shape[-2:] != size:
+                    v = F.interpolate(v, size=size, mode="bilinear", align_corners=False, antialias=True)
+                feats.append(self.embed(windows(v[None], self.length)[0]))
+            self._features[size] = torch.cat(feats)
+        return self._features[size]
+
+    def video_features(self, frames: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``([B * W, D], W)``: the features of each video's W windows of the references' length."""
+        clips, n = windows(frames.detach().float().cpu(), self.length)
+        return self.embed(clips), n
 
 
 class ReferenceReward:
@@ -138,12 +157,12 @@ class ReferenceReward:
     def __init__(self, embed, videos: list[torch.Tensor], k: int = 5):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise VpoError(f"reward reference: option k must be a positive integer; got {k!r}")
-        self.embed, self.videos, self.k = embed, videos, int(k)
-        self._ref: dict = {}  # (height, width) -> (mean, std, standardised features, scale, window length)
+        self.references, self.k = ReferenceSet(embed, videos), int(k)
+        self._ref: dict = {}  # (height, width) -> (mean, std, standardised features, scale)
 
     def reference(self, height: int, width: int):
         if (height, width) not in self._ref:
-            feats, length = reference_features(self.embed, self.videos, height, width)
+            feats = self.references.features(height, width)
             mean, std = feats.mean(0), feats.std(0, correction=0).clamp(min=1e-6)
             z = (feats - mean) / std
             if z.shape[0] < 2:
@@ -151,15 +170,15 @@ class ReferenceReward:
             d = torch.cdist(z, z).fill_diagonal_(math.inf)
             k = min(self.k, z.shape[0] - 1)
             scale = d.topk(k, largest=False).values.mean(1).median().clamp(min=1e-6)
-            self._ref[(height, width)] = (mean, std, z, scale, length)
+            self._ref[(height, width)] = (mean, std, z, scale)
         return self._ref[(height, width)]
 
     def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         check_frames(frames, prompts)
         b, _, _, h, w = frames.shape
-        mean, std, z, scale, length = self.reference(h, w)
-        clips, n = windows(frames.detach().float().cpu(), length)
-        mine = (self.embed(clips) - mean) / std
+        mean, std, z, scale = self.reference(h, w)
+        feats, n = self.references.video_features(frames)
+        mine = (feats - mean) / std
         k = min(self.k, z.shape[0])
         near = torch.cdist(mine, z).topk(k, largest=False).values.mean(1)
         score = -(near / scale).view(b, n).mean(1)

@@ -293,27 +293,22 @@ def world_clip_stats(samples_path: Path, rows: list[dict], batch_size: int) -> t
 
 
 def fvd_features(cfg: EvalConfig):
-    """``(embedder, reference videos)`` of ``--fvd-model`` and ``--fvd-reference``
-    (:mod:`vpotool.rewards.reference`)."""
+    """The :class:`~vpotool.rewards.reference.ReferenceSet` of ``--fvd-reference`` in ``--fvd-model``'s features."""
     from vpotool.models import resolve_device
-    from vpotool.rewards.reference import load_embedder, reference_videos
+    from vpotool.rewards.reference import ReferenceSet, load_embedder, reference_videos
 
     videos = reference_videos(cfg.fvd_reference)
-    return load_embedder(cfg.fvd_model, resolve_device(cfg.device), what="--fvd-model"), videos
+    return ReferenceSet(load_embedder(cfg.fvd_model, resolve_device(cfg.device), what="--fvd-model"), videos)
 
 
-def fvd_row(fvd, name: str, samples_path: Path, rows: list[dict], batch_size: int) -> dict:
+def fvd_row(references, name: str, samples_path: Path, rows: list[dict], batch_size: int) -> dict:
     """The ``fvd`` row of checkpoint ``name``: the Frechet distance between the features of its videos' windows and
-    the reference clips' (the world's features: references resized to the videos' size)."""
-    from vpotool.rewards.reference import reference_features, windows
-
-    embed, videos = fvd
-    size = (rows[0]["height"], rows[0]["width"]) if embed.name == "world" else (None, None)
-    reference, length = reference_features(embed, videos, *size)
-    mine = []
-    for i in range(0, len(rows), batch_size):
-        clips, _ = windows(load_frames(samples_path, rows[i : i + batch_size]), length)
-        mine.append(embed(clips))
+    the reference clips' (embedded once for every checkpoint of this size)."""
+    mine = [
+        references.video_features(load_frames(samples_path, rows[i : i + batch_size]))[0]
+        for i in range(0, len(rows), batch_size)
+    ]
+    reference = references.features(rows[0]["height"], rows[0]["width"])
     dist = frechet_distance(torch.cat(mine), reference)
     return dict(checkpoint=name, metric=FVD, mean=dist, std=math.nan, n=len(rows), win_rate=math.nan)
 
