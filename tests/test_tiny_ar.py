@@ -197,14 +197,13 @@ WORLD_PROMPTS = (
 
 
 def test_teacher_context_rolls_out_beside_the_rendered_clip(backend):
+    from vpotool.rewards import load_reward
     from vpotool.sampling import resolved_settings
     from vpotool.training.scst import teacher_latents
 
     prompts = WORLD_PROMPTS.split("\n")[:2]
-    cfg = ScstConfig(prompts="x.txt", out="o", reward="world", device="cpu", noise_level=0.0 + 0.7, **SIZE)
+    cfg = ScstConfig(prompts="x.txt", out="o", reward="world", device="cpu", noise_level=0.7, **SIZE)
     settings = resolved_settings(cfg, backend)
-    from vpotool.rewards import load_reward
-
     reward = load_reward("world", device="cpu")
     own = collect(backend, reward, prompts, [3, 4], settings, cfg)
     forced = collect(backend, reward, prompts, [3, 4], settings, replace(cfg, context="teacher", advantage="chunk"))
@@ -266,6 +265,8 @@ def test_chunk_options_are_refused_where_they_mean_nothing(cli, tmp_path):
 
 
 def test_init_adapter_starts_from_another_run_and_refuses_another_rank(tmp_path):
+    from safetensors.torch import load_file
+
     from vpotool.training.lora import adapter_state
 
     b = load_backend("tiny-ar")
@@ -283,8 +284,6 @@ def test_init_adapter_starts_from_another_run_and_refuses_another_rank(tmp_path)
     # lr so small the second run's one step leaves the weights where they started
     cfg = ScstConfig(out=str(tmp_path / "b"), max_steps=1, lr=1e-12, init_adapter=ckpt, **opts)
     train_scst(cfg, backend=b2, on_step=on_step)
-    from safetensors.torch import load_file
-
     saved = {
         k.removeprefix("transformer."): v for k, v in load_file(f"{ckpt}/pytorch_lora_weights.safetensors").items()
     }

@@ -225,7 +225,7 @@ class VideoScoreReward:
         return out
 
 
-def default_frames(config, path: str) -> int:
+def default_frames(config, path: str, card: str) -> int:
     """Frames per video when the ``frames`` option is unset: a count the checkpoint's config records
     (``num_frames``/``max_num_frames``), else the ``MAX_NUM_FRAMES`` its model card's code sets (16 for VideoScore,
     48 for v1.1); neither is a one-line ``VpoError``, never a guess from the folder's name."""
@@ -233,7 +233,7 @@ def default_frames(config, path: str) -> int:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    found = CARD_FRAMES.search(model_card(path))
+    found = CARD_FRAMES.search(card)
     if found and int(found.group(1)) > 0:
         return int(found.group(1))
     raise VpoError(
@@ -252,10 +252,10 @@ def model_card(where: str) -> str:
         return f.read()
 
 
-def card_template(where: str) -> str | None:
-    """The query instruction printed in the checkpoint's model card (``README.md``, ``REGRESSION_QUERY_PROMPT``);
-    None when the folder has no such card."""
-    found = CARD_TEMPLATE.search(model_card(where))
+def card_template(card: str) -> str | None:
+    """The query instruction printed in a model card's code (``REGRESSION_QUERY_PROMPT``); None when the card has
+    none."""
+    found = CARD_TEMPLATE.search(card)
     if not found or ("{text_prompt}" not in found.group(1) and "{prompt}" not in found.group(1)):
         return None
     return found.group(1)
@@ -313,20 +313,21 @@ def load_videoscore(path: str | None = None, device="cpu", dtype=torch.float32, 
             f"reward videoscore: {where}/preprocessor_config.json asks for image splitting, which VideoScore was "
             f"not trained with and vpotool does not do; set do_image_splitting to false"
         )
-    frames = options["frames"] or default_frames(model.config, where)
+    card = model_card(where)
+    frames = options["frames"] or default_frames(model.config, where, card)
     if options.get("prompt_template") == "builtin":  # vpotool's own instruction, asked for by name
         template = PROMPT_TEMPLATE
     elif options.get("prompt_template") is not None:
         template = read_template(options["prompt_template"])
     else:
-        card = card_template(where)
-        if card is None:
+        instruction = card_template(card)
+        if instruction is None:
             raise VpoError(
                 f"reward videoscore: {where} has no model card (README.md with REGRESSION_QUERY_PROMPT) to take the "
                 "query from, and another instruction moves the scores; copy the checkpoint's README.md there, or "
                 "pass --reward-options videoscore.prompt_template=FILE (or =builtin for vpotool's own)"
             )
-        template = check_template(card, f"{where}/README.md")
+        template = check_template(instruction, f"{where}/README.md")
     pick = options.get("frame_pick") or "upstream"
     if pick not in ("upstream", "spaced"):
         raise VpoError(f"reward videoscore: frame_pick must be upstream or spaced (got {pick!r})")
