@@ -2,9 +2,86 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 from vpotool.errors import VpoError, first_line
+
+_WEIGHTLESS = contextvars.ContextVar("weightless", default=False)
+
+
+@contextlib.contextmanager
+def without_weights():
+    """Inside the block, :func:`load_component` builds each component from its config alone on the meta device
+    (shapes, no values, no weights file read): what ``vpotool plan`` traces. A tokenizer still loads from its
+    folder, or is :class:`PlanTokenizer` where the folder has none."""
+    token = _WEIGHTLESS.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTLESS.reset(token)
+
+
+def weightless() -> bool:
+    return _WEIGHTLESS.get()
+
+
+class PlanTokenizer:
+    """A stand-in tokenizer for a config-only folder: every prompt fills ``max_length`` tokens (the longest the
+    family encodes, the most memory), ids 0."""
+
+    model_max_length = 1 << 30
+
+    def __call__(self, prompts, max_length: int = 512, **_):
+        import torch
+        from transformers import BatchEncoding
+
+        shape = (len(prompts), max_length)
+        return BatchEncoding(
+            {"input_ids": torch.zeros(shape, dtype=torch.long), "attention_mask": torch.ones(shape, dtype=torch.long)}
+        )
+
+
+def build_from_config(cls, path: str, subfolder: str | None, family: str, dtype=None):
+    """``cls`` built from the config in ``path/subfolder`` on the meta device, in ``dtype`` (see
+    :func:`without_weights`)."""
+    import torch
+
+    sub = {"subfolder": subfolder} if subfolder else {}
+    where = f"{path}/{subfolder}" if subfolder else path
+    if cls.__name__ == "AutoTokenizer":
+        try:
+            return cls.from_pretrained(path, **sub)
+        except (OSError, ValueError, KeyError, TypeError):
+            return PlanTokenizer()
+    try:
+        with torch.device("meta"):
+            if cls.__module__.startswith("diffusers"):
+                model = cls.from_config(cls.load_config(path, **sub))
+            else:
+                from transformers import AutoConfig
+
+                model = cls._from_config(AutoConfig.from_pretrained(path, **sub))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VpoError(f"could not build the {family} {subfolder or 'model'} from the config in {where}: "
+                       f"{first_line(e)}; `vpotool plan` needs each part's config.json") from e  # fmt: skip
+    return cast_like_loading(model, dtype) if dtype is not None else model
+
+
+def cast_like_loading(model, dtype):
+    """``model`` in ``dtype`` as ``from_pretrained`` leaves it: the modules the class keeps in float32 stay float32
+    (diffusers: ``_keep_in_fp32_modules`` in any dtype, e.g. Wan's norms and time embedder; transformers:
+    ``_keep_in_fp32_modules_strict``, and ``_keep_in_fp32_modules`` in float16 only, e.g. T5's ``wo``)."""
+    import torch
+
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if type(model).__module__.startswith("diffusers") or dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    return model
 
 
 def quiet_loading() -> None:
@@ -32,11 +109,15 @@ def load_component(cls, path: str, subfolder: str | None, family: str, dtype=Non
     if looks_local and not os.path.isdir(path):
         raise VpoError(f"model folder not found: {path} (pass --model-path with a {family} checkpoint folder)")
     if looks_local and subfolder and not os.path.isdir(os.path.join(path, subfolder)):
+        if weightless() and cls.__name__ == "AutoTokenizer":
+            return PlanTokenizer()
         raise VpoError(
             f"{path} has no '{subfolder}/' folder; --model {family} expects the diffusers layout "
             f"(transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     quiet_loading()
+    if weightless():
+        return build_from_config(cls, path, subfolder, family, dtype)
     sub = {"subfolder": subfolder} if subfolder else {}
     if dtype is not None:
         kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype

@@ -87,22 +87,7 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
         backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype, cfg.model_options)
     if cfg.offload_text_encoder:
         backend.offload_text_encoder(list(prompts))
-    targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
-    check_lora_memory(backend, cfg.lora_rank, targets, len(extra_adapters))
-    alpha = cfg.lora_alpha or cfg.lora_rank
-    params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)
-    for name in extra_adapters:
-        add_lora(backend.denoiser, cfg.lora_rank, alpha, targets, name=name, trainable=False)
-    backend.denoiser.set_adapter("default")
-    if cfg.init_adapter:  # before any resume: a resumed run's checkpoint replaces it
-        state = adapter_weights(backend.denoiser, cfg.init_adapter, backend.info.name, "--init-adapter")
-        load_adapter_state(backend.denoiser, state)
-    if cfg.gradient_checkpointing:
-        if not getattr(backend.denoiser, "_supports_gradient_checkpointing", False):
-            kind = type(backend.model).__name__
-            raise VpoError(f"--gradient-checkpointing: {kind} ({cfg.model}) does not support it; drop the flag")
-        backend.denoiser.enable_gradient_checkpointing()
-    backend.denoiser.train()
+    params = adapt(backend, cfg, extra_adapters)
     own_fsdp = fsdp.shard_if_requested(accelerator, backend.denoiser, cfg.model)
     if own_fsdp:
         params = adapter_parameters(backend.denoiser)  # sharding replaced them
@@ -141,6 +126,29 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     metrics.rows = [r for r in metrics.rows if r["step"] <= trainer.start_step]
     metrics.done = {metrics.key(r) for r in metrics.rows}
     return trainer
+
+
+def adapt(backend, cfg: TrainConfig, extra_adapters: tuple[str, ...] = ()) -> list:
+    """The trainable LoRA adapter ``default`` (and frozen ``extra_adapters``) on the backend's denoiser, started
+    from ``cfg.init_adapter`` when given, with gradient checkpointing when asked, in train mode. Returns the
+    trainable parameters."""
+    targets = cfg.lora_targets.split(",") if cfg.lora_targets else backend.lora_target_modules
+    check_lora_memory(backend, cfg.lora_rank, targets, len(extra_adapters))
+    alpha = cfg.lora_alpha or cfg.lora_rank
+    params = add_lora(backend.denoiser, cfg.lora_rank, alpha, targets)
+    for name in extra_adapters:
+        add_lora(backend.denoiser, cfg.lora_rank, alpha, targets, name=name, trainable=False)
+    backend.denoiser.set_adapter("default")
+    if cfg.init_adapter:  # before any resume: a resumed run's checkpoint replaces it
+        state = adapter_weights(backend.denoiser, cfg.init_adapter, backend.info.name, "--init-adapter")
+        load_adapter_state(backend.denoiser, state)
+    if cfg.gradient_checkpointing:
+        if not getattr(backend.denoiser, "_supports_gradient_checkpointing", False):
+            kind = type(backend.model).__name__
+            raise VpoError(f"--gradient-checkpointing: {kind} ({cfg.model}) does not support it; drop the flag")
+        backend.denoiser.enable_gradient_checkpointing()
+    backend.denoiser.train()
+    return params
 
 
 def check_lora_memory(backend, rank: int, targets: list[str], frozen: int = 0) -> None:
@@ -349,11 +357,17 @@ def grad_sync(trainer: Trainer, last: bool):
 def optimizer_step(trainer: Trainer, cfg: TrainConfig) -> float | None:
     """Clip gradients (when ``cfg.max_grad_norm``), step the optimizer and the schedule, clear gradients.
     Returns the gradient norm before clipping, or None."""
+    norm = apply_gradients(trainer, cfg)
+    return None if norm is None else float(fsdp.full_tensor(norm))
+
+
+def apply_gradients(trainer: Trainer, cfg: TrainConfig) -> torch.Tensor | None:
+    """:func:`optimizer_step` without reading the norm back: clip, step, schedule, clear. Returns the norm tensor."""
     norm = trainer.accelerator.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return None if norm is None else float(fsdp.full_tensor(norm))
+    return norm
 
 
 def finish_step(trainer: Trainer, cfg: TrainConfig, step: int, values: dict, grad_norm, on_step, extra=()) -> None:

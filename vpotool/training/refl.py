@@ -73,10 +73,21 @@ def enable_vae_checkpointing(backend) -> None:
     vae.enable_gradient_checkpointing()
 
 
+def refl_backward(trainer, cfg: ReflConfig, reward, batch: list[str], seeds: list[int], settings: dict, gen):
+    """One micro-batch's rollout, reward and backward pass (the loss divided over ``cfg.grad_accum``). Returns
+    ``(reward values, loss)``."""
+    frames = refl_rollout(trainer.backend, batch, seeds, settings, cfg, gen)
+    fps = selected_fps(settings["fps"], frames.shape[1], cfg.reward_frames)
+    value = reward_values(reward, select_frames(frames, cfg.reward_frames), batch, cfg, fps)
+    loss = refl_loss(value, cfg.reward_target)
+    trainer.accelerator.backward(loss / cfg.grad_accum)
+    return value, loss
+
+
 def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: dict, step: int):
     """One optimizer step from step ``step``: ``cfg.grad_accum`` micro-batches of reward-gradient rollouts over
     ``prompts``. Returns ``(metrics, grad_norm)``."""
-    b, acc = trainer.backend, trainer.accelerator
+    acc = trainer.accelerator
     world, rank = acc.num_processes, acc.process_index
     t0, rewards, losses = time.perf_counter(), [], []
     for micro in range(cfg.grad_accum):
@@ -86,11 +97,7 @@ def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: di
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
         batch = [prompts[i] for i in idx]
         with grad_sync(trainer, last=micro == cfg.grad_accum - 1):
-            frames = refl_rollout(b, batch, seeds, settings, cfg, gen)
-            fps = selected_fps(settings["fps"], frames.shape[1], cfg.reward_frames)
-            value = reward_values(reward, select_frames(frames, cfg.reward_frames), batch, cfg, fps)
-            loss = refl_loss(value, cfg.reward_target)
-            acc.backward(loss / cfg.grad_accum)
+            value, loss = refl_backward(trainer, cfg, reward, batch, seeds, settings, gen)
         rewards.append(value.detach().mean())
         losses.append(loss.detach())
     grad_norm = optimizer_step(trainer, cfg)

@@ -123,7 +123,7 @@ def policy_step(
     step at a time (memory of one step, not the whole trajectory). ``clipped``: the PPO-clipped ratio against
     ``ro.logps`` (rollouts from an older policy) instead of plain REINFORCE. Gradients are all-reduced across
     processes on the final step only, and only when ``last`` (the last rollout batch of the optimizer step).
-    Returns the summed loss value."""
+    Returns the summed loss (a detached tensor)."""
     backend, denoiser = trainer.backend, trainer.denoiser
     total = 0.0
     guidance, noise_level = settings["guidance"], settings["noise_level"]
@@ -151,7 +151,7 @@ def policy_step(
                 loss = loss + cfg.kl_beta * kl_to_reference(mean, mean_ref, std).mean()
             # accelerator.backward: the fp16 grad scaler and DeepSpeed need it; a bare backward skips them
             trainer.accelerator.backward(loss * scale)
-        total += loss.item()
+        total = total + loss.detach()
     return total
 
 
@@ -359,7 +359,7 @@ def scst_update(trainer, cfg: ScstConfig, batches: list[tuple], sched, settings:
     """One optimizer step on ``batches`` (see :func:`policy_step`). Returns ``(metrics, grad_norm)``."""
     scale = 1 / len(batches)
     loss = sum(
-        policy_step(trainer, ro, sched, tr, cfg, settings, scale, clipped, last=j == len(batches) - 1)
+        float(policy_step(trainer, ro, sched, tr, cfg, settings, scale, clipped, last=j == len(batches) - 1))
         for j, (ro, tr) in enumerate(batches)
     )
     grad_norm = optimizer_step(trainer, cfg)
