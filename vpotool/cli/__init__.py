@@ -12,7 +12,7 @@ import typer
 
 from vpotool import __version__
 from vpotool.cli import eval as evaluate
-from vpotool.cli import label, loop, merge, pair, report, sample, score, train_dpo, train_refl, train_scst
+from vpotool.cli import label, loop, merge, pair, plan, report, sample, score, train_dpo, train_refl, train_scst
 from vpotool.errors import VpoError, one_line
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ COMMANDS = [
 ]
 for name, fn in COMMANDS:
     app.command(name)(fn)
+app.add_typer(plan.app, name="plan")
 
 
 def _version(value: bool):

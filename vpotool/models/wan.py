@@ -27,6 +27,7 @@ from vpotool.models.base import (
 )
 
 WAN_DEFAULTS = SamplingDefaults(frames=33, height=480, width=832, fps=16, steps=30, guidance=5.0)
+WAN_SIZES = {"480p": (480, 832), "720p": (720, 1280)}  # Wan's own sizes (its generate.py), landscape
 
 
 class Codec(Protocol):
@@ -89,6 +90,15 @@ class WanBackend(TextVideoBackend):
         self.shift = shift
         self.euler_scheduler = euler_scheduler
         self.pipeline_scheduler = pipeline_scheduler
+
+    def size_preset(self, name: str) -> tuple[int, int]:
+        """``--size`` for Wan: ``480p`` (480x832) or ``720p`` (720x1280), landscape; ``480p:9:16`` for portrait."""
+        resolution, _, ratio = name.partition(":")
+        if resolution not in WAN_SIZES or ratio not in ("", "16:9", "9:16"):
+            raise VpoError(f"--size {name}: Wan's sizes are {', '.join(WAN_SIZES)} (add :9:16 for portrait); or pass "
+                           "--height and --width")  # fmt: skip
+        height, width = WAN_SIZES[resolution]
+        return (width, height) if ratio == "9:16" else (height, width)
 
     @uses_text_encoder
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

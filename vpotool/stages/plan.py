@@ -47,7 +47,14 @@ GPUS = {
     "mi300x": (192, 1307, 654),
 }
 
-STAGES = ("sample", "score", "train-dpo", "train-refl", "train-scst", "loop")
+TRACED = {  # what a plan traces of each stage: its peak, and the FLOPs (and time) of
+    "sample": "one sampler call",
+    "score": "one reward call",
+    "train-dpo": "one optimizer step",
+    "train-refl": "one optimizer step",
+    "train-scst": "the rollouts and one trained step per chunk",
+    "loop": "a sampler call, its scoring and a training step",
+}
 
 
 @dataclass
@@ -441,7 +448,14 @@ def plan_stage(stage: str, cfg, extra: dict | None = None, alternatives: bool = 
 
 
 def gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / GIB:,.2f} GiB"
+    """Bytes as GiB (MiB below one GiB)."""
+    if n is None:
+        return "-"
+    return f"{n / GIB:,.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:,.1f} MiB"
+
+
+def flop_text(n: int) -> str:
+    return f"{n / 1e12:,.1f} TFLOP" if n >= 1e12 else f"{n / 1e9:,.2f} GFLOP"
 
 
 def render(plan: Plan, gpu: Gpu | None) -> None:
@@ -460,11 +474,11 @@ def render(plan: Plan, gpu: Gpu | None) -> None:
         verdict = fits(plan.peak, gpu)
         colour = {"fits": "green", "tight": "yellow"}.get(verdict, "red")
         table.add_row(f"on {gpu.name} ({gib(gpu.memory)}, {gib(HEADROOM)} kept for CUDA)", f"[{colour}]{verdict}[/]")
-    table.add_row("FLOPs of the step", f"{plan.flops / 1e12:,.1f} T")
+    table.add_row(f"FLOPs of {TRACED[plan.stage]}", flop_text(plan.flops))
     if gpu is not None:
         seconds = step_seconds(plan.flops, gpu, plan.bf16)
         if seconds is not None:
-            table.add_row(f"step time at {UTILISATION:.0%} of {gpu.name}'s peak", f"{seconds:,.2f} s")
+            table.add_row(f"its time at {UTILISATION:.0%} of {gpu.name}'s peak", f"{seconds:,.2f} s")
     for flag, peak in plan.options:
         saved = "refused by this model" if peak is None else f"saves {gib(plan.peak - peak)} -> {gib(peak)}"
         table.add_row(f"with {flag}", saved)
