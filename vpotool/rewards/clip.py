@@ -66,6 +66,10 @@ def load_tokenizer(reward: str, candidates: list[str | None]):
             return AutoTokenizer.from_pretrained(c)
         except (OSError, ValueError, KeyError, TypeError) as e:
             last = first_line(e)
+    from vpotool.models.loading import PlanTokenizer, weightless
+
+    if weightless():  # `vpotool plan` on a config-only folder: prompts of the model's full length
+        return PlanTokenizer()
     raise VpoError(f"reward {reward}: no tokenizer found in {', '.join(tried)} ({last}); pass a folder that holds one")
 
 

@@ -46,10 +46,12 @@ def load_pretrained(cls, path: str | None, default_id: str, reward: str, what: s
     A missing folder, an unreachable hub id or a checkpoint whose weights do not fit ``cls`` (missing or
     mismatched keys: transformers would silently initialise them at random) becomes one ``VpoError`` line.
     """
-    from vpotool.models.loading import quiet_loading
+    from vpotool.models.loading import build_from_config, quiet_loading, weightless
 
     path = weights_path(path, default_id, reward, what)
     quiet_loading()
+    if weightless():  # `vpotool plan`: the architecture from the folder's config.json, on the meta device
+        return freeze(build_from_config(cls, path, None, f"reward {reward}", dtype))
     if dtype is not None:
         kw["dtype"] = dtype
     try:

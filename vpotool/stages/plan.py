@@ -202,7 +202,7 @@ def load_planned_reward(trace, spec: str, cfg, several: bool = False):
     from vpotool.models.loading import without_weights
     from vpotool.rewards import load_reward, load_rewards
 
-    with without_weights():
+    with without_weights(), trace.charge("reward model"):  # built inside the trace: charged as it is made
         if several:
             rewards = load_rewards(spec, cfg.reward_path, "meta", options=cfg.reward_options)
         else:
@@ -248,7 +248,8 @@ def encode_run_prompts(trace, backend, cfg, prompts):
     """Encode the step's prompts as the trainer does; ``--offload-text-encoder`` then takes the encoder (and the
     cached embeddings) off the device."""
     cond = backend.condition(prompts)
-    if getattr(cfg, "offload_text_encoder", False):
+    if getattr(cfg, "offload_text_encoder", False):  # as TextVideoBackend.offload_text_encoder: the negative too
+        backend.encode_negative(1)
         trace.release(tensors_of([backend.text_encoder]))
     return cond
 
@@ -285,10 +286,14 @@ def trace_dpo(trace, backend, cfg, settings):
 
 
 def trace_refl(trace, backend, cfg, settings):
+    from vpotool.rewards import check_reward_frames
     from vpotool.training.refl import enable_vae_checkpointing, refl_backward
+    from vpotool.training.reward import frame_index
 
     if cfg.vae_checkpointing:
         enable_vae_checkpointing(backend)
+    seen = len(frame_index(settings["frames"], cfg.reward_frames))
+    check_reward_frames(cfg.reward, seen, "each rollout, as --reward-frames keeps it,")
     prompts = planned_prompts(cfg, cfg.batch_size)
     encode_run_prompts(trace, backend, cfg, prompts)
     reward = load_planned_reward(trace, cfg.reward, cfg)

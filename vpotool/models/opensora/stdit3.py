@@ -321,7 +321,14 @@ class STDiT3(ModelMixin, ConfigMixin, PeftAdapterMixin):
         defaults). Raises ``FileNotFoundError`` or ``KeyError`` (missing/unexpected weights)."""
         from safetensors.torch import load_file
 
+        from vpotool.models.loading import cast_like_loading, weightless
+
         path = str(path)
+        if weightless() and os.path.isdir(path):  # `vpotool plan`: the architecture alone, on the meta device
+            d = read_config(os.path.join(path, "config.json"))
+            with torch.device("meta"):
+                model = cls(STDiT3Config() if d is None else config_from_dict(STDiT3Config, d))
+            return cast_like_loading(model, dtype).eval()
         if os.path.isdir(path):
             weights = next(
                 (os.path.join(path, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None

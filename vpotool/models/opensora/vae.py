@@ -251,8 +251,10 @@ class OpenSoraVAE(nn.Module):
         ``vae_2d``; the published architecture is used then). Raises ``FileNotFoundError`` or ``KeyError``."""
         from safetensors.torch import load_file
 
+        from vpotool.models.loading import cast_like_loading, weightless
+
         weights = os.path.join(folder, "model.safetensors")
-        if not os.path.isfile(weights):
+        if not os.path.isfile(weights) and not weightless():
             raise FileNotFoundError(f"no model.safetensors in {folder}")
         config = OpenSoraVAEConfig()
         d = read_config(os.path.join(folder, "config.json"))
@@ -262,4 +264,6 @@ class OpenSoraVAE(nn.Module):
             config.micro_frame_size = d.get("micro_frame_size") or config.micro_frame_size
         with torch.device("meta"):
             model = cls(config)
+        if weightless():  # `vpotool plan`: the architecture alone, on the meta device
+            return cast_like_loading(model, dtype).eval()
         return load_exact(model, load_file(weights), weights, "the Open-Sora VAE").to(dtype).eval()
