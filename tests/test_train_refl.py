@@ -101,3 +101,25 @@ def test_non_differentiable_reward_is_refused(cli, prompts, tmp_path, monkeypatc
         "train-refl", "--prompts", prompts, "--reward", "frozen", "--out", tmp_path / "o", "--device", "cpu"
     )
     assert code == 2 and "not differentiable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_reward_frames_decode_only_the_prefix_they_need():
+    """Wan's VAE decodes latent frame by latent frame with a causal cache: the frames the reward sees, decoded from
+    the shortest prefix of latents that holds them, equal the whole decode's (so --reward-frames 1 decodes one latent
+    frame, and its graph is that frame's alone)."""
+    from vpotool.models import load_backend
+    from vpotool.training.refl import decode_for_reward
+    from vpotool.training.reward import frame_index
+
+    tiny_backend = load_backend("tiny")
+    torch.manual_seed(0)
+    latents = torch.randn(1, *tiny_backend.latent_shape(17, 32, 32))
+    full = tiny_backend.decode(latents)
+    settings = {"frames": 17, "height": 32, "width": 32}
+    decoded = []  # latent frames through the decoder (it takes them one at a time)
+    tiny_backend.codec.vae.decoder.register_forward_hook(lambda m, args, out: decoded.append(args[0].shape[2]))
+    for spec, latent_frames in (("1", 1), ("2", 5), ("first-middle-last", 5), ("all", 5)):
+        decoded.clear()
+        frames = decode_for_reward(tiny_backend, latents, settings, spec)
+        assert torch.equal(frames, full[:, frame_index(17, spec)])
+        assert sum(decoded) == latent_frames

@@ -45,6 +45,8 @@ class Codec(Protocol):
 class WanVaeCodec:
     """``AutoencoderKLWan`` with the per-channel latent normalisation ``(z - mean) / std`` from its config."""
 
+    causal_decode = True  # the decoder runs latent frame by latent frame with a causal cache: a prefix decodes alone
+
     def __init__(self, vae):
         self.vae = vae
         cfg = vae.config

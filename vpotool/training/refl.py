@@ -20,11 +20,12 @@ from vpotool.sampling import resolved_settings, sample, seeded_noise, use_settin
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
-from vpotool.training.reward import frame_index, load_rollout_reward, reward_values, select_frames, selected_fps
+from vpotool.training.reward import frame_index, load_rollout_reward, reward_values, selected_fps
 
 
 def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, cfg: ReflConfig, gen) -> torch.Tensor:
-    """Sample with the gradient window of ``cfg`` and decode -> frames ``[B, T, 3, H, W]`` with the graph."""
+    """Sample with the gradient window of ``cfg`` and decode the frames the reward sees (``cfg.reward_frames``, see
+    :func:`decode_for_reward`) -> ``[B, T', 3, H, W]`` with the graph."""
     steps = settings["steps"]
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
     noise = seeded_noise(shape, seeds, backend.device)
@@ -54,8 +55,22 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
             grad_steps=window,
             stop_at=stop,
         )
-    frames = backend.decode(traj.latents.to(backend.dtype))
-    return frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
+    return decode_for_reward(backend, traj.latents, settings, getattr(cfg, "reward_frames", "all"))
+
+
+def decode_for_reward(backend, latents: torch.Tensor, settings: dict, spec: str) -> torch.Tensor:
+    """The frames of ``spec`` (``--reward-frames``) decoded from ``latents``. A codec whose decode is causal
+    (``causal_decode``: pixel frame t depends on the latent frames up to its own, as Wan's VAE decodes them one after
+    the other) decodes only the latent frames up to the last frame the reward sees, so the decode's graph covers
+    that prefix: ``--reward-frames 1`` (the first frame) decodes one latent frame, as VADER decodes one frame.
+    Other codecs decode every frame and keep the reward's."""
+    t, keep = settings["frames"], frame_index(settings["frames"], spec)
+    codec = getattr(backend, "codec", None)
+    if spec != "all" and getattr(codec, "causal_decode", False):
+        last = max(keep)  # pixel frame 0 comes from latent frame 0, then temporal_factor frames per latent frame
+        latents = latents[:, :, : (0 if last == 0 else (last - 1) // codec.temporal_factor + 1) + 1]
+    frames = backend.decode(latents.to(backend.dtype))[:, :t, :, : settings["height"], : settings["width"]]
+    return frames if spec == "all" else frames[:, keep]
 
 
 def enable_vae_checkpointing(backend) -> None:
@@ -76,9 +91,9 @@ def enable_vae_checkpointing(backend) -> None:
 def refl_backward(trainer, cfg: ReflConfig, reward, batch: list[str], seeds: list[int], settings: dict, gen):
     """One micro-batch's rollout, reward and backward pass (the loss divided over ``cfg.grad_accum``). Returns
     ``(reward values, loss)``."""
-    frames = refl_rollout(trainer.backend, batch, seeds, settings, cfg, gen)
-    fps = selected_fps(settings["fps"], frames.shape[1], cfg.reward_frames)
-    value = reward_values(reward, select_frames(frames, cfg.reward_frames), batch, cfg, fps)
+    frames = refl_rollout(trainer.backend, batch, seeds, settings, cfg, gen)  # the frames the reward sees
+    fps = selected_fps(settings["fps"], settings["frames"], cfg.reward_frames)
+    value = reward_values(reward, frames, batch, cfg, fps)
     loss = refl_loss(value, cfg.reward_target)
     trainer.accelerator.backward(loss / cfg.grad_accum)
     return value, loss
