@@ -257,19 +257,6 @@ def bench_sampling(b, args) -> dict[str, list]:
     return results
 
 
-class FirstFrameDecode:
-    """The backend, decoding only the first latent frame (one pixel frame): ReFL's cost on one decoded frame."""
-
-    def __init__(self, backend):
-        self._backend = backend
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def decode(self, latents):
-        return self._backend.decode(latents[:, :, :1])
-
-
 def method_config(method: str, checkpointing: bool, args, out: Path):
     """The trainer config ``method`` runs under (the command's defaults, this run's size and precision)."""
     from vpotool.training.config import DpoConfig, ReflConfig, ScstConfig, TrainConfig
@@ -331,14 +318,27 @@ def method_step(method: str, trainer, cfg, args, tmp: Path):
                     guidance=args.guidance, noise_level=getattr(cfg, "noise_level", 0.0),
                     fps=b.defaults.fps)  # fmt: skip
     reward = load_rollout_reward(cfg, b.device, need_grad=method != "scst")
-    if method.startswith("refl"):
-        if method == "refl-1":
-            trainer.backend = FirstFrameDecode(b)
+    if method.startswith("refl"):  # refl-1: train-refl decodes only the first latent frame (Wan's VAE is causal)
         return lambda i: refl_step(trainer, cfg, reward, PROMPTS, settings, i)
     sched = b.schedule(settings["steps"], shape)
     return lambda i: scst_update(
         trainer, cfg, fresh_batches(trainer, cfg, reward, PROMPTS, settings, i), sched, settings, clipped=False
     )
+
+
+def planned_gib(method: str, checkpointing: bool, args, folder: Path) -> float | None:
+    """What `vpotool plan` predicts for the same step on the same folder (configs only), in GiB: the prediction the
+    measured peak checks. None for plain LoRA fine-tuning, which is no stage of vpotool's."""
+    import dataclasses
+
+    from vpotool.stages.plan import plan_stage
+
+    if method == "lora":
+        return None
+    cfg = method_config(method, checkpointing, args, folder.parent / "plan")
+    changes = {"model_path": str(folder)} | ({} if method == "dpo" else {"prompts": "world:align"})
+    size = {"frames": args.frames, "height": args.height, "width": args.width} if method == "dpo" else {}
+    return plan_stage(f"train-{method.split('-')[0]}", dataclasses.replace(cfg, **changes), size, False).peak / 2**30
 
 
 def train_case(b, pristine, method: str, checkpointing: bool, args, tmp: Path) -> tuple[float, float | None]:
@@ -420,19 +420,22 @@ def print_sampling(results: dict[str, list], args) -> None:
 def print_training(results: dict, args) -> None:
     print(f"\n### Training: one optimizer step, LoRA rank {args.lora_rank}, median of {args.repeats} after "
           f"{args.warmup} warm-up\n")  # fmt: skip
-    print("| method | s / step | peak GiB | s / step, checkpointing | peak GiB, checkpointing |")
-    print("|---|---:|---:|---:|---:|")
+    print("| method | s / step | peak GiB | planned GiB | s / step, checkpointing | peak GiB, checkpointing | "
+          "planned GiB, checkpointing |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for m, label in METHODS.items():
         cells = []
         for checkpointing in (False, True):
-            r = results.get((m, checkpointing))
+            r, plan = results.get((m, checkpointing)), results.get(("plan", m, checkpointing))
             cells += [OOM, OOM] if r == OOM else [fmt(r[0], ".3f"), fmt(r[1], ".1f")] if r else ["-", "-"]
+            cells.append(fmt(plan, ".1f") if isinstance(plan, float) else "-")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(
         f"\nBatch: {args.batch} pair(s) for lora and dpo (2 latents each), {args.batch} prompt(s) for refl and "
         f"scst. Rollouts: {args.rollout_steps} steps, guidance {args.guidance}; refl keeps gradients through the "
         f"last step; scst adds the greedy rollout and updates on every step. Reward: {REWARD} (weight-free). One "
-        "decoded frame: only the first latent frame goes through the VAE."
+        "decoded frame: only the first latent frame goes through the VAE. Planned: `vpotool plan` of the same "
+        "step on the same folder's configs (bench_gpu's stand-in text encoder included), before any weights load."
     )
 
 
@@ -552,6 +555,8 @@ def main(argv=None) -> None:
                         results[m, checkpointing] = isolated(
                             lambda m=m, c=checkpointing: train_case(b, pristine, m, c, args, tmp), dev
                         )
+                        if "training" in args.parts:
+                            results["plan", m, checkpointing] = planned_gib(m, checkpointing, args, folder)
                 if "training" in args.parts:
                     print_training(results, args)
                 if "mfu" in args.parts:
