@@ -95,9 +95,10 @@ def test_smoke_run_prints_every_table(bench):
     for label in ("vpotool (`vpotool.sampling.sample` + decode)", "`WanPipeline`"):
         step, video, decode, memory = cells(label)
         assert 0 < float(step) < float(video) and memory == "n/a"  # no GPU memory on a CPU
-    for label in bench.METHODS.values():
-        seconds, memory, seconds_checkpointing, memory_checkpointing = cells(label)
+    for method, label in bench.METHODS.items():
+        seconds, memory, planned, seconds_checkpointing, memory_checkpointing, planned_checkpointing = cells(label)
         assert float(seconds) > 0 and float(seconds_checkpointing) > 0
         assert memory == memory_checkpointing == "n/a"
+        assert (planned == planned_checkpointing == "-") if method == "lora" else float(planned) >= 0
     assert all(float(c) > 0 for c in cells("without gradient checkpointing")[:3])  # TFLOP, s, TFLOP/s
     assert "vpotool / WanPipeline:" in out and "loop overhead over its parts:" in out
