@@ -12,6 +12,12 @@ share their initial noise and differ only in the stochastic steps, the only part
 (over its steps) can be credited with.
 
     python examples/tiny_world/scst_diagnosis.py --prompts 16 --candidates 4 --noise-levels 0.7,1.5
+
+On the autoregressive model, with train-scst's greedy baseline and its chunk options (no DPO column then: one
+rollout per prompt makes no pair; the spread columns need a group):
+
+    python examples/tiny_world/scst_diagnosis.py --model tiny-ar --frames 33 --steps 10 --baseline greedy \
+        --normalize --variants video/own,chunk/own,video/teacher
 """
 
 from __future__ import annotations
@@ -40,14 +46,17 @@ def flat_grad(params) -> torch.Tensor:
 
 
 def gradients(trainer, reward, prompts: list[str], seed: int, cfg: ScstConfig, dpo: DpoConfig) -> dict:
-    """SCST and DPO gradients on one set of ``prompts`` (``cfg.group_size`` rollouts each)."""
+    """SCST and DPO gradients on one set of ``prompts`` (``cfg.group_size`` rollouts each; with the greedy baseline,
+    one rollout each and no DPO gradient)."""
     b, k = trainer.backend, cfg.group_size
     settings = resolved_settings(cfg, b)
     seeds = [seed * 1000 + i for i in range(len(prompts))]
     ro = collect(b, reward, prompts, seeds, settings, cfg)
     sched = b.schedule(settings["steps"], tuple(ro.states[0].shape[1:]))
-    policy_step(trainer, ro, sched, list(range(settings["steps"])), cfg, settings, 1.0, clipped=False)
+    policy_step(trainer, ro, sched, list(range(ro.logps.shape[1])), cfg, settings, 1.0, clipped=False)
     g_scst = flat_grad(trainer.params)
+    if cfg.baseline == "greedy":
+        return {"scst": g_scst, "dpo": None, "spread": float("nan"), "reward": ro.reward.mean().item()}
     r = ro.reward.view(-1, k)
     best, worst = r.argmax(1) + torch.arange(len(prompts)) * k, r.argmin(1) + torch.arange(len(prompts)) * k
     x0 = ro.states[-1]
@@ -81,6 +90,11 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="rollouts per prompt (K)")
     ap.add_argument("--noise-levels", default="0.7,1.5", help="comma-separated SDE noise levels")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--baseline", default="group-mean", choices=["group-mean", "greedy"])
+    ap.add_argument("--normalize", action="store_true", help="advantages to unit RMS, as train-scst --normalize")
+    ap.add_argument("--variants", default="video/own", help="advantage/context pairs (autoregressive models)")
     args = ap.parse_args()
 
     texts = [p.text for p in world_prompts("align")]
@@ -88,25 +102,30 @@ def main() -> None:
     sets = texts[: args.prompts], texts[args.prompts : 2 * args.prompts]
     cos = torch.nn.functional.cosine_similarity
     print(
-        "| noise level | reward spread within a prompt | of it, with one initial noise | SCST cosine A vs B "
-        "| DPO cosine A vs B | SCST / DPO norm |"
+        "| noise level | advantage / context | reward spread within a prompt | of it, with one initial noise "
+        "| SCST cosine A vs B | DPO cosine A vs B | SCST / DPO norm |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    greedy = args.baseline == "greedy"
     for level in [float(x) for x in args.noise_levels.split(",")]:
-        with tempfile.TemporaryDirectory() as out:
-            cfg = ScstConfig(out=out, prompts="world:align", reward="world", baseline="group-mean",
-                             group_size=args.candidates,
-                             noise_level=level, lora_rank=8, device="cpu", steps=args.steps)  # fmt: skip
-            trainer = setup(cfg)
-            reward = load_rollout_reward(cfg, trainer.backend.device, need_grad=False)
-            dpo = DpoConfig(out=out, pairs="-", beta=500.0)
-            a, b = (gradients(trainer, reward, s, i, cfg, dpo) for i, s in enumerate(sets))
-            own = step_noise_spread(trainer.backend, reward, sets[0], cfg)
-        c_scst = cos(a["scst"], b["scst"], dim=0).item()
-        c_dpo = cos(a["dpo"], b["dpo"], dim=0).item()
-        ratio = (a["scst"].norm() / a["dpo"].norm()).item()
-        spread = (a["spread"] + b["spread"]) / 2
-        print(f"| {level} | {spread:.3f} | {own:.3f} | {c_scst:.3f} | {c_dpo:.3f} | {ratio:.4f} |", flush=True)
+        for variant in args.variants.split(","):
+            advantage, context = variant.split("/")
+            with tempfile.TemporaryDirectory() as out:
+                cfg = ScstConfig(out=out, prompts="world:align", reward="world", baseline=args.baseline,
+                                 group_size=1 if greedy else args.candidates, noise_level=level, lora_rank=8,
+                                 device="cpu", steps=args.steps, model=args.model, frames=args.frames,
+                                 normalize=args.normalize, advantage=advantage, context=context)  # fmt: skip
+                trainer = setup(cfg)
+                reward = load_rollout_reward(cfg, trainer.backend.device, need_grad=False)
+                dpo = DpoConfig(out=out, pairs="-", beta=500.0)
+                a, b = (gradients(trainer, reward, s, i, cfg, dpo) for i, s in enumerate(sets))
+                own = float("nan") if greedy else step_noise_spread(trainer.backend, reward, sets[0], cfg)
+            c_scst = cos(a["scst"], b["scst"], dim=0).item()
+            c_dpo = float("nan") if greedy else cos(a["dpo"], b["dpo"], dim=0).item()
+            ratio = float("nan") if greedy else (a["scst"].norm() / a["dpo"].norm()).item()
+            spread = (a["spread"] + b["spread"]) / 2
+            print(f"| {level} | {variant} | {spread:.3f} | {own:.3f} | {c_scst:.3f} | {c_dpo:.3f} | {ratio:.4f} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
