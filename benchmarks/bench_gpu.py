@@ -92,7 +92,6 @@ METHODS = {
 PROMPTS = ["a red circle moving left on a black background", "a blue square moving up slowly"]
 REWARD = "brightness"  # weight-free and differentiable, works on one frame: the figures are the video model's own
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched in order against the device name.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
 OOM = "OOM"
 
 
@@ -167,8 +166,11 @@ def dpo_step_flops(t: dict, latent_shape: tuple[int, ...], text_len: int, pairs:
 
 
 def peak_tflops(name: str) -> float | None:
-    """Dense bf16 peak of a GPU by its device name, or None when the table does not know it."""
-    return next((v for key, v in PEAK_BF16_TFLOPS if key in name), None)
+    """Dense bf16 peak of a GPU by its device name (`vpotool plan`'s table), or None when it does not know it."""
+    from vpotool.stages.plan import known_tflops
+
+    known = known_tflops(name)
+    return known[0] if known else None
 
 
 def build_checkpoint(folder: Path, spec: dict, device: torch.device, dtype: torch.dtype) -> dict[str, int]:

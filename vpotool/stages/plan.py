@@ -34,9 +34,10 @@ UTILISATION = 0.4  # the share of a GPU's dense peak FLOP rate a step is assumed
 
 # name: (memory in GiB, dense bf16 TFLOP/s, dense tf32 TFLOP/s), from the vendors' datasheets
 GPUS = {
-    "h100": (80, 989, 494),
+    "h100": (80, 989.4, 494.7),
     "h100-pcie": (80, 756, 378),
-    "h200": (141, 989, 494),
+    "h100-nvl": (94, 835, 418),
+    "h200": (141, 989.4, 494.7),
     "b200": (180, 2250, 1100),
     "a100": (80, 312, 156),
     "a100-40gb": (40, 312, 156),
@@ -70,8 +71,7 @@ def parse_gpu(text: str | None) -> Gpu | None:
     if not text:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            known = next((GPUS[k] for k in sorted(GPUS, key=len, reverse=True) if k in props.name.lower()), None)
-            return Gpu(props.name, props.total_memory, known[1:] if known else None)
+            return Gpu(props.name, props.total_memory, known_tflops(props.name))
         return None
     key = text.strip().lower().replace("_", "-").replace(" ", "")
     if key in GPUS:
@@ -82,6 +82,13 @@ def parse_gpu(text: str | None) -> Gpu | None:
         return Gpu(text.strip(), int(float(m[1]) * GIB))
     raise VpoError(f"--gpu {text}: not a GPU vpotool knows nor a memory size; pass one of {', '.join(GPUS)}, "
                    "or a size such as 80GB")  # fmt: skip
+
+
+def known_tflops(device_name: str) -> tuple[float, float] | None:
+    """``(bf16, tf32)`` dense peak TFLOP/s of a GPU by its device name (``NVIDIA H100 PCIe`` -> ``h100-pcie``)."""
+    name = device_name.lower().replace(" ", "-")
+    key = next((k for k in sorted(GPUS, key=len, reverse=True) if k in name), None)
+    return GPUS[key][1:] if key else None
 
 
 @dataclass
