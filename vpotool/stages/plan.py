@@ -9,8 +9,8 @@ with it on, and its saving reported.
 
 What the trace cannot see: the CUDA context and the allocator's fragmentation (``HEADROOM`` is left for them when
 judging a fit), kernels' private workspaces (cuDNN, cuBLAS), and autocast (``--mixed-precision`` is traced at the
-weights' dtype; plan bf16 weights with ``--dtype bfloat16``). AdamW reads its step count back with ``.item()``,
-which a meta tensor cannot answer: the planner gives it 1 (the moments' memory is the same at any step).
+weights' dtype; plan bf16 weights with ``--dtype bfloat16``), nor several processes (FSDP's shards). A value read
+back from the device (AdamW's step count, a mask's "any padding?") reads as :func:`vpotool.memtrace.read_back` says.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class Plan:
     parts: dict[str, int]
     flops: int
     step: int = 0  # what the step itself adds at its peak, over what is live when it starts
+    bf16: bool = False  # the step runs in bf16 (weights or autocast): the GPU's bf16 rate applies
     options: list[tuple[str, int | None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -113,12 +114,9 @@ class Plan:
             {"flag": f, "peak": p, "saves": None if p is None else self.peak - p} for f, p in self.options
         ]
         if gpu is not None:
-            out["gpu"] = {"name": gpu.name, "memory": gpu.memory, "fits": fits(self.peak, gpu)}
             seconds = step_seconds(self.flops, gpu, self.bf16)
-            out["gpu"]["step_seconds"] = seconds
+            out["gpu"] = dict(name=gpu.name, memory=gpu.memory, fits=fits(self.peak, gpu), step_seconds=seconds)
         return out
-
-    bf16: bool = False
 
 
 def fits(peak: int, gpu: Gpu) -> str:
@@ -262,15 +260,15 @@ def encode_run_prompts(trace, backend, cfg, prompts):
 
 
 def video_settings(cfg, backend, extra: dict) -> dict:
+    """The generation settings the stage would resolve, with ``extra``'s size for stages whose config has none (a
+    DPO step's size is its pairs' latents'), then told to the backend as the stage tells it."""
+    from types import SimpleNamespace
+
     from vpotool.sampling import resolved_settings, use_settings
 
-    view = dataclasses.replace(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    for k, v in extra.items():
-        if v is not None or not hasattr(view, k):
-            object.__setattr__(view, k, v)
-    for k in ("frames", "height", "width", "size", "steps", "guidance"):
-        if not hasattr(view, k):
-            object.__setattr__(view, k, None)
+    unset = dict.fromkeys(("frames", "height", "width", "size", "steps", "guidance"))
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    view = SimpleNamespace(**{**unset, **given, **{k: v for k, v in extra.items() if v}})
     settings = resolved_settings(view, backend)
     use_settings(backend, settings)
     return settings
