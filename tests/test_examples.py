@@ -172,10 +172,18 @@ def test_scst_diagnosis_prints_its_table():
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert [r[0].strip() for r in rows[1:]] == ["0.7", "1.5"]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [("0.7", "video/own"), ("1.5", "video/own")]
     for row in rows[1:]:
-        spread, own, c_scst, c_dpo, ratio = (float(c) for c in row[1:])
+        spread, own, c_scst, c_dpo, ratio = (float(c) for c in row[2:])
         assert spread >= 0 and own >= 0 and -1 <= c_scst <= 1 and -1 <= c_dpo <= 1 and ratio > 0
+    # the autoregressive model with train-scst's greedy baseline and chunk options: the SCST cosine alone
+    args = ["--prompts", "2", "--steps", "2", "--model", "tiny-ar", "--frames", "33", "--baseline", "greedy",
+            "--normalize", "--noise-levels", "0.7", "--variants", "video/own,chunk/own"]  # fmt: skip
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[1].strip() for r in rows] == ["video/own", "chunk/own"]
+    assert all(-1 <= float(r[4]) <= 1 and r[5].strip() == "nan" for r in rows)
 
 
 def test_flagged_clips_counts_and_draws_newly_flickering_clips(tmp_path, capsys):
