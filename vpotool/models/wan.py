@@ -94,7 +94,10 @@ class WanBackend(TextVideoBackend):
         self.pipeline_scheduler = pipeline_scheduler
 
     def size_preset(self, name: str) -> tuple[int, int]:
-        """``--size`` for Wan: ``480p`` (480x832) or ``720p`` (720x1280), landscape; ``480p:9:16`` for portrait."""
+        """``--size`` for Wan: ``480p`` (480x832) or ``720p`` (720x1280), landscape; ``480p:9:16`` for portrait. Models
+        that load through Wan's code with sizes of their own (``tiny``, SkyReels, Self-Forcing) have none."""
+        if self.defaults is not WAN_DEFAULTS:
+            raise VpoError(f"--size {name}: --model {self.info.name} has no size presets; pass --height and --width")
         resolution, _, ratio = name.partition(":")
         if resolution not in WAN_SIZES or ratio not in ("", "16:9", "9:16"):
             raise VpoError(f"--size {name}: Wan's sizes are {', '.join(WAN_SIZES)} (add :9:16 for portrait); or pass "
