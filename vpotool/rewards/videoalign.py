@@ -111,6 +111,21 @@ def patchify(video: torch.Tensor, patch: int, temporal: int, merge: int) -> torc
     return x.reshape(b * gt * gh * gw, c * temporal * patch * patch)
 
 
+def video_patches(frames: torch.Tensor, size: tuple[int, int], setup: dict) -> tuple[torch.Tensor, list[int]]:
+    """The kept frames ``[B, n, 3, H, W]`` (float in [0, 1]) as qwen-vl-utils and the Qwen-VL processor make them:
+    read as 8-bit, resized to ``size`` (bicubic, antialiased, back to 8 bits), normalised with ``setup``'s ``mean``
+    and ``std`` and cut into patches. Returns the patches ``[B * t * h * w, D]`` and the grid ``[t, h, w]``."""
+    b, n, _, height, width = frames.shape
+    x = round_through(frames.flatten(0, 1).float().clamp(0, 1) * 255)  # upstream reads 8-bit video
+    if size != (height, width):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        x = round_through(x.clamp(0, 255))  # torchvision's resize of uint8 frames returns uint8
+    x = normalize(x / 255, setup["mean"], setup["std"]).view(b, n, 3, *size)
+    patch, temporal, merge = setup["patch"], setup["temporal"], setup["merge"]
+    grid = [n // temporal, size[0] // patch, size[1] // patch]
+    return patchify(x, patch, temporal, merge), grid
+
+
 class VideoAlignModel(nn.Module):
     """A transformers Qwen2-VL with VideoReward's ``rm_head`` (``Linear(hidden, heads, bias=False)``)."""
 
@@ -165,21 +180,13 @@ class VideoAlignReward:
         s = self.setup
         b, total, _, height, width = frames.shape
         n = sample_count(total, fps, s["fps"], s["num_frames"])
-        x = frames.index_select(1, frame_indices(total, n).to(frames.device)).flatten(0, 1).float()
-        x = round_through(x.clamp(0, 1) * 255)  # upstream reads 8-bit video
         size = smart_resize(height, width, VIDEO_MIN_PIXELS, s["max_pixels"])
         if size[0] * size[1] < s["min_pixels"]:  # upstream's processor would resize those frames a second time
             raise VpoError(
                 f"reward videoalign: max_pixels {s['max_pixels']} leaves frames of {size[0]}x{size[1]}, under the "
                 f"processor's min_pixels {s['min_pixels']}; raise videoalign.max_pixels"
             )
-        if size != (height, width):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-            x = round_through(x.clamp(0, 255))  # torchvision's resize of uint8 frames returns uint8
-        x = normalize(x / 255, s["mean"], s["std"]).view(b, n, 3, *size)
-        patch, temporal, merge = s["patch"], s["temporal"], s["merge"]
-        grid = [n // temporal, size[0] // patch, size[1] // patch]
-        return patchify(x, patch, temporal, merge), grid
+        return video_patches(frames.index_select(1, frame_indices(total, n).to(frames.device)), size, s)
 
     def tokens(self, prompts: list[str], n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask, long ``[B, L]``, the video placeholder expanded to ``n_video`` tokens."""

@@ -33,12 +33,11 @@ import re
 from string import Template
 
 import torch
-import torch.nn.functional as F
 
 from vpotool.errors import VpoError
 from vpotool.rewards.base import check_frames
-from vpotool.rewards.pretrained import check_options, load_pretrained, normalize, read_json
-from vpotool.rewards.videoalign import VIDEO_TOKEN, frame_indices, patchify, round_through, smart_resize
+from vpotool.rewards.pretrained import check_options, load_pretrained, read_json
+from vpotool.rewards.videoalign import VIDEO_TOKEN, frame_indices, smart_resize, video_patches
 
 log = logging.getLogger(__name__)
 DIMENSIONS = ("visual_quality", "text_alignment", "physical_consistency")
@@ -169,15 +168,9 @@ class VideoScore2Reward:
         total, _, height, width = video.shape
         n = sample_count(total, fps, s["fps"])
         index = frame_indices(total, n)
-        x = round_through(video.index_select(0, index.to(video.device)).float().clamp(0, 1) * 255)
-        size = frame_size(height, width, n)
-        if size != (height, width):
-            x = round_through(
-                F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
-            )
-        x = normalize(x / 255, s["mean"], s["std"]).unsqueeze(0)
-        grid = [n // s["temporal"], size[0] // s["patch"], size[1] // s["patch"]]
-        return patchify(x, s["patch"], s["temporal"], s["merge"]), grid, index.tolist()
+        kept = video.index_select(0, index.to(video.device)).unsqueeze(0)
+        patches, grid = video_patches(kept, frame_size(height, width, n), s)
+        return patches, grid, index.tolist()
 
     def generate(self, video: torch.Tensor, prompt: str, fps: float | None):
         """Generate one answer: ``(generated ids, per-step processed logits [vocab] each)``."""
