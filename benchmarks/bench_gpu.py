@@ -167,7 +167,7 @@ def dpo_step_flops(t: dict, latent_shape: tuple[int, ...], text_len: int, pairs:
 
 def peak_tflops(name: str) -> float | None:
     """Dense bf16 peak of a GPU by its device name (`vpotool plan`'s table), or None when it does not know it."""
-    from vpotool.stages.plan import known_tflops
+    from vpotool.gpus import known_tflops
 
     known = known_tflops(name)
     return known[0] if known else None

@@ -85,7 +85,8 @@ def method_config(method: str, model: str, folder: str, frames: int, height: int
 
 def models(only: str | None) -> None:
     from vpotool.errors import VpoError
-    from vpotool.stages.plan import GIB, HEADROOM, plan_stage
+    from vpotool.gpus import GIB, HEADROOM
+    from vpotool.stages.plan import plan_stage
 
     room = 80 * GIB - HEADROOM
     print("| model, size | method | bf16 weights | + gradient checkpointing, text encoder offloaded | of it: weights "

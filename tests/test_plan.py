@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from vpotool.cli import app
+from vpotool.gpus import parse_gpu
 from vpotool.latents import save_latent
 from vpotool.memtrace import allocator_peak, traced
 from vpotool.prompts import load_prompts
-from vpotool.stages.plan import parse_gpu, plan_stage
+from vpotool.stages.plan import plan_stage
 from vpotool.training import dpo as D
 from vpotool.training import refl as R
 from vpotool.training import scst as S

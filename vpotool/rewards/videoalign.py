@@ -178,7 +178,7 @@ class VideoAlignReward:
     def pixels(self, frames: torch.Tensor, fps: float | None) -> tuple[torch.Tensor, list[int]]:
         """Frames ``[B, T, 3, H, W]`` -> Qwen2-VL patches ``[B * t * h * w, D]`` and the grid ``[t, h, w]``."""
         s = self.setup
-        b, total, _, height, width = frames.shape
+        _, total, _, height, width = frames.shape
         n = sample_count(total, fps, s["fps"], s["num_frames"])
         size = smart_resize(height, width, VIDEO_MIN_PIXELS, s["max_pixels"])
         if size[0] * size[1] < s["min_pixels"]:  # upstream's processor would resize those frames a second time

@@ -18,36 +18,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from vpotool.errors import VpoError
+from vpotool.gpus import GIB, HEADROOM, UTILISATION, Gpu, fits, step_seconds
 
 ADAPTERS = "adapters & optimizer"
 CATEGORIES = ("weights", ADAPTERS, "activations", "text encoder", "VAE", "reward model")
-GIB = 2**30
-HEADROOM = int(1.5 * GIB)  # the CUDA context and allocator fragmentation, beyond the tensors the trace counts
-UTILISATION = 0.4  # the share of a GPU's dense peak FLOP rate a step is assumed to reach, for the step time
-
-# name: (memory in GiB, dense bf16 TFLOP/s, dense tf32 TFLOP/s), from the vendors' datasheets
-GPUS = {
-    "h100": (80, 989.4, 494.7),
-    "h100-pcie": (80, 756, 378),
-    "h100-nvl": (94, 835, 418),
-    "h200": (141, 989.4, 494.7),
-    "b200": (180, 2250, 1100),
-    "a100": (80, 312, 156),
-    "a100-40gb": (40, 312, 156),
-    "l40s": (48, 362, 183),
-    "a10": (24, 125, 62.5),
-    "rtx4090": (24, 165, 82.6),
-    "rtx3090": (24, 71, 35.6),
-    "mi300x": (192, 1307, 654),
-}
-
 TRACED = {  # what a plan traces of each stage: its peak, and the FLOPs (and time) of
     "sample": "one sampler call",
     "score": "one reward call",
@@ -56,39 +36,6 @@ TRACED = {  # what a plan traces of each stage: its peak, and the FLOPs (and tim
     "train-scst": "the rollouts and one trained step per chunk",
     "loop": "a sampler call, its scoring and a training step",
 }
-
-
-@dataclass
-class Gpu:
-    name: str
-    memory: int  # bytes
-    tflops: tuple[float, float] | None = None  # (bf16, tf32) dense peak, when known
-
-
-def parse_gpu(text: str | None) -> Gpu | None:
-    """``--gpu``: a known name (``h100``), a memory size (``80GB``, ``24GiB``), or None for the visible GPU (or
-    none, on a machine without one). Unknown text is refused in one line."""
-    if not text:
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            return Gpu(props.name, props.total_memory, known_tflops(props.name))
-        return None
-    key = text.strip().lower().replace("_", "-").replace(" ", "")
-    if key in GPUS:
-        gib, bf16, tf32 = GPUS[key]
-        return Gpu(key, gib * GIB, (bf16, tf32))
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(gb|gib|g)", key)
-    if m:
-        return Gpu(text.strip(), int(float(m[1]) * GIB))
-    raise VpoError(f"--gpu {text}: not a GPU vpotool knows nor a memory size; pass one of {', '.join(GPUS)}, "
-                   "or a size such as 80GB")  # fmt: skip
-
-
-def known_tflops(device_name: str) -> tuple[float, float] | None:
-    """``(bf16, tf32)`` dense peak TFLOP/s of a GPU by its device name (``NVIDIA H100 PCIe`` -> ``h100-pcie``)."""
-    name = device_name.lower().replace(" ", "-")
-    key = next((k for k in sorted(GPUS, key=len, reverse=True) if k in name), None)
-    return GPUS[key][1:] if key else None
 
 
 @dataclass
@@ -117,20 +64,6 @@ class Plan:
             seconds = step_seconds(self.flops, gpu, self.bf16)
             out["gpu"] = dict(name=gpu.name, memory=gpu.memory, fits=fits(self.peak, gpu), step_seconds=seconds)
         return out
-
-
-def fits(peak: int, gpu: Gpu) -> str:
-    """``fits``, ``tight`` (within 10% of what is left after ``HEADROOM``) or ``does not fit``."""
-    room = gpu.memory - HEADROOM
-    return "does not fit" if peak > room else "tight" if peak > 0.9 * room else "fits"
-
-
-def step_seconds(flops: int, gpu: Gpu, bf16: bool) -> float | None:
-    """Seconds a step of ``flops`` takes at ``UTILISATION`` of the GPU's dense bf16 (or tf32) peak; None when its
-    peak is unknown."""
-    if gpu.tflops is None or not flops:
-        return None
-    return flops / (gpu.tflops[0 if bf16 else 1] * 1e12 * UTILISATION)
 
 
 # --- the traced steps
@@ -407,27 +340,27 @@ def trace_stage(stage: str, cfg, extra: dict):
     return trace, trace.flops, words
 
 
-def memory_options(stage: str, cfg, extra: dict) -> list[tuple[str, dict, dict]]:
-    """The memory options of ``stage`` not yet on: ``(flag, config changes, extra changes)``."""
+def memory_options(stage: str, cfg) -> list[tuple[str, dict]]:
+    """The memory options of ``stage`` not yet on: ``(flag, config changes)``."""
     out = []
     trains = stage.startswith("train") or stage == "loop"
     if trains and not cfg.gradient_checkpointing:
-        out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}, {}))
+        out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     if trains and not cfg.offload_text_encoder:
-        out.append(("--offload-text-encoder", {"offload_text_encoder": True}, {}))
+        out.append(("--offload-text-encoder", {"offload_text_encoder": True}))
     if stage != "score" and getattr(cfg, "dtype", "float32") == "float32":
-        out.append(("--dtype bfloat16", {"dtype": "bfloat16"}, {}))
+        out.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
     if stage in ("train-refl",) or (stage == "loop" and cfg.algo == "refl"):
         if not cfg.vae_checkpointing:
-            out.append(("--vae-checkpointing", {"vae_checkpointing": True}, {}))
+            out.append(("--vae-checkpointing", {"vae_checkpointing": True}))
         if cfg.reward_frames != "1":
-            out.append(("--reward-frames 1", {"reward_frames": "1"}, {}))
+            out.append(("--reward-frames 1", {"reward_frames": "1"}))
     if stage in ("sample", "train-refl", "loop") and "vae_tiling" not in (cfg.model_options or ""):
         joined = ",".join(x for x in [cfg.model_options, "vae_tiling=true"] if x)
-        out.append(("--model-options vae_tiling=true", {"model_options": joined}, {}))
+        out.append(("--model-options vae_tiling=true", {"model_options": joined}))
     size = "sample_batch_size" if stage == "loop" else "batch_size"
     if getattr(cfg, size, 1) > 1:
-        out.append((f"--{size.replace('_', '-')} 1", {size: 1}, {}))
+        out.append((f"--{size.replace('_', '-')} 1", {size: 1}))
     return out
 
 
@@ -444,10 +377,10 @@ def plan_stage(stage: str, cfg, extra: dict | None = None, alternatives: bool = 
     if mixed:
         plan.notes.append("--mixed-precision is planned without autocast (activations at the weights' dtype)")
     if alternatives:
-        for flag, changes, more in memory_options(stage, cfg, extra):
+        for flag, changes in memory_options(stage, cfg):
             try:
                 alt = dataclasses.replace(cfg, **changes)
-                plan.options.append((flag, trace_stage(stage, alt, {**extra, **more})[0].peak))
+                plan.options.append((flag, trace_stage(stage, alt, extra)[0].peak))
             except VpoError:
                 plan.options.append((flag, None))
     plan.seconds = time.perf_counter() - t0
@@ -501,6 +434,8 @@ def render(plan: Plan, gpu: Gpu | None) -> None:
 
 def run_plan(cfg, stage: str, gpu: str | None = None, json_out: bool = False, **extra) -> str:
     """The ``vpotool plan`` commands: plan, then print the table (or JSON)."""
+    from vpotool.gpus import parse_gpu
+
     device = parse_gpu(gpu)
     plan = plan_stage(stage, cfg, extra)
     if json_out:
