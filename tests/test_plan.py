@@ -154,10 +154,11 @@ def test_weightless_build_matches_loading(tmp_path):
     assert all(p.device.type == "meta" for p in planned.denoiser.parameters())
 
 
-def test_plan_command(tmp_path, capsys):
+def test_plan_command(tmp_path, capsys, monkeypatch):
     """`vpotool plan train-dpo` on a config-only folder: the JSON holds every part, a fit and each option's saving;
     gradient checkpointing saves memory, bf16 weights save the weights' half."""
     folder = config_only(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a run folder would go: the plan fills in --out plan
     args = ["plan", "train-dpo", "--model", "wan", "--model-path", str(folder), "--frames", "17", "--height", "64",
             "--width", "64", "--gpu", "h100", "--json"]  # fmt: skip
     app(args, standalone_mode=False)
@@ -167,7 +168,7 @@ def test_plan_command(tmp_path, capsys):
     saves = {o["flag"]: o["saves"] for o in plan["options"]}
     assert saves["--gradient-checkpointing"] > 0
     assert saves["--dtype bfloat16"] >= 0.45 * plan["parts"]["weights"]  # the weights' half, and activations
-    assert not (tmp_path / "plan").exists()  # plans write nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]  # plans write nothing
 
 
 @pytest.mark.parametrize(
