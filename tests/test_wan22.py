@@ -152,3 +152,28 @@ def test_half_a_two_expert_layout_is_refused(wan22, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(VpoError, match="transformer_2 but no boundary_ratio"):
         load_backend("wan", str(folder))
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_euler_step_on_the_boundary_goes_to_the_expert_diffusers_picks(wan22, steps):
+    """Wan 2.2's boundary 0.875 x 1000 falls on a grid point of the shift-3 Euler grid at 10, 20, 30 ... steps.
+    ``--sampler euler`` computes that grid as diffusers' ``FlowMatchEulerDiscreteScheduler`` does (float32: the
+    point is 874.99994), so the step goes to the low-noise expert, where a float64 shift (875.0) sent it to the
+    high-noise one."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    backend = load_backend("wan", wan22)
+    assert backend.euler_scheduler is None and backend.shift == 3.0  # the UniPC checkpoint: vpotool's own grid
+    grid = backend.schedule(steps)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+    assert torch.equal(grid.timesteps, reference.timesteps) and torch.equal(grid.sigmas, reference.sigmas)
+    on_boundary = grid.timesteps[int(0.3 * steps)]
+    assert 874.999 < on_boundary < 875.0
+    experts = TimestepExperts(backend.denoiser.transformer, backend.denoiser.transformer_2, 0.875 * 1000)
+    x, text = _inputs(1)
+    with torch.no_grad():
+        routed = experts(hidden_states=x, timestep=on_boundary[None], encoder_hidden_states=text)[0]
+        low = experts.transformer_2(hidden_states=x, timestep=on_boundary[None], encoder_hidden_states=text)[0]
+    torch.testing.assert_close(routed, low, atol=0, rtol=0)

@@ -17,7 +17,6 @@ from vpotool.models.base import (
     NoiseSchedule,
     SamplingDefaults,
     TextVideoBackend,
-    flow_schedule,
     flow_training_timesteps,
     text_length,
     tokenize,
@@ -116,8 +115,8 @@ class WanBackend(TextVideoBackend):
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     def schedule(self, steps: int, shape: tuple[int, ...] | None = None) -> NoiseSchedule:
-        if self.euler_scheduler is None:
-            return flow_schedule(steps, self.shift)
+        if self.euler_scheduler is None:  # vpotool's grid (sigmas 1 .. 0), shifted in float32 as diffusers does
+            return euler_grid(steps, self.shift)
         self.euler_scheduler.set_timesteps(steps)
         sigmas = self.euler_scheduler.sigmas.float().cpu()  # with the final 0
         return NoiseSchedule(timesteps=sigmas[:-1] * 1000.0, alphas=1.0 - sigmas, sigmas=sigmas)
@@ -135,6 +134,20 @@ class WanBackend(TextVideoBackend):
             return_dict=False,
         )[0]
         return out
+
+
+def euler_grid(steps: int, shift: float) -> NoiseSchedule:
+    """The first-order grid of ``--sampler euler`` on a checkpoint that saves no Euler scheduler: sigmas evenly from
+    1 to 0, shifted by diffusers' ``FlowMatchEulerDiscreteScheduler`` itself. Its float32 arithmetic decides which
+    expert of a Wan 2.2 folder takes a step that lands on the boundary (874.99994 < 875: the low-noise one), as
+    the pipeline's schedulers decide it; the float64 shift would round to 875.0 and pick the other."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+    sigmas = scheduler.sigmas.float().cpu()  # with the final 0
+    return NoiseSchedule(timesteps=scheduler.timesteps.float().cpu(), alphas=1.0 - sigmas, sigmas=sigmas)
 
 
 def expert_boundary(path: str, scheduler) -> float | None:
