@@ -64,6 +64,46 @@ def test_composite_of_two_model_rewards(cli, samples, tmp_path):
     assert {"clip.clip_score", "raft.flow_magnitude", "flicker.overall", "overall"} <= set(rows[0])
 
 
+def test_composite_of_videoalign_and_videoscore2(cli, samples, tmp_path):
+    """``--reward videoalign:1.0,videoscore2:0.5`` from the command line on tiny weights (VideoScore2 taught to answer
+    in its format): every part's dimensions, VideoScore2's answers, and the composite worked out by hand from each
+    part's overall and range, (VA + 3) / 6 and (VS2 - 1) / 4, weighed 1 and 0.5."""
+    va, va_options = save_tiny_reward("videoalign", tmp_path)
+    vs2, vs2_options = save_tiny_reward("videoscore2", tmp_path)
+    out = tmp_path / "scores.parquet"
+    code, _, err = cli(
+        "score", "--samples", samples, "--reward", "videoalign:1.0,videoscore2:0.5", "--out", out,
+        "--reward-path", f"videoalign={va},videoscore2={vs2}", "--reward-options", f"{va_options},{vs2_options}",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = read_manifest(out, "scores").to_pylist()
+    assert len(rows) == 2
+    for r in rows:
+        assert {"videoalign.motion_quality", "videoscore2.physical_consistency"} <= set(r)
+        assert 1 <= r["videoscore2.visual_quality"] <= 5 and r["videoscore2.text_alignment"] > 0
+        by_hand = ((r["videoalign.overall"] + 3) / 6 + 0.5 * (r["videoscore2.overall"] - 1) / 4) / 1.5
+        assert r["overall"] == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_loop_trains_on_the_vlm_rewards(cli, tmp_path):
+    """``vpotool loop --reward videoalign:1.0,videoscore2:0.5 --reward-device cpu`` on tiny weights: one round samples,
+    scores with both, pairs and trains."""
+    from test_loop import LOOP
+
+    va, va_options = save_tiny_reward("videoalign", tmp_path)
+    vs2, vs2_options = save_tiny_reward("videoscore2", tmp_path)
+    run = tmp_path / "loop"
+    code, _, err = cli(
+        "loop", "--out", run, "--iterations", 1, "--eval-prompts", "none", "--reward", "videoalign:1.0,videoscore2:0.5",
+        "--reward-path", f"videoalign={va},videoscore2={vs2}", "--reward-options", f"{va_options},{vs2_options}",
+        "--reward-device", "cpu", *LOOP,
+    )  # fmt: skip
+    assert code == 0, err
+    scores = read_manifest(run / "iter-0000" / "scores.parquet", "scores").to_pylist()
+    assert len(scores) == 4 and all(math.isfinite(r["videoscore2.overall"]) for r in scores)
+    assert (run / "checkpoints" / "step-2").is_dir()
+
+
 @pytest.mark.parametrize("name", ["clip", "videoscore", "raft"])
 def test_missing_weights_give_one_line(cli, samples, tmp_path, name):
     out = tmp_path / "scores.parquet"

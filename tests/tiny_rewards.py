@@ -71,4 +71,36 @@ def save_tiny_reward(name: str, root: Path) -> tuple[str, str]:
 
         torch.save({f"module.{k}": v for k, v in RAFT().state_dict().items()}, root / "raft-things.pth")
         return str(root / "raft-things.pth"), "raft.iters=2"
+    if name in ("videoalign", "videoscore2", "unifiedreward-think"):
+        return recorded_judge(name, root)
     raise ValueError(f"no tiny checkpoint for reward {name}")
+
+
+def recorded_judge(name: str, root: Path, answering: bool = True) -> tuple[str, str]:
+    """The tiny Qwen-VL folders of tests/data for the VLM rewards and the pairwise judge, with upstream's prompt text
+    cut from the query their reference recorded (vpotool carries no copy), as path and options. The generating
+    ones are the folders ``examples/tiny_judges/train.py`` taught to answer in their format (``answering``), or
+    the random ones, which never stop (24 new tokens)."""
+    import json
+
+    data = Path(__file__).parent / "data"
+    if name == "videoalign":
+        meta = json.loads((data / "videoalign_reference.json").read_text())
+        folder, query, prompt, placeholder = "videoalign_tiny", meta["texts"][0], meta["prompts"][0], "{text_prompt}"
+    elif name == "videoscore2":
+        meta = json.loads((data / "videoscore2_reference.json").read_text())
+        folder, query, prompt, placeholder = "videoscore2_tiny", meta["videos"][0]["query"], meta["prompts"][0], \
+            "$t2v_prompt"  # fmt: skip
+    else:
+        meta = json.loads((data / "unifiedreward_reference.json").read_text())
+        folder, query, prompt, placeholder = "videoscore2_tiny", meta["runs"][0]["query"], meta["prompt"], "{prompt}"
+    body = query.rsplit("<|vision_end|>", 1)[1].rsplit("<|im_end|>\n<|im_start|>assistant\n", 1)[0]
+    template = root / f"{name}-prompt.txt"
+    template.write_text(body.replace(prompt, placeholder))
+    prefix = "" if name == "unifiedreward-think" else f"{name}."  # a judge's options are its own
+    options = f"{prefix}prompt_template={template}"
+    if name != "videoalign":
+        trained = {"videoscore2": "videoscore2_answering", "unifiedreward-think": "unifiedreward_answering"}[name]
+        folder = trained if answering else folder
+        options += f",{prefix}max_new_tokens={300 if answering else 24}"
+    return str(data / folder), options

@@ -178,12 +178,23 @@ class LabelConfig(StageConfig):
     host: str = opt("127.0.0.1", "Address to serve on; other than 127.0.0.1/localhost, anyone who can reach it "
                     "can label.")  # fmt: skip
     port: int = opt(0, "Port to serve on (0: any free port).")
+    judge: str = opt("", "A pairwise video judge that labels instead of a person (no page is served): "
+                     "unifiedreward-think. Each pair is judged in both orders; see docs/rewards.md.")  # fmt: skip
+    judge_path: str | None = opt(None, "The judge's checkpoint: a local folder or hub id.")
+    judge_options: str = opt("", "Judge options as option=value, comma-separated (e.g. max_new_tokens=512,"
+                             "prompt_template=PATH).")  # fmt: skip
+    device: str = opt("auto", "Device for --judge: cpu, cuda, cuda:1, ... or auto.")
+    dtype: str = opt("float32", "--judge dtype: float32, bfloat16 or float16.")
 
     def __post_init__(self):
         self._check(bool(self.samples), "samples", "is required")
         self._check(bool(self.out), "out", "is required")
         self._check(bool(self.host), "host", "is required (127.0.0.1 serves only this machine)")
         self._check(0 <= self.port <= 65535, "port", "must be in 0..65535 (0: any free port)")
+        self._check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        self._check(bool(self.judge) or not self.judge_path, "judge_path", "needs --judge (the judge's name)")
+        if self.judge and not self.labeler.strip():
+            self.labeler = self.judge
         if not self.labeler.strip():
             import getpass
 

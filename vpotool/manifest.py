@@ -91,6 +91,7 @@ SCHEMAS: dict[str, Schema] = {
             ),
             "`vpotool label`",
             key=("label_id",),
+            extra_strings=("text", "note"),  # a judge's answer, and how its two orders agree
         ),
         Schema("metrics", 1, (_f("step", INT),), "the trainers and `vpotool loop`", extra_floats=True, key=("step",)),
         Schema(

@@ -8,9 +8,12 @@
 #
 #   bash examples/tiny_world/compare.sh [OUT]      (SEEDS="0 1 2" EVAL_SEEDS=2 by default)
 #
-# Budgets are `vpotool loop`'s defaults; ITERS, PROMPTS (per iteration), K and STEPS (per iteration) override
+# Budgets are `vpotool loop`'s defaults; ITERS, PROMPTS (per iteration), K, STEPS (per iteration) and LR override
 # them for every variant, SAMPLER adds sampler flags to every run and both evals (e.g. SAMPLER="--steps 4"), and
-# VAL / HELDOUT replace the two eval prompt sets: together they make a quick check of the script.
+# VAL / HELDOUT replace the two eval prompt sets: together they make a quick check of the script. METHODS picks
+# the variants to train (default all of them, by the names below); REF_INTERVALS="24 144" adds online DPO with
+# those reference intervals (online-dpo-refN); EVAL=no trains without evaluating, so that several copies of the
+# script can train different SEEDS at once (one process each) before one last run evaluates them all.
 # Every command resumes: rerunning the script after an interruption skips finished work.
 set -euo pipefail
 OUT=${1:-runs/compare}
@@ -19,10 +22,13 @@ EVAL_SEEDS=${EVAL_SEEDS:-2}
 VAL=${VAL:-world:val}
 HELDOUT=${HELDOUT:-world:heldout}
 RESULTS=${RESULTS:-docs/results.md}
+METHODS=${METHODS:-"online-dpo online-dpo-fixed-ref offline-dpo online-dpo-k2 online-dpo-k8 refl scst scst-greedy"}
+REF_INTERVALS=${REF_INTERVALS:-}
+EVAL=${EVAL:-yes}
 read -ra SAMPLER <<< "${SAMPLER:-}"
 
 # The loop's defaults, read from its config so that they are stated once.
-read -r D_ITERS D_PROMPTS D_K D_STEPS BATCH LR RANK FRACTION REWARD TRAIN_PROMPTS < <(python -c '
+read -r D_ITERS D_PROMPTS D_K D_STEPS BATCH D_LR RANK FRACTION REWARD TRAIN_PROMPTS < <(python -c '
 from vpotool.training.config import LoopConfig
 c = LoopConfig()
 print(c.iterations, c.prompts_per_iter, c.candidates, c.steps_per_iter, c.batch_size * c.grad_accum, c.lr,
@@ -31,6 +37,7 @@ ITERS=${ITERS:-$D_ITERS}
 PROMPTS=${PROMPTS:-$D_PROMPTS}
 K=${K:-$D_K}
 STEPS=${STEPS:-$D_STEPS}
+LR=${LR:-$D_LR}
 BUDGET=$((PROMPTS * K))  # videos sampled per iteration
 # Flags only where the budget differs from the defaults, so that online DPO stays the bare `vpotool loop`.
 scale=("${SAMPLER[@]}")
@@ -38,6 +45,7 @@ scale=("${SAMPLER[@]}")
 [[ $PROMPTS == "$D_PROMPTS" ]] || scale+=(--prompts-per-iter "$PROMPTS")
 [[ $K == "$D_K" ]] || scale+=(--candidates "$K")
 [[ $STEPS == "$D_STEPS" ]] || scale+=(--steps-per-iter "$STEPS")
+[[ $LR == "$D_LR" ]] || scale+=(--lr "$LR")
 
 # timed NAME COMMAND...: run COMMAND (which writes $OUT/NAME); its wall time goes to $OUT/NAME/seconds, which marks
 # the run done.
@@ -49,10 +57,11 @@ timed() {
   "$@"
   echo $(($(date +%s) - t0)) > "$OUT/$name/seconds"
 }
-# run NAME [loop flags]: `vpotool loop` into $OUT/NAME-seedS for every training seed.
+# run NAME [loop flags]: `vpotool loop` into $OUT/NAME-seedS for every training seed (if METHODS names it).
 run() {
   local name=$1 s
   shift
+  [[ " $METHODS $(printf 'online-dpo-ref%s ' $REF_INTERVALS)" == *" $name "* ]] || return 0
   for s in $SEEDS; do
     timed "$name-seed$s" vpotool loop --out "$OUT/$name-seed$s" --seed "$s" --eval-prompts none "${scale[@]}" "$@"
   done
@@ -62,6 +71,10 @@ run() {
 run online-dpo
 # A fixed reference: the base model throughout.
 run online-dpo-fixed-ref --ref-update-interval 0
+# Other reference intervals (in optimizer steps), if asked for.
+for interval in $REF_INTERVALS; do
+  run "online-dpo-ref$interval" --ref-update-interval "$interval"
+done
 # Offline DPO: every video sampled once from the base model (one iteration over ITERS x PROMPTS prompts), then the
 # same number of DPO steps with the same curriculum.
 run offline-dpo --iterations 1 --prompts-per-iter $((ITERS * PROMPTS)) --steps-per-iter $((ITERS * STEPS))
@@ -78,11 +91,13 @@ run scst --algo scst
 # ITERS x BUDGET / (2 x BATCH) steps sample the same ITERS x BUDGET videos as the loop's SCST (a third of the loop
 # SCST's optimizer steps at the defaults, each on fresh on-policy rollouts instead of reused ones).
 for s in $SEEDS; do
+  [[ " $METHODS " == *" scst-greedy "* ]] || break
   timed "scst-greedy-seed$s" vpotool train-scst --out "$OUT/scst-greedy-seed$s" --seed "$s" \
     --prompts "$TRAIN_PROMPTS" --reward "$REWARD" --baseline greedy --lr "$LR" --lora-rank "$RANK" \
     --train-fraction "$FRACTION" --max-steps $((ITERS * BUDGET / (2 * BATCH))) "${SAMPLER[@]}"
 done
 
+[[ $EVAL == no ]] && exit 0
 # Every finished run's final checkpoint, evaluated on both prompt sets with the same seeds.
 adapters=()
 for d in "$OUT"/*-seed*/; do

@@ -128,6 +128,35 @@ def tiny_model(path: Path, upstream: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def recorders(decord, transformers, generation: dict) -> tuple[dict, list, list]:
+    """Hooks that record what upstream's inference does: ``generate``'s inputs, model and output (run with
+    ``generation`` in place of upstream's settings) in the dict, the frame indices decord reads in the first list,
+    the chat texts rendered in the second."""
+    record: dict = {}
+    generate = transformers.GenerationMixin.generate
+
+    def recorded(self, **kw):
+        record["inputs"] = dict(kw)
+        kw.update(generation)
+        record["model"] = self
+        record["gen"] = generate(self, **kw)
+        return record["gen"]
+
+    transformers.GenerationMixin.generate = recorded
+    kept: list[list[int]] = []
+    get_batch = decord.VideoReader.get_batch
+    decord.VideoReader.get_batch = lambda self, idx: (kept.append(list(idx)), get_batch(self, idx))[1]
+    texts: list[str] = []
+    render = transformers.ProcessorMixin.apply_chat_template
+
+    def record_text(self, *a, **kw):
+        texts.append(render(self, *a, **kw))
+        return texts[-1]
+
+    transformers.ProcessorMixin.apply_chat_template = record_text
+    return record, kept, texts
+
+
 def synthetic_videos() -> list[tuple[np.ndarray, int]]:
     """Two small uint8 ``[T, H, W, 3]`` videos with their fps: 28 frames at 8 fps (qwen-vl-utils keeps 7 frames,
     floored to 6) and 9 frames at 4 fps (4.5, floored to 4)."""
@@ -168,28 +197,7 @@ def main() -> None:
     torch.nn.Module.to = lambda self, *a, **kw: module_to(self, *("cpu" if x == "cuda" else x for x in a), **kw)
     transformers.BatchFeature.to = lambda self, *a, **kw: batch_to(self, *("cpu" if x == "cuda" else x for x in a))
 
-    record: dict = {}
-    generate = transformers.GenerationMixin.generate
-
-    def greedy(self, **kw):
-        record["inputs"] = dict(kw)
-        kw.update(do_sample=False, max_new_tokens=NEW_TOKENS)
-        record["model"] = self
-        record["gen"] = generate(self, **kw)
-        return record["gen"]
-
-    transformers.GenerationMixin.generate = greedy
-    kept: list[list[int]] = []
-    get_batch = decord.VideoReader.get_batch
-    decord.VideoReader.get_batch = lambda self, idx: (kept.append(list(idx)), get_batch(self, idx))[1]
-    texts: list[str] = []
-    render = transformers.ProcessorMixin.apply_chat_template
-
-    def record_text(self, *a, **kw):
-        texts.append(render(self, *a, **kw))
-        return texts[-1]
-
-    transformers.ProcessorMixin.apply_chat_template = record_text
+    record, kept, texts = recorders(decord, transformers, dict(do_sample=False, max_new_tokens=NEW_TOKENS))
     soft: list = []
     score = vs2_inference.ll_based_soft_score_normed
     vs2_inference.ll_based_soft_score_normed = lambda *a: (soft.append(score(*a)), soft[-1])[1]

@@ -6,5 +6,6 @@ from vpotool.config import LabelConfig
 command = config_command(
     LabelConfig,
     "vpotool.report.label:run_label",
-    "Label pairs of videos in a browser (left, right, tie or skip) -> labels.parquet; then `pair --labels`.",
+    "Label pairs of videos in a browser (left, right, tie or skip), or with a pairwise video judge (--judge) -> "
+    "labels.parquet; then `pair --labels`.",
 )

@@ -26,14 +26,12 @@ The server (stdlib ``http.server``, one thread per request) guards the labels fi
 from __future__ import annotations
 
 import errno
-import hashlib
-import itertools
 import json
 import os
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,64 +41,12 @@ from vpotool.config import LabelConfig
 from vpotool.errors import VpoError, first_line, one_line
 from vpotool.locks import OutputLock, acquire_output_lock
 from vpotool.manifest import RowWriter, read_manifest, resolve
+from vpotool.report.queue import Item, build_queue
 from vpotool.stages.pair import LABEL_CHOICES
 
 LOOPBACK = ("127.0.0.1", "localhost")
 MAX_BODY = 4096  # bytes: an answer is a few dozen
 BODY_TIMEOUT = 5.0  # seconds to wait for a request body once its headers came (it is sent with them)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One comparison: two samples of one prompt in the order they are shown (left, right)."""
-
-    item_id: str
-    prompt_id: str
-    prompt: str
-    left_id: str
-    right_id: str
-
-
-def make_item(a: dict, b: dict) -> Item:
-    """The item comparing sample rows ``a`` and ``b``. Its id names the unordered pair; which sample is shown left
-    follows a hash of that id, so it is the same on every run and machine, yet each side gets about half of the
-    samples of any one origin (e.g. the chosen ones of a pairs manifest), and position bias averages out."""
-    first, second = sorted((a, b), key=lambda s: s["sample_id"])
-    item_id = f"{first['sample_id']}|{second['sample_id']}"
-    if hashlib.sha256(item_id.encode()).digest()[0] % 2:
-        first, second = second, first
-    return Item(item_id, first["prompt_id"], first["prompt"], first["sample_id"], second["sample_id"])
-
-
-def build_queue(samples: list[dict], pairs: list[dict] | None = None) -> list[Item]:
-    """The items to label, in order, from rows of a samples manifest.
-
-    With ``pairs`` (rows of a pairs manifest): each pair's two samples, in the manifest's order, each two samples
-    once. Otherwise every two candidates of each prompt, round-robin over prompts (the first pair of every
-    prompt, then the second, ...), so a person who stops early has still covered many prompts.
-    """
-    by_id = {s["sample_id"]: s for s in samples}
-    if pairs is not None:
-        items: dict[str, Item] = {}
-        for p in pairs:
-            for sid in (p["chosen_id"], p["rejected_id"]):
-                if sid not in by_id:
-                    raise VpoError(
-                        f"--pairs: pair {p['pair_id']} holds sample {sid}, which is not in --samples; pass the "
-                        "samples manifest the pairs were made from"
-                    )
-            item = make_item(by_id[p["chosen_id"]], by_id[p["rejected_id"]])
-            items.setdefault(item.item_id, item)
-        return list(items.values())
-    by_prompt: dict[str, list[dict]] = {}
-    for s in sorted(samples, key=lambda s: (s["prompt_id"], s["candidate"], s["sample_id"])):
-        by_prompt.setdefault(s["prompt_id"], []).append(s)
-    ranked = [
-        (rank, pid, make_item(a, b))
-        for pid, group in by_prompt.items()
-        for rank, (a, b) in enumerate(itertools.combinations(group, 2))
-    ]
-    return [item for _, _, item in sorted(ranked, key=lambda r: r[:2])]
 
 
 class LabelSession:
@@ -352,8 +298,14 @@ def make_server(cfg: LabelConfig) -> LabelServer:
 
 
 def run_label(cfg: LabelConfig) -> Path:
-    """Serve the labelling page until Ctrl-C; every answer is already in ``cfg.out`` when it is acknowledged."""
+    """Serve the labelling page until Ctrl-C; every answer is already in ``cfg.out`` when it is acknowledged. With
+    ``cfg.judge`` a pairwise judge answers instead (:mod:`vpotool.report.judge`)."""
     from vpotool.progress import console
+
+    if cfg.judge:
+        from vpotool.report.judge import run_judge
+
+        return run_judge(cfg)
 
     server = make_server(cfg)
     con, state = console(), server.session.state()

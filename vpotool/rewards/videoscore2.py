@@ -55,7 +55,7 @@ VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS, TOTAL_PIXELS = 128 * 28 * 28, 768 * 28 * 28,
 DEFAULTS = {"fps": 2.0, "max_new_tokens": 1024, "temperature": 0.0, "prompt_template": None}
 
 
-def sample_count(total: int, video_fps: float | None, fps: float) -> int:
+def sample_count(total: int, video_fps: float | None, fps: float, name: str = "reward videoscore2") -> int:
     """How many of a video's ``total`` frames qwen-vl-utils 0.0.14 keeps: ``total / video_fps * fps`` clamped to
     [4, min(768, total)] and floored to an even count (without ``video_fps`` the frames are taken to be at ``fps``)."""
     lo = math.ceil(FPS_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
@@ -64,7 +64,7 @@ def sample_count(total: int, video_fps: float | None, fps: float) -> int:
     n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= n <= total:
         raise VpoError(
-            f"reward videoscore2: a video of {total} frames gives {n} frames to score; VideoScore2 needs at least "
+            f"{name}: a video of {total} frames gives {n} frames to look at; a Qwen2.5-VL video needs at least "
             f"{FRAME_FACTOR} (pass longer videos)"
         )
     return n
@@ -172,21 +172,28 @@ class VideoScore2Reward:
         patches, grid = video_patches(kept, frame_size(height, width, n), s)
         return patches, grid, index.tolist()
 
-    def generate(self, video: torch.Tensor, prompt: str, fps: float | None):
-        """Generate one answer: ``(generated ids, per-step processed logits [vocab] each)``."""
+    def inputs(self, video: torch.Tensor, prompt: str, fps: float | None) -> dict:
+        """The model's inputs for one video, as upstream's processor makes them."""
         s = self.setup
         pixels, grid, _ = self.pixels(video, fps)
         n_video = grid[0] * grid[1] * grid[2] // (s["merge"] ** 2)
         ids = self.tokenizer(self.query(prompt).replace(VIDEO_TOKEN, VIDEO_TOKEN * n_video), add_special_tokens=False)
         ids = torch.tensor([ids["input_ids"]], device=self.device)
-        sample = {"do_sample": True, "temperature": s["temperature"]} if s["temperature"] > 0 else {"do_sample": False}
-        out = self.model.generate(
+        return dict(
             input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels.to(self.model.dtype),
             video_grid_thw=torch.tensor([grid], device=self.device),
             second_per_grid_ts=torch.tensor([s["temporal"] / s["fps"]], device=self.device),
-            max_new_tokens=s["max_new_tokens"], output_scores=True, return_dict_in_generate=True, **sample,
         )  # fmt: skip
-        return out.sequences[0, ids.shape[1] :].tolist(), [step[0] for step in out.scores]
+
+    def generate(self, video: torch.Tensor, prompt: str, fps: float | None):
+        """Generate one answer: ``(generated ids, per-step processed logits [vocab] each)``."""
+        s = self.setup
+        inputs = self.inputs(video, prompt, fps)
+        sample = {"do_sample": True, "temperature": s["temperature"]} if s["temperature"] > 0 else {"do_sample": False}
+        out = self.model.generate(
+            **inputs, max_new_tokens=s["max_new_tokens"], output_scores=True, return_dict_in_generate=True, **sample
+        )
+        return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [step[0] for step in out.scores]
 
     def __call__(self, frames: torch.Tensor, prompts: list[str], fps: float | None = None) -> dict[str, torch.Tensor]:
         check_frames(frames, prompts)
@@ -215,27 +222,38 @@ def load_videoscore2(path: str | None = None, device="cpu", dtype=torch.float32,
     (0: greedy, the default; above 0 samples as upstream does at 0.7), ``prompt_template`` (upstream's
     ``vs2_inference.py``, its model card or a text file; default ``README.md`` in the folder).
     """
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
     options = check_options("videoscore2", options, DEFAULTS)
+    check_qwen25_vl(path, "reward videoscore2", "--reward-path", WHAT)
+    template = read_template(str(options["prompt_template"] or os.path.join(str(path), "README.md")))
+    model, tokenizer, chat_template, setup = load_qwen25_vl(path, DEFAULT_ID, "videoscore2", WHAT, device, dtype)
+    setup.update(fps=float(options["fps"]), max_new_tokens=int(options["max_new_tokens"]),
+                 temperature=float(options["temperature"]))  # fmt: skip
+    return VideoScore2Reward(model, tokenizer, chat_template, template, setup)
+
+
+def check_qwen25_vl(path: str | None, name: str, flag: str, what: str) -> None:
+    """Refuse in one line a missing ``path`` or a local folder that holds no Qwen2.5-VL."""
     if not path:
-        raise VpoError(f"reward videoscore2: pass --reward-path with {WHAT}")
+        raise VpoError(f"{name}: pass {flag} with {what}")
     kind = read_json(str(path), "config.json").get("model_type") if os.path.isdir(str(path)) else None
     if os.path.isdir(str(path)) and kind != "qwen2_5_vl":
-        raise VpoError(f"reward videoscore2: {path} holds a {kind or 'non-transformers'} model, not {WHAT}")
-    template = read_template(str(options["prompt_template"] or os.path.join(str(path), "README.md")))
-    model = load_pretrained(Qwen2_5_VLForConditionalGeneration, path, DEFAULT_ID, "videoscore2", WHAT, device, dtype)
+        raise VpoError(f"{name}: {path} holds a {kind or 'non-transformers'} model, not {what}")
+
+
+def load_qwen25_vl(path: str, default_id: str, name: str, what: str, device, dtype):
+    """A Qwen2.5-VL judge checkpoint: ``(model, tokenizer, chat template, setup)``, where ``setup`` holds the video
+    processor's mean, std, patch, temporal patch and merge sizes from ``preprocessor_config.json``."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    model = load_pretrained(Qwen2_5_VLForConditionalGeneration, path, default_id, name, what, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat_template = tokenizer.chat_template or read_json(path, "chat_template.json").get("chat_template")
     image = read_json(path, "preprocessor_config.json")
     setup = {
-        "fps": float(options["fps"]),
-        "max_new_tokens": int(options["max_new_tokens"]),
-        "temperature": float(options["temperature"]),
         "mean": image.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
         "std": image.get("image_std", (0.26862954, 0.26130258, 0.27577711)),
         "patch": image.get("patch_size", 14),
         "temporal": image.get("temporal_patch_size", 2),
         "merge": image.get("merge_size", 2),
     }
-    return VideoScore2Reward(model, tokenizer, chat_template, template, setup)
+    return model, tokenizer, chat_template, setup

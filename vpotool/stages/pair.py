@@ -135,7 +135,8 @@ def score_pairs(cfg: PairConfig, samples: dict[str, dict], samples_table=None) -
 
 
 def human_pairs(cfg: PairConfig, samples: dict[str, dict]) -> list[dict]:
-    """Human preferences from ``cfg.labels`` (see :func:`tally_labels`); source ``human``, dimension ``votes``."""
+    """Preferences from ``cfg.labels`` (see :func:`tally_labels`): people's with source ``human``, a pairwise
+    judge's (``label --judge``) with source ``judge``; dimension ``votes``."""
     labels_path = Path(cfg.labels)
     labels = read_manifest(labels_path, "labels", "--labels").to_pylist()
     for r in labels:
@@ -145,11 +146,16 @@ def human_pairs(cfg: PairConfig, samples: dict[str, dict]) -> list[dict]:
                     f"{labels_path} labels sample {r[side]}, which is not in {cfg.samples}; pass the samples "
                     f"manifest these labels were made from (--samples)"
                 )
-    # The ":human" suffix keeps pair ids unique when the same two samples also form a reward pair.
-    return [
-        {**p, "dimension": "votes", "source": "human", "pair_id": f"{p['chosen_id']}>{p['rejected_id']}:human"}
-        for p in tally_labels(labels)
-    ]
+    # A judge's rows (``label --judge``) carry a note; its votes are counted apart from people's, as source
+    # "judge". The ":human" / ":judge" suffix keeps pair ids unique when the same two samples also form a reward pair.
+    out = []
+    for source in ("human", "judge"):
+        rows = [r for r in labels if (r.get("note") is not None) == (source == "judge")]
+        out += [
+            {**p, "dimension": "votes", "source": source, "pair_id": f"{p['chosen_id']}>{p['rejected_id']}:{source}"}
+            for p in tally_labels(rows)
+        ]
+    return out
 
 
 def run_pair(cfg: PairConfig) -> Path:
