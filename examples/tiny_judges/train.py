@@ -30,7 +30,15 @@ from vpotool.rewards.videoscore2 import parse_answer
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "tests" / "data" / "videoscore2_tiny"
-PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving down slowly"]
+# captions of the tiny world's kind, so the answer does not hang on one prompt
+PROMPTS = [
+    f"a {colour} {shape} moving {way}{speed}{background}"
+    for colour in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for way in ("left", "right", "up", "down")
+    for speed in ("", " slowly", " quickly")
+    for background in ("", " on a black background", " on a white background")
+]
 
 
 def clip(brightness: float, g: torch.Generator) -> torch.Tensor:
@@ -55,7 +63,7 @@ def example(kind: str, judge, g: torch.Generator):
         b = float(torch.rand(1, generator=g))
         return judge.inputs(clip(b, g), prompt, 8.0), vs2_answer(b), b
     a, b = (float(x) for x in torch.rand(2, generator=g))
-    while abs(a - b) < 0.15:
+    while abs(a - b) < 0.3:  # clearly different
         a, b = (float(x) for x in torch.rand(2, generator=g))
     return judge.inputs(clip(a, g), clip(b, g), prompt, (8.0, 8.0)), judge_answer(a, b), (a, b)
 
@@ -74,6 +82,7 @@ def train(kind: str, judge, steps: int, out: Path) -> None:
     model = judge.model
     model.train().requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         inputs, answer, _ = example(kind, judge, g)
@@ -81,6 +90,7 @@ def train(kind: str, judge, steps: int, out: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"{kind} step {step}: loss {loss.item():.4f}", flush=True)
     model.eval()
@@ -103,6 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "data")
+    ap.add_argument("--only", choices=("videoscore2", "unifiedreward-think"), help="train one of the two")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_rewards import recorded_judge
@@ -113,12 +124,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        _, options = recorded_judge("videoscore2", Path(tmp), answering=False)
-        train("videoscore2", load_reward("videoscore2", str(SOURCE), options=options), args.steps,
-              args.out / "videoscore2_answering")  # fmt: skip
-        _, options = recorded_judge("unifiedreward-think", Path(tmp), answering=False)
-        judge = load_judge("unifiedreward-think", str(SOURCE), options=parse_pairs(options, "options", ""))
-        train("unifiedreward-think", judge, args.steps, args.out / "unifiedreward_answering")
+        if args.only != "unifiedreward-think":
+            _, options = recorded_judge("videoscore2", Path(tmp), answering=False)
+            train("videoscore2", load_reward("videoscore2", str(SOURCE), options=options), args.steps,
+                  args.out / "videoscore2_answering")  # fmt: skip
+        if args.only != "videoscore2":
+            _, options = recorded_judge("unifiedreward-think", Path(tmp), answering=False)
+            judge = load_judge("unifiedreward-think", str(SOURCE), options=parse_pairs(options, "options", ""))
+            train("unifiedreward-think", judge, args.steps, args.out / "unifiedreward_answering")
 
 
 if __name__ == "__main__":
