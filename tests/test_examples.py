@@ -26,10 +26,9 @@ def test_slurm_scripts_are_valid_bash(script):
     assert result.returncode == 0, result.stderr
 
 
-def test_compare_script_is_valid_bash():
-    result = subprocess.run(
-        ["bash", "-n", str(EXAMPLES / "tiny_world" / "compare.sh")], capture_output=True, text=True
-    )
+@pytest.mark.parametrize("script", ["compare.sh", "online_offline.sh"])
+def test_compare_scripts_are_valid_bash(script):
+    result = subprocess.run(["bash", "-n", str(EXAMPLES / "tiny_world" / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 

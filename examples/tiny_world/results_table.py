@@ -57,6 +57,17 @@ ABLATIONS = [  # (question, methods), in the order of OnlineVPO's ablations
     ("training signal", ["online-dpo", "refl", "scst", "scst-greedy"]),
 ]
 SEEDED = re.compile(r"^(?P<method>.+)-seed(?P<seed>\d+)$")
+INTERVAL = re.compile(r"^online-dpo-ref(?P<steps>\d+)$")  # compare.sh's REF_INTERVALS variants
+
+
+def with_intervals(methods) -> None:
+    """Put the reference-interval variants that ran (``online-dpo-refN``) into the rows and the reference-model
+    ablation, by interval, after the fixed reference."""
+    found = [m for m in methods if INTERVAL.match(m) and m not in ORDER]
+    found.sort(key=lambda m: int(INTERVAL.match(m)["steps"]))
+    at = ORDER.index("online-dpo-fixed-ref") + 1
+    ORDER[at:at] = found
+    dict(ABLATIONS)["reference model"].extend(m for m in found if m not in dict(ABLATIONS)["reference model"])
 
 
 def method_of(run: str) -> str:
@@ -229,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 kind, cfg = run_config(out / run)
                 methods.setdefault(method, {})[run] = (*describe(kind, cfg), cfg["max_steps"])
 
+    with_intervals(methods)
     reference = next(iter(methods.get(REFERENCE, {})), None)
     train_minutes = sum(minutes(out, [r for runs in methods.values() for r in runs]))
     eval_minutes = sum(minutes(out, [d for d, _, _ in EVALS]))
