@@ -160,6 +160,46 @@ def test_label_judge_both_orders_then_pair_labels(tiny_run, cli, tmp_path):
     assert code == 2 and "no answer preferring one video" in err
 
 
+def brightened(run: Path, out: Path) -> Path:
+    """A copy of ``run``'s samples whose candidates are made clearly darker or brighter (x 0.3, 1, 1.8), as the
+    tiny judge learned to tell them apart; returns its samples manifest."""
+    from vpotool.manifest import write_manifest
+    from vpotool.video import read_video, write_video
+
+    rows = read_manifest(run / "samples.parquet", "samples").to_pylist()
+    (out / "videos").mkdir(parents=True)
+    for row in rows:
+        frames = read_video(run / row["video"]).astype("float32") * (0.3, 1.0, 1.8)[row["candidate"]]
+        write_video(out / row["video"], frames.clip(0, 255).astype("uint8"), row["fps"])
+    write_manifest(out / "samples.parquet", rows, "samples")
+    return out / "samples.parquet"
+
+
+def test_label_judge_then_pair_from_the_command_line(tiny_run, cli, tmp_path):
+    """``label --judge`` then ``pair --labels`` from the command line on a tiny judge taught to prefer the brighter
+    video (``examples/tiny_judges/train.py``): its verdicts, read from its own generated answers, agree in both
+    orders, and each pair's chosen video is the brighter one."""
+    from tiny_rewards import save_tiny_reward
+
+    from vpotool.video import read_video
+
+    path, options = save_tiny_reward("unifiedreward-think", tmp_path)
+    samples, out = brightened(tiny_run, tmp_path / "run"), tmp_path / "labels.parquet"
+    code, _, err = cli("label", "--samples", samples, "--out", out, "--judge", "unifiedreward-think", "--judge-path",
+                       path, "--judge-options", options, "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    rows = read_manifest(out, "labels").to_pylist()
+    assert len(rows) == 6 and all("</answer>" in r["text"] for r in rows)  # 3 pairs x 2 orders
+    code, _, err = cli("pair", "--samples", samples, "--labels", out, "--out", tmp_path / "pairs.parquet")
+    assert code == 0, err
+    pairs = read_manifest(tmp_path / "pairs.parquet", "pairs").to_pylist()
+    agreed = [r for r in rows if r["note"] == "agree"]
+    assert len(pairs) == len(agreed) // 2 >= 2
+    for p in pairs:
+        chosen, rejected = (read_video(out.parent / p[f"{side}_video"]).mean() for side in ("chosen", "rejected"))
+        assert chosen > rejected
+
+
 def test_label_judge_command_on_tiny_weights(tiny_run, cli, instruction, tmp_path):
     """From the command line on the tiny random judge (which never names a video): every answer is a tie, the
     count is printed, and the labels hold the answers; a resume under another judge setting is refused."""
