@@ -13,7 +13,8 @@ with the run's reward, and prints:
   higher;
 - ``flipped``: of the round's preference pairs (chosen and rejected are two seeds), the share whose order the
   base's videos from those two seeds reverse: pairs an offline run, sampling once from the base, would have
-  had the other way round. 0 means the online pairs teach what offline pairs from the same seeds teach.
+  had the other way round. 0 means the online pairs teach what offline pairs from the same seeds teach;
+  ``flipped_wide`` is the same share among the pairs whose reward margin is at least the round's median.
 
     python examples/tiny_world/movement.py RUN [RUN ...] [--out movement.parquet] [--every N]
 
@@ -77,6 +78,8 @@ def round_figures(round_dir: Path, run: Path, loop: dict) -> dict:
     gains = torch.tensor([policy_score[i] - base_score[i] for i in ids])
     pairs = read_manifest(round_dir / "pairs.parquet", "pairs").to_pylist()
     flipped = [base_score[p["chosen_id"]] < base_score[p["rejected_id"]] for p in pairs]
+    wide = sorted(p["margin"] for p in pairs)[len(pairs) // 2] if pairs else 0.0  # the round's median margin
+    flipped_wide = [f for f, p in zip(flipped, pairs, strict=True) if p["margin"] >= wide]
     return {
         "run": run.name,
         "round": int(round_dir.name.split("-")[-1]),
@@ -85,6 +88,7 @@ def round_figures(round_dir: Path, run: Path, loop: dict) -> dict:
         "win": float((gains > 0).float().mean()),
         "pairs": len(pairs),
         "flipped": sum(flipped) / max(len(pairs), 1),
+        "flipped_wide": sum(flipped_wide) / max(len(flipped_wide), 1),
     }
 
 
@@ -103,7 +107,8 @@ def main() -> None:
                 rows.append(round_figures(round_dir, run, loop))
                 r = rows[-1]
                 print(f"{r['run']} round {r['round']:2d}: moved {r['moved']:.3f}  gain {r['gain']:+.4f}  "
-                      f"win {r['win']:.2f}  flipped {r['flipped']:.2f} of {r['pairs']} pairs", flush=True)  # fmt: skip
+                      f"win {r['win']:.2f}  flipped {r['flipped']:.2f} of {r['pairs']} pairs, "
+                      f"{r['flipped_wide']:.2f} of the wider half", flush=True)  # fmt: skip
     if args.out:
         pq.write_table(pa.Table.from_pylist(rows), args.out)
 
