@@ -116,7 +116,7 @@ def test_instruction_sources_and_bad_judge_input(instruction, judge, tmp_path):
 
 
 class ScriptedJudge:
-    """A judge whose answers are given: ``prefer`` maps a video (by its first pixel) to a verdict rule."""
+    """A judge whose answers are given: ``rule`` maps the two videos' mean brightness to (verdict, answer)."""
 
     name = "unifiedreward-think"
 

@@ -26,6 +26,11 @@ from vpotool.report.queue import Item, build_queue
 ORDERS = ("", "|swapped")  # label id suffixes: the queue's order, then the other
 
 
+def label_id(item: Item, labeler: str, suffix: str) -> str:
+    """A judge row's id: the pair, the labeler, and ``|swapped`` for the second order."""
+    return f"{item.item_id}|{labeler}{suffix}"
+
+
 def verdict_choice(verdict: int | None) -> str:
     return {1: "left", 2: "right"}.get(verdict, "tie")
 
@@ -68,34 +73,31 @@ def run_judge(cfg: LabelConfig, judge=None) -> Path:
     with writer_lock(out):
         writer = RowWriter(out, "labels", cfg.to_dict(), compare=compare)
         answers = {r["label_id"]: r for r in writer.rows}
-        todo = [i for i in queue if any(f"{i.item_id}|{cfg.labeler}{o}" not in answers for o in ORDERS)]
+        todo = [i for i in queue if any(label_id(i, cfg.labeler, o) not in answers for o in ORDERS)]
         if judge is None and todo:
             judge = load_judge(cfg.judge, cfg.judge_path, resolve_device(cfg.device), getattr(torch, cfg.dtype),
                                options)  # fmt: skip
-        frames: dict[str, torch.Tensor] = {}
 
-        def video(sid: str):
-            if sid not in frames:
-                row = rows_by_id[sid]
-                frames[sid] = frames_to_tensor(read_video(videos[sid]), row["height"], row["width"])
-            return frames[sid], rows_by_id[sid]["fps"]
+        def video(sid: str):  # decoded per call: keeping every decoded video would grow with the run
+            row = rows_by_id[sid]
+            return frames_to_tensor(read_video(videos[sid]), row["height"], row["width"]), row["fps"]
 
         def judged(item: Item, suffix: str) -> dict:
-            label_id = f"{item.item_id}|{cfg.labeler}{suffix}"
-            if label_id in answers:
-                return answers[label_id]
+            key = label_id(item, cfg.labeler, suffix)
+            if key in answers:
+                return answers[key]
             first, second = (item.left_id, item.right_id) if not suffix else (item.right_id, item.left_id)
             (a, fps_a), (b, fps_b) = video(first), video(second)
             verdict, text = judge.judge(a, b, item.prompt, (fps_a, fps_b))
             row = dict(
-                label_id=label_id, prompt_id=item.prompt_id, prompt=item.prompt, left_id=first, right_id=second,
+                label_id=key, prompt_id=item.prompt_id, prompt=item.prompt, left_id=first, right_id=second,
                 choice=verdict_choice(verdict), labeler=cfg.labeler,
                 labelled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 left_video=os.path.relpath(videos[first], here), right_video=os.path.relpath(videos[second], here),
                 text=text, note="",
             )  # fmt: skip
             writer.add([row])
-            answers[label_id] = row
+            answers[key] = row
             writer.flush()  # every answer kept at once: a judge's answer can take minutes
             return row
 
@@ -107,8 +109,8 @@ def run_judge(cfg: LabelConfig, judge=None) -> Path:
                     row["note"] = agreement(both)
                 writer.flush()
                 advance()
-    notes = [agreement([answers[f"{i.item_id}|{cfg.labeler}{o}"] for o in ORDERS]) for i in queue]
-    unparsed = sum(answers[f"{i.item_id}|{cfg.labeler}{o}"]["choice"] == "tie" for i in queue for o in ORDERS)
+    notes = [agreement([answers[label_id(i, cfg.labeler, o)] for o in ORDERS]) for i in queue]
+    unparsed = sum(answers[label_id(i, cfg.labeler, o)]["choice"] == "tie" for i in queue for o in ORDERS)
     con = console()
     con.print(
         f"{cfg.judge}: {len(queue)} pairs judged in both orders: {notes.count('agree')} agree, "

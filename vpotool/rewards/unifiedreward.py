@@ -31,8 +31,8 @@ import re
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.rewards.videoalign import VIDEO_TOKEN, frame_indices, video_patches
-from vpotool.rewards.videoscore2 import check_qwen25_vl, frame_size, load_qwen25_vl, sample_count
+from vpotool.rewards.videoalign import VIDEO_TOKEN
+from vpotool.rewards.videoscore2 import check_qwen25_vl, load_qwen25_vl, qwen_video
 
 NAME = "unifiedreward-think"
 DEFAULT_ID = "CodeGoat24/UnifiedReward-Think-qwen-7b"
@@ -95,12 +95,7 @@ class UnifiedRewardThink:
 
     def pixels(self, video: torch.Tensor, fps: float | None) -> tuple[torch.Tensor, list[int], list[int]]:
         """One video -> its patches ``[t * h * w, D]``, grid ``[t, h, w]`` and the frame indices kept."""
-        total, _, height, width = video.shape
-        n = sample_count(total, fps, self.setup["fps"], name=f"judge {NAME}")
-        index = frame_indices(total, n)
-        kept = video.index_select(0, index.to(video.device)).unsqueeze(0)
-        patches, grid = video_patches(kept, frame_size(height, width, n), self.setup)
-        return patches, grid, index.tolist()
+        return qwen_video(video, fps, self.setup, f"judge {NAME}")
 
     def inputs(self, first: torch.Tensor, second: torch.Tensor, prompt: str, fps=(None, None)) -> dict:
         """``generate``'s inputs for one comparison, as upstream's processor makes them; ``fps`` holds each video's

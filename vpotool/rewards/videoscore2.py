@@ -76,6 +76,17 @@ def frame_size(height: int, width: int, n: int) -> tuple[int, int]:
     return smart_resize(height, width, VIDEO_MIN_PIXELS, max_pixels)
 
 
+def qwen_video(video: torch.Tensor, fps: float | None, setup: dict, name: str = "reward videoscore2"):
+    """One video ``[T, 3, H, W]`` at ``fps`` as qwen-vl-utils and the Qwen2.5-VL processor read it at ``setup``'s
+    sampling rate: the patches ``[t * h * w, D]``, the grid ``[t, h, w]`` and the frame indices kept."""
+    total, _, height, width = video.shape
+    n = sample_count(total, fps, setup["fps"], name)
+    index = frame_indices(total, n)
+    kept = video.index_select(0, index.to(video.device)).unsqueeze(0)
+    patches, grid = video_patches(kept, frame_size(height, width, n), setup)
+    return patches, grid, index.tolist()
+
+
 def parse_answer(text: str) -> tuple[int, int, int] | None:
     """The three integer scores of an answer in upstream's format, or None when its regex does not match."""
     found = ANSWER.search(text)
@@ -163,14 +174,8 @@ class VideoScore2Reward:
 
     def pixels(self, video: torch.Tensor, fps: float | None) -> tuple[torch.Tensor, list[int], list[int]]:
         """One video ``[T, 3, H, W]`` -> Qwen2.5-VL patches ``[t * h * w, D]``, the grid ``[t, h, w]`` and the
-        frame indices kept."""
-        s = self.setup
-        total, _, height, width = video.shape
-        n = sample_count(total, fps, s["fps"])
-        index = frame_indices(total, n)
-        kept = video.index_select(0, index.to(video.device)).unsqueeze(0)
-        patches, grid = video_patches(kept, frame_size(height, width, n), s)
-        return patches, grid, index.tolist()
+        frame indices kept (:func:`qwen_video`)."""
+        return qwen_video(video, fps, self.setup)
 
     def inputs(self, video: torch.Tensor, prompt: str, fps: float | None) -> dict:
         """The model's inputs for one video, as upstream's processor makes them."""
