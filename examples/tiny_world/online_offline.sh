@@ -4,7 +4,9 @@
 # training seeds each, with the same videos and steps; online DPO with its reference renewed every round (24 steps,
 # INTERVALS), every second round (48, the default) or never (a fixed reference; OnlineVPO compared 100, 200 and
 # 400 steps at its own run length); and K = 2 / 4 / 8. Then how far each online run's policy
-# moved from the base round by round (movement.py), for these runs and one bare `vpotool loop` at the default rate.
+# moved from the base round by round (movement.py), for these runs and one bare `vpotool loop` at the default rate;
+# and why online's lead is what it is (pair_gradients.py: how much of a DPO step is signal, and whether offline
+# pairs still point where fresh ones do, early and late in an online and an offline run).
 #
 #   bash examples/tiny_world/online_offline.sh [OUT]      (OUT: runs/online-offline; results in OUT/results.md)
 #
@@ -28,15 +30,55 @@ wait $first
 wait $second
 METHODS="$DPO" REF_INTERVALS="$INTERVALS" bash "$HERE/compare.sh" "$OUT"  # trains nothing more: evaluates
 
-# The same movement figure for the bare loop at its default learning rate, for contrast.
-if [[ ! -f "$OUT/default-lr-seed0/seconds" ]]; then
+# The same movement figure for the bare loop at its default learning rate, for contrast (in OUT/default-lr: a name
+# without "-seed", which compare.sh would evaluate and tabulate with the comparison).
+if [[ ! -f "$OUT/default-lr/seconds" ]]; then
   t0=$(date +%s)
-  vpotool loop --out "$OUT/default-lr-seed0" --seed 0 --eval-prompts none
-  echo $(($(date +%s) - t0)) > "$OUT/default-lr-seed0/seconds"
+  vpotool loop --out "$OUT/default-lr" --seed 0 --eval-prompts none
+  echo $(($(date +%s) - t0)) > "$OUT/default-lr/seconds"
 fi
 if [[ ! -f "$OUT/movement.parquet" ]]; then
   t0=$(date +%s)
-  python "$HERE/movement.py" "$OUT"/online-dpo-seed* "$OUT/default-lr-seed0" --out "$OUT/movement.parquet"
+  python "$HERE/movement.py" "$OUT"/online-dpo-seed* "$OUT/default-lr" --out "$OUT/movement.parquet"
   echo $(($(date +%s) - t0)) > "$OUT/movement.seconds"
 fi
-echo "wrote $RESULTS and $OUT/movement.parquet"
+# Why online's lead is not larger: offline seed 0 trained again by train-dpo with a checkpoint every 48 steps (the
+# same run: its last checkpoint equals the loop's), then how much of a DPO step is signal and whether offline pairs
+# still point where fresh ones do, early and late in the online and the offline run (pair_gradients.py).
+WHY=$OUT/why
+read -r steps interval < <(awk '/^max_steps:/{s=$2} /^ref_update_interval:/{i=$2} END{print s, i}' \
+  "$OUT/offline-dpo-seed0/loop.yaml")
+if [[ ! -f "$WHY/offline-dpo-seed0/seconds" ]]; then
+  t0=$(date +%s)
+  vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/offline-dpo-seed0" \
+    --lr "$LR" --max-steps "$steps" --lora-rank 8 --ref-update-interval "$interval" --save-every 48 --seed 0 \
+    --device cpu
+  echo $(($(date +%s) - t0)) > "$WHY/offline-dpo-seed0/seconds"
+fi
+if [[ ! -f "$WHY/figures.parquet" ]]; then
+  t0=$(date +%s)
+  python "$HERE/pair_gradients.py" "$OUT/online-dpo-seed0/checkpoints/step-"{48,"$steps"} \
+    "$WHY/offline-dpo-seed0/checkpoints/step-"{48,"$steps"} --prompts 64 \
+    --offline "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY" | tee "$WHY/figures.md"
+  echo $(($(date +%s) - t0)) > "$WHY/seconds"
+fi
+# Where the seed spread comes from: offline seed 0's pairs trained again with training seeds 1 and 2 (the same
+# pairs; another LoRA initialisation, batch order, timesteps and noises), evaluated as above.
+same=()
+for s in 1 2; do
+  if [[ ! -f "$WHY/same-pairs-seed$s/seconds" ]]; then
+    t0=$(date +%s)
+    vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/same-pairs-seed$s" \
+      --lr "$LR" --max-steps "$steps" --lora-rank 8 --ref-update-interval "$interval" --seed "$s" --device cpu
+    echo $(($(date +%s) - t0)) > "$WHY/same-pairs-seed$s/seconds"
+  fi
+  same+=(--adapter "$WHY/same-pairs-seed$s/checkpoints/step-$steps")
+done
+for split in val heldout; do
+  if [[ ! -f "$WHY/eval-$split/seconds" ]]; then
+    t0=$(date +%s)
+    vpotool eval "${same[@]}" --prompts "world:$split" --seeds 2 --out "$WHY/eval-$split"
+    echo $(($(date +%s) - t0)) > "$WHY/eval-$split/seconds"
+  fi
+done
+echo "wrote $RESULTS, $OUT/movement.parquet, $WHY/figures.md and $WHY/eval-*"
