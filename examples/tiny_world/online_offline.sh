@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # OnlineVPO's central claim, online against offline DPO, at a budget where the policy moves away from the base
 # model: compare.sh's DPO variants at learning rate LR (default 0.001, five times the loop's default), three
-# training seeds each, with the same videos and steps; online DPO with its reference renewed every round (24 steps,
-# INTERVALS), every second round (48, the default) or never (a fixed reference; OnlineVPO compared 100, 200 and
-# 400 steps at its own run length); and K = 2 / 4 / 8. Then how far each online run's policy
-# moved from the base round by round (movement.py), for these runs and one bare `vpotool loop` at the default rate;
+# training seeds each, with the same videos and steps; online DPO with its reference renewed every 24, 48 (the
+# default) or 96 steps (INTERVALS: half and twice the default, as OnlineVPO compared 100, 200 and 400 steps around
+# its best) or never (a fixed reference); and K = 2 / 4 / 8. Then how far each online run's policy moved from the
+# base round by round (movement.py), for these runs and one bare `vpotool loop` at the default rate;
 # and why online's lead is what it is (pair_gradients.py: how much of a DPO step is signal, and whether offline
 # pairs still point where fresh ones do, early and late in an online and an offline run).
 #
@@ -17,7 +17,7 @@ OUT=${1:-runs/online-offline}
 HERE=$(dirname "$0")
 export LR=${LR:-0.001} SEEDS=${SEEDS:-"0 1 2"} RESULTS=${RESULTS:-$OUT/results.md}
 DPO="online-dpo offline-dpo online-dpo-fixed-ref online-dpo-k2 online-dpo-k8"
-INTERVALS=${INTERVALS:-24}
+INTERVALS=${INTERVALS:-"24 96"}
 mkdir -p "$OUT"
 
 OMP_NUM_THREADS=1 EVAL=no METHODS="online-dpo offline-dpo online-dpo-fixed-ref" \

@@ -25,7 +25,7 @@ independent sets. Printed per checkpoint, with jackknife (leave one prompt out) 
 - ``raw cos``: the plain cosine of the two sets' mean gradients (what noise leaves of it at this many pairs).
 
     python examples/tiny_world/pair_gradients.py RUN/checkpoints/step-48 RUN/checkpoints/step-288 ... \
-        --offline OFFLINE/iter-0000/pairs.parquet --out runs/pair-gradients [--prompts 48 --draws 4]
+        --offline OFFLINE/iter-0000/pairs.parquet --out runs/pair-gradients [--prompts 64 --draws 4]
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints/step-N folders")
     ap.add_argument("--offline", type=Path, required=True, help="an offline run's pairs.parquet (base videos)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the fresh samples and figures.parquet")
-    ap.add_argument("--prompts", type=int, default=48, help="training prompts each checkpoint samples afresh")
+    ap.add_argument("--prompts", type=int, default=64, help="training prompts each checkpoint samples afresh")
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--draws", type=int, default=4, help="timesteps and noises per pair's gradient")
     ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step, for signal/step")
