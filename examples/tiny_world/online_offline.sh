@@ -46,12 +46,12 @@ fi
 # same run: its last checkpoint equals the loop's), then how much of a DPO step is signal and whether offline pairs
 # still point where fresh ones do, early and late in the online and the offline run (pair_gradients.py).
 WHY=$OUT/why
-read -r steps interval < <(awk '/^max_steps:/{s=$2} /^ref_update_interval:/{i=$2} END{print s, i}' \
-  "$OUT/offline-dpo-seed0/loop.yaml")
+read -r steps interval rank < <(awk '/^max_steps:/{s=$2} /^ref_update_interval:/{i=$2} /^lora_rank:/{r=$2}
+  END{print s, i, r}' "$OUT/offline-dpo-seed0/loop.yaml")
 if [[ ! -f "$WHY/offline-dpo-seed0/seconds" ]]; then
   t0=$(date +%s)
   vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/offline-dpo-seed0" \
-    --lr "$LR" --max-steps "$steps" --lora-rank 8 --ref-update-interval "$interval" --save-every 48 --seed 0 \
+    --lr "$LR" --max-steps "$steps" --lora-rank "$rank" --ref-update-interval "$interval" --save-every 48 --seed 0 \
     --device cpu
   echo $(($(date +%s) - t0)) > "$WHY/offline-dpo-seed0/seconds"
 fi
@@ -69,7 +69,7 @@ for s in 1 2; do
   if [[ ! -f "$WHY/same-pairs-seed$s/seconds" ]]; then
     t0=$(date +%s)
     vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/same-pairs-seed$s" \
-      --lr "$LR" --max-steps "$steps" --lora-rank 8 --ref-update-interval "$interval" --seed "$s" --device cpu
+      --lr "$LR" --max-steps "$steps" --lora-rank "$rank" --ref-update-interval "$interval" --seed "$s" --device cpu
     echo $(($(date +%s) - t0)) > "$WHY/same-pairs-seed$s/seconds"
   fi
   same+=(--adapter "$WHY/same-pairs-seed$s/checkpoints/step-$steps")
