@@ -62,23 +62,29 @@ if [[ ! -f "$WHY/figures.parquet" ]]; then
     --offline "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY" | tee "$WHY/figures.md"
   echo $(($(date +%s) - t0)) > "$WHY/seconds"
 fi
-# Where the seed spread comes from: offline seed 0's pairs trained again with training seeds 1 and 2 (the same
-# pairs; another LoRA initialisation, batch order, timesteps and noises), evaluated as above.
-same=()
-for s in 1 2; do
+# Where the seed spread comes from: offline DPO with five training seeds on one set of pairs (offline seed 0's; the
+# others with another LoRA initialisation, batch order, timesteps and noises) against five seeds that each sample
+# their own pairs (the comparison's three and seeds 3 and 4, trained into WHY), all evaluated as above.
+OMP_NUM_THREADS=1 EVAL=no METHODS=offline-dpo SEEDS="3 4" bash "$HERE/compare.sh" "$WHY"
+spread=()
+for s in 1 2 3 4; do
   if [[ ! -f "$WHY/same-pairs-seed$s/seconds" ]]; then
     t0=$(date +%s)
     vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/same-pairs-seed$s" \
       --lr "$LR" --max-steps "$steps" --lora-rank "$rank" --ref-update-interval "$interval" --seed "$s" --device cpu
     echo $(($(date +%s) - t0)) > "$WHY/same-pairs-seed$s/seconds"
   fi
-  same+=(--adapter "$WHY/same-pairs-seed$s/checkpoints/step-$steps")
+  spread+=(--adapter "$WHY/same-pairs-seed$s/checkpoints/step-$steps")
 done
-for split in val heldout; do
-  if [[ ! -f "$WHY/eval-$split/seconds" ]]; then
+for s in 3 4; do
+  spread+=(--adapter "$WHY/offline-dpo-seed$s/checkpoints/step-$steps")
+done
+for split in val heldout; do  # redone, resuming its finished videos, when the checkpoints change
+  if [[ "$(cat "$WHY/eval-$split/checkpoints" 2> /dev/null)" != "${spread[*]}" ]]; then
     t0=$(date +%s)
-    vpotool eval "${same[@]}" --prompts "world:$split" --seeds 2 --out "$WHY/eval-$split"
-    echo $(($(date +%s) - t0)) > "$WHY/eval-$split/seconds"
+    vpotool eval "${spread[@]}" --prompts "world:$split" --seeds 2 --out "$WHY/eval-$split"
+    echo "${spread[*]}" > "$WHY/eval-$split/checkpoints"
+    echo $(($(cat "$WHY/eval-$split/seconds" 2> /dev/null || echo 0) + $(date +%s) - t0)) > "$WHY/eval-$split/seconds"
   fi
 done
 echo "wrote $RESULTS, $OUT/movement.parquet, $WHY/figures.md and $WHY/eval-*"
