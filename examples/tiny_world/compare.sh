@@ -13,7 +13,8 @@
 # VAL / HELDOUT replace the two eval prompt sets: together they make a quick check of the script. METHODS picks
 # the variants to train (default all of them, by the names below); REF_INTERVALS="24 144" adds online DPO with
 # those reference intervals (online-dpo-refN); EVAL=no trains without evaluating, so that several copies of the
-# script can train different SEEDS at once (one process each) before one last run evaluates them all.
+# script can train different SEEDS at once (one process each) before one last run evaluates them all; RESULTS=none
+# evaluates without writing the tables (for folders that also hold runs of other trainers).
 # Every command resumes: rerunning the script after an interruption skips finished work.
 set -euo pipefail
 OUT=${1:-runs/compare}
@@ -118,5 +119,6 @@ evaluate() {
 }
 evaluate eval-val "$VAL"
 evaluate eval-heldout "$HELDOUT"
+[[ $RESULTS == none ]] && exit 0
 python examples/tiny_world/results_table.py "$OUT" > "$RESULTS"
 echo "wrote $RESULTS"

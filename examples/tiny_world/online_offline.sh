@@ -30,61 +30,39 @@ wait $first
 wait $second
 METHODS="$DPO" REF_INTERVALS="$INTERVALS" bash "$HERE/compare.sh" "$OUT"  # trains nothing more: evaluates
 
+# timed FILE COMMAND...: run COMMAND unless FILE exists; FILE then holds its wall seconds and marks it done.
+timed() {
+  local file=$1 t0
+  shift
+  [[ -f "$file" ]] && return
+  t0=$(date +%s)
+  "$@"
+  echo $(($(date +%s) - t0)) > "$file"
+}
+
 # The same movement figure for the bare loop at its default learning rate, for contrast (in OUT/default-lr: a name
 # without "-seed", which compare.sh would evaluate and tabulate with the comparison).
-if [[ ! -f "$OUT/default-lr/seconds" ]]; then
-  t0=$(date +%s)
-  vpotool loop --out "$OUT/default-lr" --seed 0 --eval-prompts none
-  echo $(($(date +%s) - t0)) > "$OUT/default-lr/seconds"
-fi
-if [[ ! -f "$OUT/movement.parquet" ]]; then
-  t0=$(date +%s)
+timed "$OUT/default-lr/seconds" vpotool loop --out "$OUT/default-lr" --seed 0 --eval-prompts none
+timed "$OUT/movement.seconds" \
   python "$HERE/movement.py" "$OUT"/online-dpo-seed* "$OUT/default-lr" --out "$OUT/movement.parquet"
-  echo $(($(date +%s) - t0)) > "$OUT/movement.seconds"
-fi
-# Why online's lead is not larger: offline seed 0 trained again by train-dpo with a checkpoint every 48 steps (the
-# same run: its last checkpoint equals the loop's), then how much of a DPO step is signal and whether offline pairs
-# still point where fresh ones do, early and late in the online and the offline run (pair_gradients.py).
+
+# Why online's lead is not larger. Offline seed 0's pairs trained again by train-dpo with training seeds 0 to 4
+# (seed 0 is the same run: its last checkpoint equals the loop's; the others another LoRA initialisation, batch
+# order, timesteps and noises), with a checkpoint every 48 steps.
 WHY=$OUT/why
 read -r steps interval rank < <(awk '/^max_steps:/{s=$2} /^ref_update_interval:/{i=$2} /^lora_rank:/{r=$2}
   END{print s, i, r}' "$OUT/offline-dpo-seed0/loop.yaml")
-if [[ ! -f "$WHY/offline-dpo-seed0/seconds" ]]; then
-  t0=$(date +%s)
-  vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/offline-dpo-seed0" \
-    --lr "$LR" --max-steps "$steps" --lora-rank "$rank" --ref-update-interval "$interval" --save-every 48 --seed 0 \
-    --device cpu
-  echo $(($(date +%s) - t0)) > "$WHY/offline-dpo-seed0/seconds"
-fi
-if [[ ! -f "$WHY/figures.parquet" ]]; then
-  t0=$(date +%s)
-  python "$HERE/pair_gradients.py" "$OUT/online-dpo-seed0/checkpoints/step-"{48,"$steps"} \
-    "$WHY/offline-dpo-seed0/checkpoints/step-"{48,"$steps"} --prompts 64 \
-    --offline "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY" | tee "$WHY/figures.md"
-  echo $(($(date +%s) - t0)) > "$WHY/seconds"
-fi
-# Where the seed spread comes from: offline DPO with five training seeds on one set of pairs (offline seed 0's; the
-# others with another LoRA initialisation, batch order, timesteps and noises) against five seeds that each sample
-# their own pairs (the comparison's three and seeds 3 and 4, trained into WHY), all evaluated as above.
-OMP_NUM_THREADS=1 EVAL=no METHODS=offline-dpo SEEDS="3 4" bash "$HERE/compare.sh" "$WHY"
-spread=()
-for s in 1 2 3 4; do
-  if [[ ! -f "$WHY/same-pairs-seed$s/seconds" ]]; then
-    t0=$(date +%s)
-    vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY/same-pairs-seed$s" \
-      --lr "$LR" --max-steps "$steps" --lora-rank "$rank" --ref-update-interval "$interval" --seed "$s" --device cpu
-    echo $(($(date +%s) - t0)) > "$WHY/same-pairs-seed$s/seconds"
-  fi
-  spread+=(--adapter "$WHY/same-pairs-seed$s/checkpoints/step-$steps")
+for s in 0 1 2 3 4; do
+  timed "$WHY/same-pairs-seed$s/seconds" vpotool train-dpo --pairs "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" \
+    --out "$WHY/same-pairs-seed$s" --lr "$LR" --max-steps "$steps" --lora-rank "$rank" \
+    --ref-update-interval "$interval" --save-every 48 --seed "$s" --device cpu
 done
-for s in 3 4; do
-  spread+=(--adapter "$WHY/offline-dpo-seed$s/checkpoints/step-$steps")
-done
-for split in val heldout; do  # redone, resuming its finished videos, when the checkpoints change
-  if [[ "$(cat "$WHY/eval-$split/checkpoints" 2> /dev/null)" != "${spread[*]}" ]]; then
-    t0=$(date +%s)
-    vpotool eval "${spread[@]}" --prompts "world:$split" --seeds 2 --out "$WHY/eval-$split"
-    echo "${spread[*]}" > "$WHY/eval-$split/checkpoints"
-    echo $(($(cat "$WHY/eval-$split/seconds" 2> /dev/null || echo 0) + $(date +%s) - t0)) > "$WHY/eval-$split/seconds"
-  fi
-done
+# How much of a DPO step is signal, and whether offline pairs still point where fresh ones do, early and late in
+# the online and the offline run (pair_gradients.py; OUT/why/figures.md).
+timed "$WHY/figures.seconds" python "$HERE/pair_gradients.py" "$OUT/online-dpo-seed0/checkpoints/step-"{48,"$steps"} \
+  "$WHY/same-pairs-seed0/checkpoints/step-"{48,"$steps"} --prompts 64 \
+  --offline "$OUT/offline-dpo-seed0/iter-0000/pairs.parquet" --out "$WHY"
+# Where the seed spread comes from: the five training seeds on one set of pairs against five offline seeds that
+# each sample their own pairs (the comparison's three, and seeds 3 and 4 trained into WHY), all evaluated as above.
+METHODS=offline-dpo SEEDS="3 4" RESULTS=none bash "$HERE/compare.sh" "$WHY"
 echo "wrote $RESULTS, $OUT/movement.parquet, $WHY/figures.md and $WHY/eval-*"

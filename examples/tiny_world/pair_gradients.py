@@ -24,6 +24,8 @@ independent sets. Printed per checkpoint, with jackknife (leave one prompt out) 
   fresh ones do; well below 1, they have gone stale;
 - ``raw cos``: the plain cosine of the two sets' mean gradients (what noise leaves of it at this many pairs).
 
+The table also goes to OUT/figures.md, the figures to OUT/figures.parquet.
+
     python examples/tiny_world/pair_gradients.py RUN/checkpoints/step-48 RUN/checkpoints/step-288 ... \
         --offline OFFLINE/iter-0000/pairs.parquet --out runs/pair-gradients [--prompts 64 --draws 4]
 """
@@ -118,7 +120,10 @@ def figures(fresh: tuple, offline: tuple, batch: int) -> dict:
     mf, mo = signal(sf, nf), signal(so, no)
     ef, eo = float(qf.sum() / nf.sum()), float(offline[2].sum() / no.sum())  # E|g|^2
     cross = float(tf @ to / (nf.sum() * no.sum()))
-    step = lambda m, e: m / (m + (e - m) / batch)  # noqa: E731
+
+    def step(m, e):  # the signal share of a mean over ``batch`` independent pairs
+        return m / (m + (e - m) / batch)
+
     return {"signal_pair_fresh": mf / ef, "signal_pair_offline": mo / eo, "signal_step_fresh": step(mf, ef),
             "signal_step_offline": step(mo, eo), "cos": cross / math.sqrt(mf * mo) if min(mf, mo) > 0 else math.nan,
             "raw_cos": float(tf @ to / (tf.norm() * to.norm()))}  # fmt: skip
@@ -155,9 +160,9 @@ def main() -> None:
     args = ap.parse_args()
     offline = read_manifest(args.offline, "pairs").to_pylist()
     results = []
-    print("| checkpoint | pairs fresh / offline | signal/pair fresh | offline | signal/step fresh | offline "
-          "| cos(fresh, offline) | raw cos |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    table = ["| checkpoint | pairs fresh / offline | signal/pair fresh | offline | signal/step fresh | offline "
+             "| cos(fresh, offline) | raw cos |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    print(*table, sep="\n")
     for checkpoint in args.checkpoints:
         run = run_settings(checkpoint)
         name = f"{checkpoint.parent.parent.name}-{checkpoint.name}"
@@ -178,8 +183,10 @@ def main() -> None:
         results.append({"checkpoint": name, "pairs": n, **full, **{f"{k}_se": v for k, v in err.items()}})
         keys = ("signal_pair_fresh", "signal_pair_offline", "signal_step_fresh", "signal_step_offline", "cos")
         cells = [f"{full[k]:.3f} ± {err[k]:.3f}" for k in keys]
-        print(f"| {name} | {n} | {' | '.join(cells)} | {full['raw_cos']:.3f} |", flush=True)
+        table.append(f"| {name} | {n} | {' | '.join(cells)} | {full['raw_cos']:.3f} |")
+        print(table[-1], flush=True)
     pq.write_table(pa.Table.from_pylist(results), args.out / "figures.parquet")
+    (args.out / "figures.md").write_text("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
