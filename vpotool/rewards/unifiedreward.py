@@ -9,7 +9,8 @@ CodeGoat24/UnifiedReward, the UnifiedReward-Think folder):
   ``{prompt}``, rendered with the checkpoint's chat template and the generation prompt;
 - each video read by qwen-vl-utils (0.0.14) at its defaults, each on its own: 2 frames a second of the video's own
   frame rate (at least 4, an even count), resized within qwen-vl-utils' pixel budget per frame; both videos'
-  patches in one ``pixel_values_videos`` (the same preprocessing as :mod:`vpotool.rewards.videoscore2`);
+  patches in one ``pixel_values_videos`` (the same preprocessing as :mod:`vpotool.rewards.videoscore2`, and the
+  same ``mm_token_type_ids`` where the installed transformers reads them);
   ``second_per_grid_ts`` = temporal patch size / the rate of the frames kept (frames kept / frames x the video's
   fps), the rate qwen-vl-utils returns and upstream hands to the processor;
 - ``generate`` with the checkpoint's generation config and ``max_new_tokens`` 1024; greedy unless ``temperature``
@@ -32,7 +33,7 @@ import torch
 
 from vpotool.errors import VpoError
 from vpotool.rewards.videoalign import VIDEO_TOKEN
-from vpotool.rewards.videoscore2 import check_qwen25_vl, load_qwen25_vl, qwen_video
+from vpotool.rewards.videoscore2 import check_qwen25_vl, load_qwen25_vl, qwen_video, takes_token_types, text_inputs
 
 NAME = "unifiedreward-think"
 DEFAULT_ID = "CodeGoat24/UnifiedReward-Think-qwen-7b"
@@ -80,6 +81,7 @@ class UnifiedRewardThink:
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.instruction, self.setup = instruction, setup
         self.device = next(model.parameters()).device
+        self.token_types = takes_token_types(model)
 
     def query(self, prompt: str) -> str:
         """The chat text upstream renders for ``prompt``, with two video placeholders."""
@@ -108,11 +110,10 @@ class UnifiedRewardThink:
             raise VpoError(f"judge {NAME}: the chat template renders {len(parts) - 1} video placeholders, not 2")
         counts = [g[0] * g[1] * g[2] // s["merge"] ** 2 for _, g, _ in videos]
         text = parts[0] + VIDEO_TOKEN * counts[0] + parts[1] + VIDEO_TOKEN * counts[1] + parts[2]
-        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
         # the rate of the frames kept, as qwen-vl-utils returns it: kept / total x the video's frame rate
         kept_rates = [len(v[2]) / x.shape[0] * r for x, v, r in zip((first, second), videos, rates, strict=True)]
         return dict(
-            input_ids=ids, attention_mask=torch.ones_like(ids),
+            **text_inputs(self.tokenizer, text, self.device, self.token_types),
             pixel_values_videos=torch.cat([p for p, _, _ in videos]).to(self.model.dtype),
             video_grid_thw=torch.tensor([g for _, g, _ in videos], device=self.device),
             second_per_grid_ts=torch.tensor([s["temporal"] / r for r in kept_rates], device=self.device),

@@ -8,7 +8,10 @@ Scoring as upstream's ``vs2_inference.py`` (github TIGER-AI-Lab/VideoScore2, als
   ``smart_resize`` with sides multiples of 28 and pixels within [128 * 784, max(min(768 * 784, 128000 * 784 * 0.9 /
   n * 2), 1.05 * 128 * 784)]; rescaled, normalised with the processor's mean/std and cut into Qwen2.5-VL patches;
   ``second_per_grid_ts`` is ``temporal_patch_size / 2`` (upstream passes ``fps=2`` to the processor);
-- query: the chat template over one video placeholder and the prompt text with ``$t2v_prompt`` replaced;
+- query: the chat template over one video placeholder and the prompt text with ``$t2v_prompt`` replaced; the
+  token ids with ``mm_token_type_ids`` (2 on video tokens) where the installed transformers' Qwen2.5-VL reads them
+  (5.x builds the 3-D video positions from them and falls back to 1-D positions silently without; 4.x finds the
+  video tokens in the ids itself), as the processor gives them (:func:`text_inputs`);
 - generation: ``generate`` with the checkpoint's generation config, ``max_new_tokens`` 1024, greedy unless
   ``temperature`` > 0 (upstream samples at 0.7; greedy makes the reward deterministic);
 - scores: upstream's regex ``visual quality: N ... text-to-video alignment: N ... physical/common-sense
@@ -26,6 +29,7 @@ or a text file holding the template with ``$t2v_prompt``). Not differentiable (t
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -40,6 +44,7 @@ from vpotool.rewards.pretrained import check_options, load_pretrained, read_json
 from vpotool.rewards.videoalign import VIDEO_TOKEN, frame_indices, smart_resize, video_patches
 
 log = logging.getLogger(__name__)
+IMAGE_TOKEN = "<|image_pad|>"
 DIMENSIONS = ("visual_quality", "text_alignment", "physical_consistency")
 LABELS = ("visual quality:", "text-to-video alignment:", "physical/common-sense consistency:")
 ANSWER = re.compile(
@@ -85,6 +90,24 @@ def qwen_video(video: torch.Tensor, fps: float | None, setup: dict, name: str = 
     kept = video.index_select(0, index.to(video.device)).unsqueeze(0)
     patches, grid = video_patches(kept, frame_size(height, width, n), setup)
     return patches, grid, index.tolist()
+
+
+def takes_token_types(model) -> bool:
+    """Whether ``model``'s forward reads ``mm_token_type_ids`` (transformers 5's Qwen2.5-VL, which builds its 3-D
+    video positions only from them)."""
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def text_inputs(tokenizer, text: str, device, token_types: bool) -> dict:
+    """The token ids of ``text`` (video placeholders already repeated), its attention mask and, with
+    ``token_types``, ``mm_token_type_ids`` as the transformers processor builds them: 1 on image tokens, 2 on video
+    tokens, 0 elsewhere; each long ``[1, L]``."""
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if token_types:
+        video, image = (tokenizer.convert_tokens_to_ids(t) for t in (VIDEO_TOKEN, IMAGE_TOKEN))
+        out["mm_token_type_ids"] = torch.where(ids == video, 2, torch.where(ids == image, 1, 0))
+    return out
 
 
 def parse_answer(text: str) -> tuple[int, int, int] | None:
@@ -158,6 +181,7 @@ class VideoScore2Reward:
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.template, self.setup = Template(template), setup
         self.device = next(model.parameters()).device
+        self.token_types = takes_token_types(model)
         self.digit_ids = [tokenizer.encode(str(s), add_special_tokens=False)[0] for s in range(1, 6)]
         self.last_texts: list[str] = []
 
@@ -182,11 +206,10 @@ class VideoScore2Reward:
         s = self.setup
         pixels, grid, _ = self.pixels(video, fps)
         n_video = grid[0] * grid[1] * grid[2] // (s["merge"] ** 2)
-        ids = self.tokenizer(self.query(prompt).replace(VIDEO_TOKEN, VIDEO_TOKEN * n_video), add_special_tokens=False)
-        ids = torch.tensor([ids["input_ids"]], device=self.device)
+        text = self.query(prompt).replace(VIDEO_TOKEN, VIDEO_TOKEN * n_video)
         return dict(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels.to(self.model.dtype),
-            video_grid_thw=torch.tensor([grid], device=self.device),
+            **text_inputs(self.tokenizer, text, self.device, self.token_types),
+            pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=torch.tensor([grid], device=self.device),
             second_per_grid_ts=torch.tensor([s["temporal"] / s["fps"]], device=self.device),
         )  # fmt: skip
 
