@@ -74,6 +74,8 @@ def loss_of(judge, inputs: dict, answer: str) -> torch.Tensor:
     target = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     ids = torch.cat([inputs["input_ids"], torch.tensor([target])], 1)
     forward = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in forward:  # the answer is text (0)
+        forward["mm_token_type_ids"] = torch.nn.functional.pad(forward["mm_token_type_ids"], (0, len(target)))
     logits = judge.model(input_ids=ids, attention_mask=torch.ones_like(ids), **forward).logits
     n = len(target)
     return torch.nn.functional.cross_entropy(logits[0, -n - 1 : -1], torch.tensor(target))
@@ -108,6 +110,8 @@ def train(kind: str, judge, steps: int, out: Path) -> None:
     print(f"{kind}: of 20 held-out answers, {parsed} in the judge's format, {right} with the trained verdict")
     shutil.copytree(SOURCE, out, dirs_exist_ok=True)
     model.save_pretrained(out)
+    for name in ("config.json", "generation_config.json"):  # the random folder's, which every transformers reads
+        shutil.copy(SOURCE / name, out / name)
 
 
 def main() -> None:
