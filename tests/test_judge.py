@@ -1,6 +1,7 @@
-"""The ``unifiedreward-think`` pairwise judge against UnifiedReward-Think's own judging script on a tiny random
-Qwen2.5-VL (recorded by ``examples/unifiedreward/make_reference.py``; no UnifiedReward checkout is needed here),
-and ``vpotool label --judge`` followed by ``vpotool pair --labels``."""
+"""The ``unifiedreward-think`` pairwise judge against UnifiedReward-Think's own judging script (transformers 4.53.2,
+qwen-vl-utils 0.0.14) on a tiny Qwen2.5-VL taught to name the brighter video, whose answers move with the videos'
+positions (recorded by ``examples/unifiedreward/make_reference.py``; no UnifiedReward checkout is needed here), and
+``vpotool label --judge`` followed by ``vpotool pair --labels``."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from vpotool.manifest import read_manifest
 from vpotool.rewards.unifiedreward import load_judge, parse_verdict, read_instruction
 
 DATA = Path(__file__).parent / "data"
-FOLDER = DATA / "videoscore2_tiny"  # a tiny random Qwen2.5-VL, UnifiedReward-Think-qwen-7b's architecture
+FOLDER = DATA / "unifiedreward_answering"  # a tiny Qwen2.5-VL of UnifiedReward-Think-qwen-7b's architecture
+RANDOM = DATA / "videoscore2_tiny"  # the same untaught, which never names a video
 REF = load_file(str(DATA / "unifiedreward_reference.safetensors"))
 META = json.loads((DATA / "unifiedreward_reference.json").read_text())
-NEW_TOKENS = 24  # as the reference was generated
+NEW_TOKENS = 120  # as the reference was generated
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +61,19 @@ def video(i: int) -> torch.Tensor:
     return REF[f"frames_{i}"].permute(0, 3, 1, 2).float() / 255
 
 
+def step_logits(judge, inputs: dict) -> torch.Tensor:
+    """The processed logits of each step of ``judge``'s greedy answer to ``inputs``, ``[new tokens, vocab]``."""
+    with torch.no_grad():
+        out = judge.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True)  # fmt: skip
+    return torch.cat(out.scores)
+
+
 @pytest.mark.parametrize("run", [0, 1])
 def test_inputs_and_greedy_answer_match_upstream_in_both_orders(judge, run):
-    """Query text, token ids, frames kept, pixels, grids, time steps and the generated ids of upstream's script,
-    with the two videos (28 frames at 8 fps, 9 at 4 fps) shown in each order."""
+    """Query text, token ids, frames kept, pixels, grids, time steps, the generated ids, the logits of every step
+    and the verdict of upstream's script, with the two videos (28 frames at 8 fps; 9 at 4 fps, darker) shown in
+    each order: the brighter one wins in both, there as here."""
     info = META["runs"][run]
     first, second = info["order"]
     fps = (META[f"fps_{first}"], META[f"fps_{second}"])
@@ -78,8 +89,27 @@ def test_inputs_and_greedy_answer_match_upstream_in_both_orders(judge, run):
     torch.testing.assert_close(pixels.double().sum(1), REF[f"pixel_values_sum_{run}"], atol=2e-3, rtol=0)
     ids = judge.generate(video(first), video(second), META["prompt"], fps)
     assert ids == REF[f"generated_{run}"].tolist()
+    torch.testing.assert_close(step_logits(judge, inputs), REF[f"step_logits_{run}"], atol=1e-4, rtol=0)
     verdict, text = judge.judge(video(first), video(second), META["prompt"], fps)
-    assert text == info["output_text"] and verdict is None  # a random model names neither video
+    assert text == info["output_text"] and verdict == parse_verdict(info["output_text"]) == (1, 2)[run]
+    if judge.token_types:  # transformers 5: the processor's token types, 2 on both videos' tokens
+        types = inputs["mm_token_type_ids"][0].tolist()
+        assert types == [2 if t == judge.model.config.video_token_id else 0 for t in inputs["input_ids"][0].tolist()]
+
+
+def test_dropped_positions_or_shuffled_frames_change_the_verdict(judge, monkeypatch):
+    """The check can fail: the frames of the first video shuffled move the logits far beyond the tolerance above;
+    without ``mm_token_type_ids`` (transformers 5 then gives the videos 1-D positions) the answer loses its format
+    and the verdict is gone, as with UnifiedReward-Think itself."""
+    fps = (META["fps_0"], META["fps_1"])
+    shuffled = video(0)[torch.randperm(video(0).shape[0], generator=torch.Generator().manual_seed(0))]
+    logits = step_logits(judge, judge.inputs(shuffled, video(1), META["prompt"], fps))
+    assert (logits[0] - REF["step_logits_0"][0]).abs().max() > 1e-2
+    if not judge.token_types:
+        pytest.skip("this transformers' Qwen2.5-VL finds the video tokens itself; there is no token type to drop")
+    monkeypatch.setattr(judge, "token_types", False)
+    verdict, text = judge.judge(video(0), video(1), META["prompt"], fps)
+    assert text != META["runs"][0]["output_text"] and verdict is None
 
 
 def test_verdict_is_read_as_upstream_reads_it():
@@ -206,7 +236,7 @@ def test_label_judge_command_on_tiny_weights(tiny_run, cli, instruction, tmp_pat
     samples = tiny_run / "samples.parquet"
     out = tmp_path / "labels.parquet"
     flags = ["--samples", str(samples), "--out", str(out), "--judge", "unifiedreward-think", "--judge-path",
-             str(FOLDER), "--device", "cpu"]  # fmt: skip
+             str(RANDOM), "--device", "cpu"]  # fmt: skip
     options = f"max_new_tokens=4,prompt_template={instruction}"
     code, _, err = cli("label", *flags, "--judge-options", options)
     assert code == 0, err

@@ -1,5 +1,7 @@
-"""``videoscore2`` against VideoScore2's own inference on a tiny random Qwen2.5-VL (recorded by
-``examples/videoscore2/make_reference.py``; no VideoScore2 checkout is needed here)."""
+"""``videoscore2`` against VideoScore2's own inference (transformers 4.53.2, qwen-vl-utils 0.0.14) on a tiny
+Qwen2.5-VL taught to answer in its format, whose answers and soft scores move with the video's positions (recorded
+by ``examples/videoscore2/make_reference.py --model tests/data/videoscore2_answering``; no VideoScore2 checkout is
+needed here)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,14 @@ from safetensors.torch import load_file
 
 from vpotool.errors import VpoError
 from vpotool.rewards import load_reward
-from vpotool.rewards.videoscore2 import frame_size, parse_answer, read_scores, sample_count, soft_score
+from vpotool.rewards.videoscore2 import frame_size, parse_answer, read_scores, sample_count, soft_score, text_inputs
 from vpotool.stages.score import score_rows
 
 DATA = Path(__file__).parent / "data"
-FOLDER = DATA / "videoscore2_tiny"
+FOLDER = DATA / "videoscore2_answering"
 REF = load_file(str(DATA / "videoscore2_reference.safetensors"))
 META = json.loads((DATA / "videoscore2_reference.json").read_text())
-NEW_TOKENS = 24  # as the reference was generated
+NEW_TOKENS = 200  # as the reference was generated
 
 
 @pytest.fixture(scope="module")
@@ -69,31 +71,75 @@ def test_query_ids_and_pixels_match_upstream(reward):
         n_video = grid[0] * grid[1] * grid[2] // 4
         ids = reward.tokenizer(info["query"].replace("<|video_pad|>", "<|video_pad|>" * n_video))
         assert ids["input_ids"] == REF[f"input_ids_{i}"].tolist()
+        inputs = reward.inputs(video(i), prompt, info["fps"])
+        assert inputs["input_ids"][0].tolist() == ids["input_ids"]
+        if reward.token_types:  # transformers 5: the processor's token types, 2 on the video's tokens
+            types = inputs["mm_token_type_ids"][0].tolist()
+            assert types == [2 if t == reward.model.config.video_token_id else 0 for t in ids["input_ids"]]
+            assert types.count(2) == n_video
 
 
-def test_greedy_generation_matches_upstream_and_unparseable_answers_are_nan(reward, caplog):
+def test_token_types_as_the_processor_builds_them(reward):
+    text = "<|vision_start|><|video_pad|><|video_pad|><|vision_end|>a <|image_pad|>"
+    got = text_inputs(reward.tokenizer, text, "cpu", True)
+    assert got["mm_token_type_ids"].tolist() == [[0, 2, 2, 0, 0, 0, 1]] and got["input_ids"].shape == (1, 7)
+    assert set(text_inputs(reward.tokenizer, text, "cpu", False)) == {"input_ids", "attention_mask"}
+
+
+def test_answers_step_logits_and_soft_scores_match_upstream(reward, caplog):
+    """Greedy answers, the processed logits of every step and the soft scores upstream computed; video 1 (noise,
+    unlike what the tiny judge was taught on) loses the format there as here, so its scores are NaN."""
     for i, prompt in enumerate(META["prompts"]):
-        ids, steps = reward.generate(video(i), prompt, META["videos"][i]["fps"])
+        info = META["videos"][i]
+        ids, steps = reward.generate(video(i), prompt, info["fps"])
         assert ids == REF[f"generated_{i}"].tolist() and len(steps) == len(ids)
-    frames = torch.stack([video(1), video(1)])
-    with caplog.at_level(logging.WARNING, logger="vpotool.rewards.videoscore2"):
-        out = reward(frames, META["prompts"], fps=META["videos"][1]["fps"])
-    assert reward.last_texts[1] == META["videos"][1]["output_text"]  # upstream's answer text, kept
-    assert META["videos"][1]["scores"] == [None, None, None]  # upstream found no scores either
-    assert all(torch.isnan(v).all() for v in out.values()) and set(out) == set(reward.dimensions)
-    assert "2 of 2 answers hold no scores" in caplog.text
+        torch.testing.assert_close(torch.stack(steps), REF[f"step_logits_{i}"], atol=1e-4, rtol=0)
+        with caplog.at_level(logging.WARNING, logger="vpotool.rewards.videoscore2"):
+            out = reward(video(i)[None], [prompt], fps=info["fps"])
+        assert reward.last_texts == [info["output_text"]]  # upstream's answer text, kept
+        want = [math.nan if v is None else v for v in info["scores"]]
+        got = [out[d].item() for d in ("visual_quality", "text_alignment", "physical_consistency")]
+        assert got == pytest.approx(want, abs=1e-6, nan_ok=True), (i, got, want)
+    assert META["videos"][0]["scores"][0] is not None and META["videos"][1]["scores"] == [None, None, None]
+    assert set(out) == set(reward.dimensions) and torch.isnan(out["overall"]).all()
+    assert "1 of 1 answers hold no scores" in caplog.text
+
+
+def test_dropped_positions_or_reversed_frames_change_the_scores(reward, monkeypatch):
+    """The check can fail: without ``mm_token_type_ids`` (transformers 5 then gives the video 1-D positions) or with
+    the frames in reverse order, the logits move far beyond the tolerance above and the soft scores change."""
+    info = META["videos"][0]
+    _, steps = reward.generate(video(0).flip(0), META["prompts"][0], info["fps"])
+    assert (steps[0] - REF["step_logits_0"][0]).abs().max() > 1e-2
+    if not reward.token_types:
+        pytest.skip("this transformers' Qwen2.5-VL finds the video tokens itself; there is no token type to drop")
+    monkeypatch.setattr(reward, "token_types", False)
+    ids, steps = reward.generate(video(0), META["prompts"][0], info["fps"])
+    assert (steps[0] - REF["step_logits_0"][0]).abs().max() > 0.1
+    assert read_scores(ids, steps, reward.decode, reward.digit_ids) != info["scores"]
 
 
 def test_score_stage_refuses_nan_in_one_line(reward):
-    rows = [{"sample_id": "s0", "prompt_id": "p0", "prompt": "a", "fps": 4, "video": "v.mp4"}]
+    rows = [{"sample_id": "s0", "prompt_id": "p0", "prompt": META["prompts"][1], "fps": 4, "video": "v.mp4"}]
     with pytest.raises(VpoError, match="reward videoscore2 gave a non-finite .* for sample s0"):
         score_rows({"videoscore2": reward}, video(1).unsqueeze(0), rows)
 
 
-def test_soft_scores_match_upstream_on_a_teacher_forced_answer(reward):
+def test_soft_scores_and_logits_match_upstream_on_a_teacher_forced_answer(reward):
+    """A hand-written answer after video 0's query: upstream's logits of each of its tokens from a forward pass
+    (no generation), and the soft scores upstream's functions read from them."""
     ids, steps = REF["answer_ids"].tolist(), list(REF["answer_logits"])
     assert reward.decode(ids) == META["answer"]
     assert read_scores(ids, steps, reward.decode, reward.digit_ids) == META["answer_scores"]
+    inputs = reward.inputs(video(0), META["prompts"][0], META["videos"][0]["fps"])
+    n = inputs["input_ids"].shape[1]
+    query = inputs["input_ids"][0].tolist()
+    full = text_inputs(reward.tokenizer, reward.decode(query + ids), "cpu", reward.token_types)
+    assert full["input_ids"][0].tolist() == query + ids
+    forward = {k: v for k, v in inputs.items() if k not in full}
+    with torch.no_grad():
+        logits = reward.model(**full, **forward).logits[0, n - 1 : -1]
+    torch.testing.assert_close(logits, REF["answer_logits"], atol=1e-4, rtol=0)
 
 
 def test_parser_and_soft_score_by_hand(reward):

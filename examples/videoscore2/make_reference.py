@@ -1,9 +1,15 @@
-"""Reference outputs of VideoScore2's own inference (``vs2_inference.py``) on a tiny random Qwen2.5-VL, for
-``tests/test_rewards_videoscore2.py`` (which then needs no VideoScore2 checkout).
+"""Reference outputs of VideoScore2's own inference (``vs2_inference.py``) on a tiny Qwen2.5-VL taught to answer
+in its format, for ``tests/test_rewards_videoscore2.py`` (which then needs no VideoScore2 checkout).
 
     pip install --no-deps --target /tmp/vs2deps transformers==4.53.2 tokenizers==0.21.4 huggingface-hub==0.34.4 \
         qwen-vl-utils==0.0.14 decord==0.6.0 torchvision==0.28.0 safetensors av
-    PYTHONPATH=/tmp/vs2deps python examples/videoscore2/make_reference.py --upstream /path/to/VideoScore2
+    PYTHONPATH=/tmp/vs2deps python examples/videoscore2/make_reference.py --upstream /path/to/VideoScore2 \
+        --model tests/data/videoscore2_answering
+
+Without ``--model`` it first writes the tiny random ``videoscore2_tiny`` (step 1) and judges with that; the
+references in tests/data are made with ``--model tests/data/videoscore2_answering``, the random folder taught by
+``examples/tiny_judges/train.py`` to answer in VideoScore2's format: its answers and soft scores move with the
+video's positions (a random model's do not, so it cannot tell a right 3-D M-RoPE from a wrong one).
 
 transformers 4.53.2 is the version VideoScore2's model card installs; qwen-vl-utils is unpinned there (0.0.14 is
 the newest); torchvision must match the installed torch. The script
@@ -15,8 +21,8 @@ the newest); torchvision must match the installed torch. The script
    ``model.safetensors``, tokenizer and processor files);
 2. writes two small synthetic videos as mp4 (``vpotool.video.write_video``) and runs the checkout's
    ``vs2_inference.main`` on each, recording the frames decord decoded, the frame indices qwen-vl-utils kept, the
-   query text, token ids, pixel values (first rows and row sums), the generated token ids and text, and the three
-   scores it printed (None: a random model writes no scores);
+   query text, token ids, pixel values (first rows and row sums), the generated token ids and text, the processed
+   logits of every generated step, and the three soft scores it computed (None: a random model writes no scores);
 3. feeds a hand-written answer in upstream's output format through the same model (teacher forcing) and runs the
    checkout's ``find_score_token_index_by_prompt`` and ``ll_based_soft_score_normed`` on its token ids and logits,
    recording the answer ids, the logits and the three soft scores, so that the score read is checked too.
@@ -24,7 +30,7 @@ the newest); torchvision must match the installed torch. The script
 What is replaced to run it here, and why (nothing else of the inference path is touched):
 - ``.to("cuda")`` of the model and the inputs becomes ``.to("cpu")`` (no GPU);
 - ``generate`` runs greedy (``do_sample=False``: vpotool's deterministic default; upstream samples at temperature
-  0.7) and with ``max_new_tokens=24`` instead of 1024 (a random model never stops; the test stays short);
+  0.7) and with ``max_new_tokens=NEW_TOKENS`` instead of 1024 (the test stays short);
 - ``cv2`` is an empty module: the checkout imports it for ``infer_fps="raw"`` only, which ``main`` does not use;
 - the venv's ``kernels`` package (which transformers 4.53 would use if importable) is hidden: it needs a newer
   huggingface-hub than transformers 4.53 takes;
@@ -49,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 0
 FOLDER = "videoscore2_tiny"
-NEW_TOKENS = 24
+NEW_TOKENS = 200  # the taught answer takes about 110
 PROMPTS = ["a red ball rolls to the left", "two cats play in the snow at night"]
 ANSWER = (
     "The ball keeps its shape and the motion is smooth.\n"
@@ -172,10 +178,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--upstream", required=True, help="a VideoScore2 checkout (github TIGER-AI-Lab/VideoScore2)")
     ap.add_argument("--out", default=str(ROOT / "tests" / "data"), help="where the tiny folder and reference go")
+    ap.add_argument("--model", help="judge with this Qwen2.5-VL folder instead of writing a tiny random one")
     args = ap.parse_args()
     upstream = Path(args.upstream).resolve()
     out = Path(args.out).resolve()
-    folder = out / FOLDER
+    folder = Path(args.model).resolve() if args.model else out / FOLDER
     os.environ["FORCE_QWENVL_VIDEO_READER"] = "decord"
     shim_torchvision()
     sys.path.insert(0, str(upstream))
@@ -191,7 +198,8 @@ def main() -> None:
 
     from vpotool.video import write_video
 
-    tiny_model(folder, upstream)
+    if not args.model:
+        tiny_model(folder, upstream)
 
     module_to, batch_to = torch.nn.Module.to, transformers.BatchFeature.to
     torch.nn.Module.to = lambda self, *a, **kw: module_to(self, *("cpu" if x == "cuda" else x for x in a), **kw)
@@ -202,7 +210,8 @@ def main() -> None:
     score = vs2_inference.ll_based_soft_score_normed
     vs2_inference.ll_based_soft_score_normed = lambda *a: (soft.append(score(*a)), soft[-1])[1]
 
-    tensors, meta = {}, {"prompts": PROMPTS, "videos": [], "answer": ANSWER}
+    tensors, meta = {}, {"model": folder.name, "transformers": transformers.__version__, "prompts": PROMPTS,
+                         "videos": [], "answer": ANSWER}  # fmt: skip
     for i, (video, fps) in enumerate(synthetic_videos()):
         path = out / f"videoscore2_{i}.mp4"
         write_video(path, video, fps)
@@ -220,6 +229,7 @@ def main() -> None:
         tensors[f"pixel_values_head_{i}"] = pixels[:8].contiguous()
         tensors[f"pixel_values_sum_{i}"] = pixels.double().sum(1)
         tensors[f"generated_{i}"] = gen.sequences[0, length:].contiguous()
+        tensors[f"step_logits_{i}"] = torch.cat(gen.scores).contiguous()  # processed, [new tokens, vocab]
         grid = inputs["video_grid_thw"][0].tolist()
         output = printed.getvalue().split("[Raw Model Output]\n", 1)[1].split("\n\n====== Inference Result", 1)[0]
         meta["videos"].append(
