@@ -343,7 +343,9 @@ def load_videoalign(path: str | None = None, device="cpu", dtype=torch.float32, 
     from vpotool.models.loading import quiet_loading
 
     options = check_options("videoalign", options, DEFAULTS)
-    if not path or not os.path.isfile(os.path.join(str(path), "model_config.json")):
+    if not path:
+        raise VpoError(f"reward videoalign: pass --reward-path with {WHAT}")
+    if not os.path.isfile(os.path.join(str(path), "model_config.json")):
         raise VpoError(f"reward videoalign: no model_config.json in {path}; pass --reward-path with {WHAT}")
     with open(os.path.join(path, "model_config.json")) as f:
         config = json.load(f)
