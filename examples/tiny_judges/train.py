@@ -14,6 +14,10 @@ references recorded (vpotool carries no copy). Prints the held-out accuracy of t
 
 1500 steps for VideoScore2 (all 20 held-out answers in its format) and 3000 for the judge (19 of 20 verdicts
 right): 9 and 25 minutes on one core beside other jobs.
+
+The folders in tests/data were trained before the judges' inputs carried ``mm_token_type_ids``, so under
+transformers 5 on 1-D positions; they still answer in their format on the 3-D positions they get now, and the
+parity references (``examples/*/make_reference.py``) record what upstream's code makes of these weights.
 """
 
 from __future__ import annotations
