@@ -274,7 +274,7 @@ def method_config(method: str, checkpointing: bool, args, out: Path):
     rollout = dict(prompts="in-memory", reward=REWARD, frames=args.frames, height=args.height, width=args.width,
                    steps=args.rollout_steps, guidance=args.guidance)  # fmt: skip
     if method == "scst":
-        return ScstConfig(**common, **rollout)
+        return ScstConfig(**common, **rollout, estimator="logp")
     return ReflConfig(backprop_steps=1, reward_frames="1" if method == "refl-1" else "all", **common, **rollout)
 
 

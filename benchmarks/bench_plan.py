@@ -80,7 +80,7 @@ def method_config(method: str, model: str, folder: str, frames: int, height: int
     if method.startswith("ReFL"):
         cfg = ReflConfig(**common, **video, reward_frames="1" if "1 frame" in method else "all")
         return "train-refl", cfg, {}
-    return "train-scst", ScstConfig(**common, **video), {}
+    return "train-scst", ScstConfig(**common, **video, estimator="logp"), {}
 
 
 def models(only: str | None) -> None:

@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from vpotool.losses import (
+    awm_loss,
     dpo_loss,
     group_advantage,
     kl_to_reference,
+    leave_one_out_advantage,
+    nft_loss,
+    nft_optimality,
     normalize_advantage,
     per_sample_mse,
     policy_gradient_loss,
@@ -213,3 +217,51 @@ def test_kl_to_reference_by_hand():
     kl_to_reference(mean_pi, ref, 1.0).sum().backward()
     assert ref.grad is None
     assert close(mean_pi.grad, [[0.0, 1.0], [0.5, 0.5]])  # (mean_pi - ref) / (D * std^2) with D = 2
+
+
+def test_leave_one_out_advantage_by_hand():
+    adv = leave_one_out_advantage(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3)
+    torch.testing.assert_close(adv, torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    with pytest.raises(ValueError, match="2 or more"):
+        leave_one_out_advantage(torch.ones(4), 1)
+
+
+def test_awm_loss_by_hand():
+    pred = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    target, adv = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([2.0, -1.0])
+    loss = awm_loss(pred, target, adv)  # errors 2.5 and 1.0
+    assert loss.item() == pytest.approx((2 * 2.5 - 1.0) / 2)
+    loss.backward()  # d/dpred of mean(A * mean((pred - target)^2)) = A * 2 (pred - target) / 2 / B
+    torch.testing.assert_close(pred.grad, torch.tensor([[1.0, 2.0], [0.5, 0.5]]))
+    normed = awm_loss(pred, target, adv, self_normalize=True)  # errors over mean |diff|: 2.5 / 1.5 and 1 / 1
+    assert normed.item() == pytest.approx((2 * 2.5 / 1.5 - 1.0) / 2)
+
+
+def test_nft_loss_by_hand():
+    torch.testing.assert_close(nft_optimality(torch.tensor([10.0, -1.0, 0.0]), 5.0), torch.tensor([1.0, 0.4, 0.5]))
+    x0 = torch.zeros(2, 2)
+    pos, neg = torch.tensor([[1.0, 3.0], [2.0, 2.0]]), torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    # r = [1, 0]; positive side of sample 0: mean(1, 9) / mean(1, 3) = 2.5; negative side of sample 1: 0.5 / 0.5
+    loss = nft_loss(pos, neg, x0, torch.tensor([5.0, -5.0]), beta=0.5, adv_max=5.0)
+    assert loss.item() == pytest.approx(5.0 * (2.5 / 0.5 + 1.0 / 0.5) / 2)
+    with pytest.raises(ValueError, match="beta > 0"):
+        nft_loss(pos, neg, x0, torch.zeros(2), beta=0.0, adv_max=5.0)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_nft_gradient_with_the_old_policy_equal_is_advantage_weighted_matching(beta):
+    """With v_old == v (in value), NFT's gradient is mean(clip(A) * grad(e / w)) of the clean-latent error."""
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, generator=gen), torch.randn(3, 2, 4, generator=gen)
+    t = torch.tensor([0.2, 0.5, 0.9]).view(-1, 1, 1)
+    x_t, adv = (1 - t) * x0 + t * noise, torch.tensor([1.5, -0.5, 7.0])
+    v = torch.randn(3, 2, 4, generator=gen, requires_grad=True)
+    old = v.detach()
+    nft_loss(
+        x_t - t * (beta * v + (1 - beta) * old), x_t - t * ((1 + beta) * old - beta * v), x0, adv, beta, 5.0
+    ).backward()
+    grad_nft, v.grad = v.grad.clone(), None
+    diff = x_t - t * v - x0
+    w = diff.detach().abs().reshape(3, -1).mean(1)
+    ((adv.clamp(-5, 5) * (diff**2).reshape(3, -1).mean(1) / w).mean()).backward()
+    torch.testing.assert_close(grad_nft, v.grad)

@@ -80,7 +80,8 @@ def rollout_step(cfg, kind):
 
     def step():
         batches = S.fresh_batches(trainer, cfg, reward, prompts, settings, 0)
-        sched = b.schedule(settings["steps"], tuple(batches[0][0].states[0].shape[1:]))
+        ro = batches[0][0]
+        sched = b.schedule(settings["steps"], tuple(ro.states[0].shape[1:])) if cfg.estimator == "logp" else None
         S.scst_update(trainer, cfg, batches, sched, settings, clipped=False)
 
     return step

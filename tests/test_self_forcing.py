@@ -175,6 +175,7 @@ def test_scst_on_its_rollouts_trains_a_lora(checkpoint, tmp_path):
     prompts.write_text("a red circle moving left\na blue square moving up\n")
     size = dict(frames=21, height=16, width=16, steps=4, guidance=1.0)  # 6 latent frames: 2 blocks
     opts = dict(max_steps=1, lr=1e-2, batch_size=2, lora_rank=4, train_fraction=0.25, device="cpu", **size)
+    opts["estimator"] = "logp"
     cfg = ScstConfig(prompts=str(prompts), out=str(tmp_path / "o"), reward="brightness", baseline="greedy", **opts)
     train_scst(cfg, backend=b, on_step=on_step)
     lora_b = [v for k, v in seen.items() if "lora_B" in k]  # initialised to zero

@@ -79,7 +79,7 @@ def test_recomputed_rollout_logps_match_and_the_baseline_is_greedy(backend, tmp_
     from vpotool.rewards import load_reward
     from vpotool.rollout import rollout_step_logp
 
-    cfg = ScstConfig(prompts="x", out=str(tmp_path), reward="brightness", baseline="greedy", **SIZE)
+    cfg = ScstConfig(prompts="x", out=str(tmp_path), reward="brightness", baseline="greedy", estimator="logp", **SIZE)
     texts = ["a red circle moving left quickly on a black background"] * 2
     ro = collect(backend, load_reward("brightness"), texts, [1, 2], {**SIZE, "fps": 8}, cfg)
     assert ro.logps.shape == (2, 2 * 3) and len(ro.states) == 4  # two chunks of three steps
@@ -105,7 +105,9 @@ def test_scst_on_its_own_rollouts_raises_held_out_reward(tmp_path):
 
     prompts = tmp_path / "train.txt"
     prompts.write_text("a red circle moving left\na blue square moving up\n")  # as tests/test_train_scst.py
-    opts = dict(max_steps=10, lr=1e-2, batch_size=2, lora_rank=4, normalize=True, device="cpu", **SIZE)
+    opts = dict(
+        max_steps=10, lr=1e-2, batch_size=2, lora_rank=4, normalize=True, device="cpu", estimator="logp", **SIZE
+    )
     cfg = ScstConfig(prompts=str(prompts), out=str(tmp_path / "o"), reward="brightness", baseline="greedy", **opts)
     train_scst(cfg, backend=b, on_step=on_step)
     b.denoiser.eval()
@@ -202,7 +204,7 @@ def test_teacher_context_rolls_out_beside_the_rendered_clip(backend):
     from vpotool.training.scst import teacher_latents
 
     prompts = WORLD_PROMPTS.split("\n")[:2]
-    cfg = ScstConfig(prompts="x.txt", out="o", reward="world", device="cpu", noise_level=0.7, **SIZE)
+    cfg = ScstConfig(prompts="x.txt", out="o", reward="world", device="cpu", noise_level=0.7, estimator="logp", **SIZE)
     settings = resolved_settings(cfg, backend)
     reward = load_reward("world", device="cpu")
     own = collect(backend, reward, prompts, [3, 4], settings, cfg)
@@ -228,7 +230,8 @@ def test_scst_per_chunk_on_teacher_context_raises_its_objective(tmp_path):
     prompts = tmp_path / "train.txt"
     prompts.write_text(WORLD_PROMPTS)
     cfg = ScstConfig(prompts=str(prompts), out=str(tmp_path / "o"), reward="world", advantage="chunk",
-                     context="teacher", lr=1e-3, lora_rank=4, max_steps=1, device="cpu", **SIZE)  # fmt: skip
+                     context="teacher", lr=1e-3, lora_rank=4, max_steps=1, device="cpu", estimator="logp",
+                     **SIZE)  # fmt: skip
     trainer = setup(cfg, b)
     settings = resolved_settings(cfg, b)
     ro = collect(b, load_reward("world", device="cpu"), WORLD_PROMPTS.split("\n")[:2], [5, 6], settings, cfg)

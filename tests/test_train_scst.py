@@ -1,6 +1,7 @@
-"""train-scst on the tiny model: recomputed log-probabilities match the rollout's, held-out reward rises with
-both baselines, PPO epochs count as optimizer steps, and advantages carry the SCST sign. Offline, on stored
-trajectories: training favours the above-baseline ones, and unusable input is refused in one line."""
+"""train-scst --estimator logp on the tiny model: recomputed log-probabilities match the rollout's, held-out
+reward rises with both baselines, PPO epochs count as optimizer steps, and advantages carry the SCST sign.
+Offline, on stored trajectories: training favours the above-baseline ones, and unusable input is refused in one
+line."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def prompts(tmp_path):
 
 def config(prompts, out, **kw) -> ScstConfig:
     base = dict(prompts=str(prompts), out=str(out), reward="brightness", max_steps=10, lr=5e-2, batch_size=2)
-    return ScstConfig(**{**base, **SIZE, "lora_rank": 4, "normalize": True, "device": "cpu", **kw})
+    return ScstConfig(
+        **{**base, **SIZE, "lora_rank": 4, "normalize": True, "device": "cpu", "estimator": "logp", **kw}
+    )
 
 
 def test_recomputed_step_logps_match_the_rollout(prompts, tmp_path):
@@ -111,7 +114,8 @@ def stored(tmp_path_factory):
 
 def offline_config(run, out, **kw) -> ScstConfig:
     base = dict(samples=str(run / "samples.parquet"), scores=str(run / "scores.parquet"), out=str(out), lr=1e-2)
-    return ScstConfig(**{**base, "max_steps": 6, "batch_size": 4, "lora_rank": 4, "device": "cpu", **kw})
+    base.update(max_steps=6, batch_size=4, lora_rank=4, device="cpu", estimator="logp")
+    return ScstConfig(**{**base, **kw})
 
 
 def stored_log_ratio(backend, data, cfg) -> torch.Tensor:
@@ -160,7 +164,20 @@ def test_offline_scst_warns_about_ignored_flags_and_skipped_prompts(cli, stored,
     partial = table[(table.prompt_id == "p00000") | (table.sample_id == "p00001-c00")]
     write_manifest(tmp_path / "partial.parquet", partial.to_dict("records"), "scores")
     args = ("--samples", stored / "samples.parquet", "--scores", tmp_path / "partial.parquet", "--out", tmp_path / "o")
-    code, _, err = cli("train-scst", *args, "--steps", 9, "--max-steps", 1, "--batch-size", 2, "--device", "cpu")
+    code, _, err = cli(
+        "train-scst",
+        *args,
+        "--steps",
+        9,
+        "--max-steps",
+        1,
+        "--batch-size",
+        2,
+        "--device",
+        "cpu",
+        "--estimator",
+        "logp",
+    )
     assert code == 0, err
     assert "warning: --steps 9 is ignored" in err and "sampled with steps 4" in err
     assert "skipping 1 prompt(s) with fewer than 2 scored candidates: p00001" in err
@@ -210,8 +227,20 @@ def test_offline_scst_refuses_unusable_rollouts_in_one_line(cli, stored, tmp_pat
     kw = dict(prompts=str(stored / "train.txt"), out=str(plain), noise_level=0.7, device="cpu", **SIZE)
     run_sample(SampleConfig(**kw, candidates=2))
     one_line_error(
-        train(samples=plain / "samples.parquet", scores=tmp_path / "first-two.parquet"),
+        train("--estimator", "logp", samples=plain / "samples.parquet", scores=tmp_path / "first-two.parquet"),
         "no stored trajectory",
         "--save-trajectory",
         "--noise-level",
     )
+
+
+def test_step_windows_pick_the_high_noise_steps_or_drop_the_last(prompts, tmp_path):
+    from vpotool.training.scst import trained_steps
+
+    cfg = config(prompts, tmp_path / "o", train_fraction=0.5, step_window="high-noise")
+    assert trained_steps(8, cfg, 0, 4) == [0, 1, 4, 5]  # two chunks of 4 steps: the first half of each
+    cfg = config(prompts, tmp_path / "o", step_window="drop-last")
+    assert trained_steps(8, cfg, 0, 4) == [0, 1, 2, 4, 5, 6]
+    cfg = config(prompts, tmp_path / "o", train_fraction=0.5)
+    picked = trained_steps(8, cfg, 3)
+    assert len(picked) == 4 and picked == sorted(set(picked)) and picked == trained_steps(8, cfg, 3)

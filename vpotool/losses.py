@@ -176,3 +176,72 @@ def kl_to_reference(mean_pi: torch.Tensor, mean_ref: torch.Tensor, std: torch.Te
     sq = ((mean_pi.float() - mean_ref.detach().float()) ** 2).reshape(mean_pi.shape[0], -1).mean(1)
     std = torch.as_tensor(std, dtype=torch.float32, device=sq.device).reshape(-1)
     return sq / (2 * std**2)
+
+
+def leave_one_out_advantage(reward: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO advantage ``R_i - mean_{j != i} R_j`` for ``reward [B]`` laid out as ``B / K`` adjacent groups of K
+    (K >= 2). Unscaled (a reward difference, as :func:`scst_advantage`). Returns ``[B]`` float32, detached."""
+    r = reward.detach().float().reshape(-1)
+    if group_size < 2 or r.numel() % group_size:
+        raise ValueError(f"leave-one-out needs whole groups of 2 or more, got {r.numel()} rewards in {group_size}s")
+    groups = r.reshape(-1, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def awm_loss(pred: torch.Tensor, target: torch.Tensor, advantage: torch.Tensor, self_normalize: bool = False):
+    """Advantage-weighted flow matching: the denoising regression on a rollout's own clean latents, weighted by
+    its advantage, ``mean_B(A * e)`` with ``e = per_sample_mse(pred, target)`` (:func:`per_sample_mse`).
+
+    ``pred [B, ...]`` carries the graph; ``target [B, ...]`` (the family's regression target at ``x_t``, e.g.
+    ``noise - x0`` for flow models) and ``advantage [B]`` are constants. Minimising it lowers the error of
+    videos that beat their baseline (A > 0) and raises that of those that lost: the gradient of the flow-matching
+    log-likelihood ``-e`` weighted by A, which is Advantage Weighted Matching's objective at ratio 1 (one pass over
+    fresh rollouts) and Diffusion-DPO's gradient at initialisation with A = +-1. ``self_normalize`` divides each
+    sample's error by its detached mean absolute error (floored at 1e-5), DiffusionNFT's adaptive weight, so every
+    video's term has the scale of its error rather than its square. Returns a float32 scalar."""
+    adv = advantage.detach().float().reshape(-1)
+    err = per_sample_mse(pred, target)
+    if adv.shape != err.shape:
+        raise ValueError(f"expected pred [B, ...] and advantage [B], got {tuple(pred.shape)} and {tuple(adv.shape)}")
+    if self_normalize:
+        scale = (pred.detach().float() - target.float()).abs().reshape(err.shape[0], -1).mean(1).clamp_min(1e-5)
+        err = err / scale
+    return (adv * err).mean()
+
+
+def nft_optimality(advantage: torch.Tensor, adv_max: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability ``r = clamp(clip(A, -M, M) / M / 2 + 0.5, 0, 1)``, ``M = adv_max``:
+    1 for the best videos, 0 for the worst, 0.5 at the baseline. ``advantage [B]`` -> ``[B]`` float32."""
+    a = advantage.detach().float().reshape(-1).clamp(-adv_max, adv_max)
+    return (a / adv_max / 2 + 0.5).clamp(0, 1)
+
+
+def nft_loss(
+    x0_pos: torch.Tensor, x0_neg: torch.Tensor, x0: torch.Tensor, advantage: torch.Tensor, beta: float, adv_max: float
+) -> torch.Tensor:
+    """DiffusionNFT's negative-aware fine-tuning loss from its two implicit policies' clean-latent predictions.
+
+    With the policy ``v`` (graph) and the old policy ``v_old`` (constant), the implicit positive and negative policies
+    are ``v+ = beta v + (1 - beta) v_old`` and ``v- = (1 + beta) v_old - beta v``; ``x0_pos, x0_neg [B, ...]`` are
+    their predictions of the clean latents ``x0 [B, ...]`` (for a flow model ``x_t - t v+-``; the caller converts
+    any prediction type, which is affine in the model output). Each side's error ``L+- = mean((x0+- - x0)^2) / w+-``
+    with ``w+- = mean|x0+- - x0|`` detached and floored at 1e-5 (the adaptive weight), and
+    ``loss = adv_max * mean(r L+ / beta + (1 - r) L- / beta)`` with ``r = nft_optimality(A, adv_max)``. When
+    ``v_old == v`` (in value) its gradient is ``mean(clip(A, -M, M) * grad(e / w))`` with ``e`` the clean-latent
+    error, whatever beta: advantage-weighted flow matching with the adaptive weight (for a flow model ``t`` times
+    :func:`awm_loss` with ``self_normalize``). ``advantage [B]``. Returns a float32 scalar."""
+    if beta <= 0 or adv_max <= 0:
+        raise ValueError(f"nft_loss needs beta > 0 and adv_max > 0, got {beta} and {adv_max}")
+    r = nft_optimality(advantage, adv_max)
+    x0 = x0.detach().float()
+
+    def side(pred):
+        diff = pred.float() - x0
+        w = diff.detach().abs().reshape(diff.shape[0], -1).mean(1).clamp_min(1e-5)
+        return (diff**2).reshape(diff.shape[0], -1).mean(1) / w
+
+    pos, neg = side(x0_pos), side(x0_neg)
+    if r.shape != pos.shape:
+        raise ValueError(f"expected latents [B, ...] and advantage [B], got {tuple(x0.shape)} and {tuple(r.shape)}")
+    return adv_max * (r * pos / beta + (1 - r) * neg / beta).mean()

@@ -15,12 +15,23 @@ steps it. Stages and trainers call :func:`rollout` and never loop over chunks th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from vpotool.errors import VpoError
 from vpotool.models.base import Backend, Chunking, Conditioning, NoiseSchedule, decoded_frames, noise_like
-from vpotool.sampling import Trajectory, _step_stream, gaussian_logp, guided_prediction, step_moments
+from vpotool.sampling import (
+    Trajectory,
+    _step_stream,
+    gaussian_logp,
+    guided_prediction,
+    sample,
+    sample_with_scheduler,
+    seeded_noise,
+    step_moments,
+    training_target,
+)
 
 
 def chunking_of(backend) -> Chunking | None:
@@ -145,6 +156,39 @@ def rollout(
     return Trajectory(latents=out, logps=torch.stack(logps, 1) if logps else None, states=states)
 
 
+def generate(
+    backend: Backend,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    *,
+    scheduler=None,
+    teacher: torch.Tensor | None = None,
+    stop_at: int | None = None,
+    **steps_kw,
+) -> Trajectory:
+    """Make latents from ``noise [B, C, F, h, w]`` the way ``backend`` generates: chunk by chunk beside its own
+    earlier chunks (:func:`rollout`) for an autoregressive family, all frames at once
+    (:func:`~vpotool.sampling.sample`) for a bidirectional one. The one entry point stages and trainers call:
+    ``steps_kw`` are the sampler's (``steps``, ``guidance``, ``uncond``, ``noise_level``, ``step_seeds``,
+    ``grad_steps``, ``keep_states``);
+    ``scheduler`` steps a diffusers scheduler as the family's pipeline does (deterministic only); ``teacher``
+    (autoregressive) and ``stop_at`` (bidirectional) are what only one kind can do, refused in one line by the
+    other."""
+    chunking = chunking_of(backend)
+    if chunking is not None:
+        if stop_at is not None:
+            raise VpoError(f"stopping part way through the denoising needs a bidirectional model; --model "
+                           f"{backend.info.name} rolls out chunk by chunk")  # fmt: skip
+        return rollout(backend, cond, noise, chunking=chunking, scheduler=scheduler, teacher=teacher, **steps_kw)
+    if teacher is not None:
+        raise VpoError(f"a teacher context needs an autoregressive model; --model {backend.info.name} makes every "
+                       "frame at once")  # fmt: skip
+    if scheduler is not None:
+        kw = {k: steps_kw[k] for k in ("steps", "guidance", "uncond") if k in steps_kw}
+        return sample_with_scheduler(backend, scheduler, cond, noise, **kw)
+    return sample(backend, cond, noise, stop_at=stop_at, **steps_kw)
+
+
 def chunk_window(chunking: Chunking, latent_frames: int, k: int) -> tuple[int, int, int]:
     """``(context start, chunk start, chunk end)`` in latent frames of chunk ``k`` of a video of ``latent_frames``:
     the window the model sees when it denoises that chunk."""
@@ -189,3 +233,53 @@ def rollout_step_logp(
     raw = guided_prediction(backend, x_in.to(backend.dtype), t_in, cond, uncond, guidance)[:, :, n_ctx:]
     mean, std = step_moments(backend.prediction, x, raw, sched, i, noise_level)
     return gaussian_logp(x_next, mean, std), mean, std
+
+
+class NoisedInput(NamedTuple):
+    """What :func:`noised_input` returns, for ``N`` latent tensors of ``B`` examples each (``N * B`` rows, tensor by
+    tensor): the model input ``x_in`` and timesteps ``t`` (``[N * B]``, or ``[N * B, W]`` per frame beside a chunk's
+    context), the regression ``target`` of the trained frames, the noised trained frames ``x_t`` with their
+    ``alphas, sigmas [N * B]`` (to turn an output into a clean-latent prediction), ``n_ctx``, the context frames
+    to drop from the model's output, and the ``chunk`` trained (None for a bidirectional model)."""
+
+    x_in: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    x_t: torch.Tensor
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+    n_ctx: int
+    chunk: int | None
+
+
+def noised_input(backend, latents: Sequence[torch.Tensor], seeds: list[int], contexts=None) -> NoisedInput:
+    """The forward-process training input of clean ``latents`` (N tensors ``[B, C, F, h, w]``): example ``j`` of
+    every tensor gets seed ``seeds[j]``'s timestep (the family's training distribution) and noise, so the N
+    tensors share them (Diffusion-DPO's winner and loser; a prompt's candidates in forward-process policy
+    optimisation). On an autoregressive model one chunk of each video is trained (chunk ``seeds[0] % chunks``),
+    beside the earlier frames of ``contexts`` (N tensors like ``latents``; default the videos' own: the context a
+    rollout made them beside), re-noised as the chunking says. Noise and timesteps depend on the seeds only, not
+    on how examples are batched or spread over processes."""
+    chunking = chunking_of(backend)
+    full = list(latents if contexts is None else contexts)
+    x0s, k = list(latents), None
+    if chunking is not None:
+        k = seeds[0] % len(chunking.spans(x0s[0].shape[2]))
+        c0, lo, hi = chunk_window(chunking, x0s[0].shape[2], k)
+        x0s = [x[:, :, lo:hi] for x in x0s]
+    shape, dev = tuple(x0s[0].shape[1:]), x0s[0].device
+    parts = [backend.training_timesteps(1, torch.Generator().manual_seed(s), shape) for s in seeds]
+    sched = NoiseSchedule(*(torch.cat([getattr(p, k) for p in parts]) for k in ("timesteps", "alphas", "sigmas")))
+    noise = seeded_noise(shape, [s + 1 for s in seeds], dev)
+    a, s = (v.to(dev).view(-1, 1, 1, 1, 1) for v in (sched.alphas, sched.sigmas))
+    x_t = torch.cat([a * x + s * noise for x in x0s])
+    x_in, t, n_ctx = x_t.to(backend.dtype), torch.cat([sched.timesteps.to(dev)] * len(x0s)), 0
+    if chunking is not None:
+        ctx_noise = seeded_noise((shape[0], lo - c0, *shape[2:]), [s + 2 for s in seeds], dev).repeat(
+            len(x0s), 1, 1, 1, 1
+        )
+        x_in, t, n_ctx = teacher_forced_input(chunking, torch.cat(full), x_t, t, k, ctx_noise)
+        x_in = x_in.to(backend.dtype)
+    target = torch.cat([training_target(backend.prediction, x, noise, a, s) for x in x0s])
+    rep = lambda v: torch.cat([v.to(dev)] * len(x0s))  # noqa: E731
+    return NoisedInput(x_in, t, target, x_t, rep(sched.alphas), rep(sched.sigmas), n_ctx, k)

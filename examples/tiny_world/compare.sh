@@ -23,7 +23,8 @@ EVAL_SEEDS=${EVAL_SEEDS:-2}
 VAL=${VAL:-world:val}
 HELDOUT=${HELDOUT:-world:heldout}
 RESULTS=${RESULTS:-docs/results.md}
-METHODS=${METHODS:-"online-dpo online-dpo-fixed-ref offline-dpo online-dpo-k2 online-dpo-k8 refl scst scst-greedy"}
+ALL="online-dpo online-dpo-fixed-ref offline-dpo online-dpo-k2 online-dpo-k8 refl scst scst-greedy scst-nft scst-awm"
+METHODS=${METHODS:-"$ALL scst-nft-loo scst-nft-kl"}
 REF_INTERVALS=${REF_INTERVALS:-}
 EVAL=${EVAL:-yes}
 read -ra SAMPLER <<< "${SAMPLER:-}"
@@ -85,7 +86,14 @@ run online-dpo-k8 --candidates 8 --prompts-per-iter $((BUDGET / 8))
 # Reward gradients (ReFL, through the last denoising step) and self-critical policy gradient with the loop's
 # group-mean baseline (the mean reward of a prompt's K candidates).
 run refl --algo refl
-run scst --algo scst
+run scst --algo scst --estimator logp
+# Forward-process policy optimisation on the same K candidates (no log-probabilities, ODE rollouts): DiffusionNFT
+# (the loop's default estimator), advantage-weighted flow matching, NFT with the leave-one-out baseline, and NFT
+# with a KL to the base model.
+run scst-nft --algo scst --estimator nft
+run scst-awm --algo scst --estimator awm
+run scst-nft-loo --algo scst --estimator nft --baseline leave-one-out
+run scst-nft-kl --algo scst --estimator nft --kl-beta 1
 # SCST with the greedy baseline (the deterministic sample from the same noise) is not a loop option: train-scst
 # runs it on the same prompts and reward with the loop's learning rate, LoRA rank and train fraction. Budget
 # match: each of its optimizer steps samples BATCH stochastic rollouts and BATCH greedy ones, so
@@ -94,7 +102,7 @@ run scst --algo scst
 for s in $SEEDS; do
   [[ " $METHODS " == *" scst-greedy "* ]] || break
   timed "scst-greedy-seed$s" vpotool train-scst --out "$OUT/scst-greedy-seed$s" --seed "$s" \
-    --prompts "$TRAIN_PROMPTS" --reward "$REWARD" --baseline greedy --lr "$LR" --lora-rank "$RANK" \
+    --prompts "$TRAIN_PROMPTS" --reward "$REWARD" --estimator logp --baseline greedy --lr "$LR" --lora-rank "$RANK" \
     --train-fraction "$FRACTION" --max-steps $((ITERS * BUDGET / (2 * BATCH))) "${SAMPLER[@]}"
 done
 

@@ -114,7 +114,8 @@ def main() -> None:
                 cfg = ScstConfig(out=out, prompts="world:align", reward="world", baseline=args.baseline,
                                  group_size=1 if greedy else args.candidates, noise_level=level, lora_rank=8,
                                  device="cpu", steps=args.steps, model=args.model, frames=args.frames,
-                                 normalize=args.normalize, advantage=advantage, context=context)  # fmt: skip
+                                 normalize=args.normalize, advantage=advantage, context=context,
+                                 estimator="logp")  # fmt: skip
                 trainer = setup(cfg)
                 reward = load_rollout_reward(cfg, trainer.backend.device, need_grad=False)
                 dpo = DpoConfig(out=out, pairs="-", beta=500.0)

@@ -76,7 +76,7 @@ def method_config(cfg: LoopConfig, pairs: str):
         return sub_config(DpoConfig, cfg, pairs=pairs, **common)
     if cfg.algo == "refl":
         return sub_config(ReflConfig, cfg, **common)
-    return sub_config(ScstConfig, cfg, baseline="group-mean", group_size=cfg.candidates, **common)
+    return sub_config(ScstConfig, cfg, group_size=cfg.candidates, **common)
 
 
 # Options a resumed loop may change: they extend the run or change where and how fast it runs, not its results.
@@ -119,7 +119,8 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     """The body of :func:`run_loop` once ``out`` is checked and locked."""
     # --- setup: one backend, one reward, one trainer for the whole run
     prompts = load_prompts(cfg.prompts)
-    noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if cfg.algo == "scst" else 0.0)
+    logp = cfg.algo == "scst" and cfg.estimator == "logp"  # the one method that trains on stored trajectories
+    noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if logp else 0.0)
     mcfg = method_config(cfg, pairs=str(out / "iter-0000" / "pairs.parquet"))
     resuming = latest_checkpoint(out) is not None
     extra = reference_adapters(mcfg) if cfg.algo == "dpo" else ()
@@ -153,7 +154,7 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
         shard = f"{rank}/{world}"  # each process samples and scores its share of the prompts
         scfg = sub_config(
             SampleConfig, cfg, prompts=str(d / "prompts.parquet"), out=str(d), seed=cfg.seed * 100_003 + it,
-            batch_size=cfg.sample_batch_size, save_trajectory=cfg.algo == "scst", shard=shard,
+            batch_size=cfg.sample_batch_size, save_trajectory=logp, shard=shard,
             **{**settings, "noise_level": noise_level},
         )  # fmt: skip
         with sampling(trainer):
@@ -240,5 +241,6 @@ def compare(cfg: LoopConfig, backend, prompts: str, checkpoint: Path, reward) ->
     ecfg = sub_config(
         EvalConfig, cfg, out=str(Path(cfg.out) / "eval"), prompts=prompts, adapters=str(checkpoint),
         seeds=cfg.eval_seeds, seed=cfg.eval_seed, batch_size=cfg.sample_batch_size, device=str(backend.device),
+        baseline="base",  # the loop's --baseline is SCST's; the comparison is against the base model
     )  # fmt: skip
     run_eval(ecfg, backend=backend, rewards={cfg.reward: reward})

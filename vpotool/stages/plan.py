@@ -243,7 +243,8 @@ def trace_refl(trace, backend, cfg, settings):
 
 
 def trace_scst(trace, backend, cfg, settings):
-    from vpotool.training.scst import check_rollout_training, collect, policy_step, trained_steps
+    from vpotool.training.forward import forward_step
+    from vpotool.training.scst import as_videos, check_rollout_training, collect, policy_step, trained_steps
 
     check_rollout_training(backend, cfg, settings)
     prompts = planned_prompts(cfg, cfg.batch_size)
@@ -252,11 +253,16 @@ def trace_scst(trace, backend, cfg, settings):
     trainer = planned_trainer(trace, backend, cfg)
     trace.mark()
     ro = collect(backend, reward, prompts, list(range(len(prompts))), settings, cfg)
+    if cfg.estimator != "logp":  # every draw, one at a time (on an autoregressive model each may train a chunk)
+        forward_step(trainer, as_videos(ro, 0), cfg, 1.0)
+        finish(trace, trainer, cfg)
+        return
     sched = backend.schedule(settings["steps"], tuple(ro.states[0].shape[1:]))
     # every trained step holds one step's graph at a time (the gradients accumulate), the same within a chunk of an
     # autoregressive rollout (a later chunk sees more context): the first trained step of each chunk traces the peak
     per_chunk = settings["steps"]
-    steps = list({i // per_chunk: i for i in reversed(trained_steps(ro.logps.shape[1], cfg, 0))}.values())
+    trained = trained_steps(ro.logps.shape[1], cfg, 0, per_chunk)
+    steps = list({i // per_chunk: i for i in reversed(trained)}.values())
     policy_step(trainer, ro, sched, steps, cfg, settings, 1.0, clipped=False)
     finish(trace, trainer, cfg)
 
@@ -289,7 +295,8 @@ def trace_score(trace, cfg, settings, frames=None):
 def trace_loop(trace, backend, cfg, settings):
     """An iteration's phases with every model in memory: sampling a call's videos, scoring them, one step of the
     algorithm (each phase's peak is its own; the plan's is the largest)."""
-    sample_settings = {**settings, "noise_level": cfg.noise_level or (0.7 if cfg.algo == "scst" else 0.0)}
+    logp = cfg.algo == "scst" and cfg.estimator == "logp"
+    sample_settings = {**settings, "noise_level": cfg.noise_level or (0.7 if logp else 0.0)}
     trainer_cfg = cfg
     frames = trace_sample(trace, backend, cfg, sample_settings, videos=cfg.sample_batch_size)
     from vpotool.rewards.base import call_reward
@@ -301,7 +308,7 @@ def trace_loop(trace, backend, cfg, settings):
     step = {"dpo": trace_dpo, "refl": trace_refl, "scst": trace_scst}[cfg.algo]
     if cfg.algo == "scst":
         trainer_cfg = dataclasses.replace(cfg)
-        trainer_cfg.baseline, trainer_cfg.group_size = "group-mean", cfg.candidates
+        trainer_cfg.group_size = cfg.candidates
         trainer_cfg.noise_level = sample_settings["noise_level"]
         trainer_cfg.advantage, trainer_cfg.context = "video", "own"
     step(trace, backend, trainer_cfg, sample_settings)

@@ -35,8 +35,8 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     conditioning for ``prompts``. ``keep_states=True`` adds a third element, the sampler's
     :class:`~vpotool.sampling.Trajectory` with its S + 1 ``states`` (and ``logps [B, S]`` when stochastic).
     """
-    from vpotool.rollout import chunking_of, rollout
-    from vpotool.sampling import sample, sample_with_scheduler, seeded_noise
+    from vpotool.rollout import generate as run
+    from vpotool.sampling import seeded_noise
 
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
     noise = seeded_noise(shape, seeds, backend.device)
@@ -48,29 +48,11 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     scheduler = getattr(backend, "pipeline_scheduler", None)
     deterministic = not settings["noise_level"] and not keep_states
     pipeline = settings.get("sampler") == "pipeline" and scheduler is not None and deterministic
-    chunking = chunking_of(backend)
-    if chunking is not None:  # autoregressive: chunk by chunk, each beside the frames made before it
-        traj = rollout(
-            backend, cond, noise, chunking=chunking, steps=settings["steps"], guidance=settings["guidance"],
-            uncond=uncond, noise_level=settings["noise_level"], step_seeds=seeds, keep_states=keep_states,
-            scheduler=scheduler if pipeline else None,
-        )  # fmt: skip
-    elif pipeline:
-        traj = sample_with_scheduler(
-            backend, scheduler, cond, noise, steps=settings["steps"], guidance=settings["guidance"], uncond=uncond
-        )
-    else:
-        traj = sample(
-            backend,
-            cond,
-            noise,
-            steps=settings["steps"],
-            guidance=settings["guidance"],
-            uncond=uncond,
-            noise_level=settings["noise_level"],
-            step_seeds=seeds,
-            keep_states=keep_states,
-        )
+    traj = run(
+        backend, cond, noise, steps=settings["steps"], guidance=settings["guidance"], uncond=uncond,
+        noise_level=settings["noise_level"], step_seeds=seeds, keep_states=keep_states,
+        scheduler=scheduler if pipeline else None,
+    )  # fmt: skip
     frames = backend.decode(traj.latents.to(backend.dtype))
     frames = frames[:, : settings["frames"], :, : settings["height"], : settings["width"]]
     return (traj.latents, frames, traj) if keep_states else (traj.latents, frames)

@@ -149,17 +149,44 @@ class ReflConfig(ReflOptions, CheckpointOptions, RolloutOptions, TrainConfig):
         self.check_refl()
 
 
+# The policy-gradient estimators of train-scst and loop --algo scst: name -> what it trains on. Forward-process ones
+# (awm, nft) regress on the rollouts' clean latents and need no per-step log-probabilities (training/forward.py).
+ESTIMATORS = {
+    "nft": "DiffusionNFT: implicit positive and negative policies on the rollouts' clean latents",
+    "awm": "advantage-weighted flow matching on the rollouts' clean latents",
+    "logp": "REINFORCE / PPO on each denoising step's log-probability (Flow-GRPO, DanceGRPO)",
+}
+BASELINES = ("greedy", "group-mean", "leave-one-out")
+
+
 @dataclass
 class ScstLossOptions:
     """The policy-gradient options of ``train-scst`` and ``loop --algo scst``."""
 
-    adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables).")
-    clip_eps: float = opt(1e-4, "PPO ratio clip, for --ppo-epochs > 1 and for stored rollouts (--samples, loop).")
-    kl_beta: float = opt(0.0, "Weight of the KL to the base model on the step means (0: off).")
-    train_fraction: float = opt(1.0, "Fraction of each trajectory's steps to train on (chosen at random).")
+    estimator: str = opt("nft", "nft (DiffusionNFT), awm (advantage-weighted flow matching): the denoising "
+                         "regression on the rollouts' clean latents, any sampler; or logp (REINFORCE / PPO on the "
+                         "SDE steps' log-probabilities).")  # fmt: skip
+    adv_clip: float = opt(5.0, "Clip advantages to +-this (0 disables); nft: its adv_clip_max (0: 5).")
+    clip_eps: float = opt(1e-4, "logp: PPO ratio clip, for --ppo-epochs > 1 and stored rollouts (--samples, loop).")
+    kl_beta: float = opt(0.0, "KL to the base model (0: off). logp: weight of the Gaussian KL of the step means "
+                         "(divided by the step variance, about 20-40x Flow-GRPO's term at the same value); nft, awm: "
+                         "weight of mean((out - out_base)^2), DiffusionNFT's term (about 1e-4).")  # fmt: skip
+    train_fraction: float = opt(1.0, "logp: fraction of each trajectory's steps to train on (--step-window).")
+    step_window: str = opt("random", "logp: which steps --train-fraction keeps: random, high-noise (the first "
+                           "ones) or drop-last (all but the last, Flow-GRPO's).")  # fmt: skip
+    timesteps: int = opt(2, "nft, awm: timesteps drawn per video and optimizer step.")
+    share_noise: bool = opt(True, "nft, awm: a prompt's candidates share timestep and noise.")
+    nft_beta: float = opt(1.0, "nft: how far the implicit policies lie from the old one (its beta; 1.0 or 0.1).")
+    self_normalize: bool = opt(False, "awm: divide each video's error by its mean absolute error (NFT's weight).")
 
     def check_scst(self) -> None:
+        self._check(self.estimator in ESTIMATORS, "estimator", f"must be one of {', '.join(ESTIMATORS)}")
         self._check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
+        windows = ("random", "high-noise", "drop-last")
+        self._check(self.step_window in windows, "step_window", f"must be one of {', '.join(windows)}")
+        self._check(self.timesteps >= 1, "timesteps", "must be at least 1")
+        self._check(self.nft_beta > 0, "nft_beta", "must be > 0")
+        self._check(self.adv_clip >= 0, "adv_clip", "must be >= 0 (0 disables)")
 
 
 @dataclass
@@ -169,10 +196,12 @@ class ScstConfig(ScstLossOptions, CheckpointOptions, RolloutOptions, TrainConfig
     scores: str = opt("", "Offline: the scores.parquet of --samples, from `vpotool score`.")
     reward: str | None = opt(None, "Reward name (default temporal); with --samples: which reward of --scores "
                              "(needed when it holds several).")  # fmt: skip
-    noise_level: float | None = opt(None, "Noise of the stochastic rollout steps (flow SDE level, or DDIM eta; "
-                                    "default 0.7); with --samples: the samples' own.")  # fmt: skip
+    noise_level: float | None = opt(None, "Noise of the rollout steps (flow SDE level, or DDIM eta; default 0.7 "
+                                    "for logp and a greedy baseline, else 0: the ODE); with --samples: the samples' "
+                                    "own.")  # fmt: skip
     baseline: str | None = opt(None, "greedy (default): the deterministic sample from the same noise; group-mean: "
-                               "K samples (with --samples: the prompt's stored candidates).")  # fmt: skip
+                               "K samples (with --samples: the prompt's stored candidates); leave-one-out: K samples, "
+                               "each against the mean of the others.")  # fmt: skip
     group_size: int = opt(4, "Samples per prompt for --baseline group-mean (with --samples: the stored ones).")
     normalize: bool = opt(False, "Scale advantages to unit RMS over the batch.")
     ppo_epochs: int = opt(1, "Optimizer passes over each batch of rollouts (> 1 uses the clipped ratio).")
@@ -200,15 +229,19 @@ class ScstConfig(ScstLossOptions, CheckpointOptions, RolloutOptions, TrainConfig
         self._check(offline or not self.scores, "samples", "is required with --scores")
         if self.baseline is None:
             self.baseline = "group-mean" if offline else "greedy"
+        logp = self.estimator == "logp"
         if not offline:  # offline, the stored rollouts decide the reward and the noise level
             self.reward = self.reward or "temporal"
-            self.noise_level = 0.7 if self.noise_level is None else self.noise_level
-        ok = self.noise_level is None or self.noise_level > 0
-        self._check(ok, "noise_level", "must be > 0 (policy gradients need stochastic steps)")
-        self._check(self.baseline in ("greedy", "group-mean"), "baseline", "must be greedy or group-mean")
-        why = "must be group-mean with --samples (stored rollouts carry no greedy sample; each prompt needs >= 2 "
-        why += "scored candidates)"
-        self._check(not offline or self.baseline == "group-mean", "baseline", why)
+            if self.noise_level is None:
+                self.noise_level = 0.7 if logp or self.baseline == "greedy" else 0.0
+        ok = self.noise_level is None or self.noise_level > 0 or not logp
+        self._check(ok, "noise_level", "must be > 0 for --estimator logp (policy gradients need stochastic steps)")
+        why = "must be > 0 with --baseline greedy (the greedy rollout is the sample itself on the ODE)"
+        self._check(self.noise_level is None or self.noise_level > 0 or self.baseline != "greedy", "noise_level", why)
+        self._check(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}")
+        why = "must be group-mean or leave-one-out with --samples (stored rollouts carry no greedy sample; each "
+        why += "prompt needs >= 2 scored candidates)"
+        self._check(not offline or self.baseline != "greedy", "baseline", why)
         self._check(self.group_size >= 2 or self.baseline == "greedy", "group_size", "must be at least 2")
         self._check(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
         self._check(self.advantage in ("video", "chunk"), "advantage", "must be video or chunk")
@@ -229,7 +262,8 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
     saying why."""
 
     out: str = opt("runs/loop", "Run folder: iter-NNNN/ manifests, checkpoints/, metrics.parquet, eval/.")
-    algo: str = opt("dpo", "dpo (OnlineVPO), refl (reward gradients) or scst (self-critical, group-mean baseline).")
+    algo: str = opt("dpo", "dpo (OnlineVPO), refl (reward gradients) or scst (policy optimisation on the K "
+                    "candidates' rewards, --estimator).")  # fmt: skip
     prompts: str = opt("world:align", "Training prompts: a .txt, a prompts .parquet, or a world split "
                        "(world:align: the training prompts less world:val).")  # fmt: skip
     reward: str = opt("world", "Reward to score candidates with (and to optimise, for refl and scst).")
@@ -241,7 +275,7 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
     # Measured on the tiny model (docs/training.md): 1e-3 made it flicker; a rank-8 adapter suffices for ~100 steps.
     lr: float = opt(2e-4, "Peak learning rate (AdamW).")
     lora_rank: int = opt(8, "LoRA rank.")
-    noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0 for dpo and refl, 0.7 for scst).")
+    noise_level: float | None = opt(None, "Sampling noise (0: ODE; default 0.7 for scst --estimator logp, else 0).")
     sample_batch_size: int = opt(16, "Videos per denoiser call while sampling.")
     # Every pair above a margin: more pairs per sampled video than best-worst (docs/training.md measures both).
     pair_strategy: str = opt("all", "all: every pair above the margin; best-worst: one pair per prompt.")
@@ -250,7 +284,9 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
     # OnlineVPO's curriculum reference (every two iterations), where train-dpo keeps the base.
     ref_update_interval: int = opt(48, "dpo: copy the policy into the reference every N steps (0: the base model).")
     # The loop trains SCST on its own K candidates (group-mean baseline); half the steps per update halve its cost.
-    train_fraction: float = opt(0.5, "scst: fraction of each trajectory's steps to train on (chosen at random).")
+    train_fraction: float = opt(0.5, "scst logp: fraction of each trajectory's steps to train on (--step-window).")
+    baseline: str = opt("group-mean", "scst: group-mean (the mean reward of a prompt's K candidates, over their std) "
+                        "or leave-one-out (each against the mean of the others).")  # fmt: skip
     eval_prompts: str | None = opt(None, "Prompts to compare base and aligned on at the end (default: world:val "
                                    "after world:align, world:heldout after other splits; none: skip).")  # fmt: skip
     eval_seeds: int = opt(4, "Videos per prompt in the final comparison.")
@@ -272,8 +308,10 @@ class LoopConfig(ScstLossOptions, ReflOptions, DpoOptions, RolloutOptions, Train
         need = 2 if self.algo in ("dpo", "scst") else 1
         self._check(self.candidates >= need, "candidates", f"must be at least {need} for --algo {self.algo}")
         self._check(self.noise_level is None or self.noise_level >= 0, "noise_level", "must be >= 0")
-        if self.algo == "scst":
-            self._check(self.noise_level is None or self.noise_level > 0, "noise_level", "must be > 0 for scst")
+        if self.algo == "scst" and self.estimator == "logp":
+            why = "must be > 0 for scst --estimator logp (policy gradients need stochastic steps)"
+            self._check(self.noise_level is None or self.noise_level > 0, "noise_level", why)
+        self._check(self.baseline in BASELINES[1:], "baseline", f"must be one of {', '.join(BASELINES[1:])}")
         self._check(self.pair_strategy in ("best-worst", "all"), "pair_strategy", "must be best-worst or all")
         self.check_dpo()
         self.check_refl()

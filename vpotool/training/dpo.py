@@ -18,10 +18,9 @@ from vpotool.errors import VpoError, first_line
 from vpotool.latents import load_latents, save_latent
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
 from vpotool.manifest import read_manifest, resolve
-from vpotool.models.base import NoiseSchedule, cond_cat, latent_channels
+from vpotool.models.base import cond_cat, latent_channels
 from vpotool.progress import progress_bar
-from vpotool.rollout import check_chunking, chunk_window, chunking_of, teacher_forced_input
-from vpotool.sampling import seeded_noise, training_target
+from vpotool.rollout import check_chunking, chunking_of, noised_input
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import DpoConfig
 from vpotool.training.lora import adapter_weights, copy_adapter, load_adapter_state, reference_mode
@@ -107,27 +106,8 @@ def pair_loss(backend, denoiser, x0_w, x0_l, cond, seeds: list[int], cfg: DpoCon
     on the same inputs (policy with grad, reference without). ``x0_* [B, C, F, h, w]``; ``cond`` for B prompts;
     ``seeds`` one per example, so noise and timestep do not depend on how examples are batched or spread over
     processes."""
-    chunking = chunking_of(backend)
-    if chunking is not None:  # autoregressive: one chunk of each video, beside its own earlier frames
-        k = seeds[0] % len(chunking.spans(x0_w.shape[2]))
-        _, lo, hi = chunk_window(chunking, x0_w.shape[2], k)
-        full_w, full_l, x0_w, x0_l = x0_w, x0_l, x0_w[:, :, lo:hi], x0_l[:, :, lo:hi]
-    shape = tuple(x0_w.shape[1:])
-    parts = [backend.training_timesteps(1, torch.Generator().manual_seed(s), shape) for s in seeds]
-    sched = NoiseSchedule(*(torch.cat([getattr(p, k) for p in parts]) for k in ("timesteps", "alphas", "sigmas")))
-    noise = seeded_noise(shape, [s + 1 for s in seeds], x0_w.device)
-    a, s = (v.to(x0_w.device).view(-1, 1, 1, 1, 1) for v in (sched.alphas, sched.sigmas))
-    x_t = torch.cat([a * x0_w + s * noise, a * x0_l + s * noise]).to(backend.dtype)
-    t = torch.cat([sched.timesteps, sched.timesteps]).to(x0_w.device)
-    n_ctx = 0
-    if chunking is not None:
-        c0 = chunk_window(chunking, full_w.shape[2], k)[0]
-        ctx_noise = seeded_noise((shape[0], lo - c0, *shape[2:]), [s + 2 for s in seeds], x0_w.device)
-        x_t, t, n_ctx = teacher_forced_input(
-            chunking, torch.cat([full_w, full_l]), x_t, t, k, ctx_noise.repeat(2, 1, 1, 1, 1)
-        )
-        x_t = x_t.to(backend.dtype)
-    target = torch.cat([training_target(backend.prediction, x, noise, a, s) for x in (x0_w, x0_l)])
+    inp = noised_input(backend, [x0_w, x0_l], seeds)
+    x_t, t, n_ctx, target = inp.x_in, inp.t, inp.n_ctx, inp.target
     both = cond_cat(cond, cond)
     policy_w, policy_l = per_sample_mse(backend.predict(x_t, t, both)[:, :, n_ctx:], target).chunk(2)
     with torch.no_grad(), reference_mode(denoiser, ref_mode):

@@ -15,8 +15,8 @@ from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.rewards import check_reward_frames
-from vpotool.rollout import chunking_of, rollout
-from vpotool.sampling import resolved_settings, sample, seeded_noise, use_settings
+from vpotool.rollout import chunking_of, generate
+from vpotool.sampling import resolved_settings, seeded_noise, use_settings
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
@@ -37,24 +37,12 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
     else:  # ReFL: stop at a random step of the last half and use the model's x0 prediction there
         stop = int(torch.randint(steps // 2, steps, (1,), generator=gen))
         window = range(max(stop - k + 1, 0), stop + 1)
-    chunking = chunking_of(backend)
-    if chunking is not None:  # the model's own rollout: every chunk keeps its last K steps' graph, context detached
-        if stop is not None:
-            raise VpoError(f"--backprop-mode random stops a bidirectional sample part way; --model "
-                           f"{backend.info.name} rolls out chunk by chunk: use --backprop-mode last")  # fmt: skip
-        traj = rollout(backend, cond, noise, chunking=chunking, steps=steps, guidance=settings["guidance"],
-                       uncond=uncond, grad_steps=window)  # fmt: skip
-    else:
-        traj = sample(
-            backend,
-            cond,
-            noise,
-            steps=steps,
-            guidance=settings["guidance"],
-            uncond=uncond,
-            grad_steps=window,
-            stop_at=stop,
-        )
+    if stop is not None and chunking_of(backend) is not None:
+        raise VpoError(f"--backprop-mode random stops a bidirectional sample part way; --model "
+                       f"{backend.info.name} rolls out chunk by chunk: use --backprop-mode last")  # fmt: skip
+    # an autoregressive model's own rollout: every chunk keeps its last K steps' graph, its context detached
+    traj = generate(backend, cond, noise, steps=steps, guidance=settings["guidance"], uncond=uncond,
+                    grad_steps=window, stop_at=stop)  # fmt: skip
     return decode_for_reward(backend, traj.latents, settings, getattr(cfg, "reward_frames", "all"))
 
 

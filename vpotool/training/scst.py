@@ -17,10 +17,12 @@ import torch
 
 from vpotool.config import flag, save_config
 from vpotool.errors import VpoError
+from vpotool.latents import load_latents
 from vpotool.losses import (
     chunk_advantage,
     group_advantage,
     kl_to_reference,
+    leave_one_out_advantage,
     normalize_advantage,
     policy_gradient_loss,
     scst_advantage,
@@ -30,10 +32,11 @@ from vpotool.models.base import latent_channels
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.rewards import check_reward_frames
-from vpotool.rollout import check_chunking, chunk_frames, chunking_of, rollout, rollout_step_logp
-from vpotool.sampling import resolved_settings, sample, seeded_noise, step_logp, use_settings
+from vpotool.rollout import check_chunking, chunk_frames, chunking_of, generate, rollout_step_logp
+from vpotool.sampling import resolved_settings, seeded_noise, step_logp, use_settings
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
+from vpotool.training.forward import Videos, forward_step
 from vpotool.training.lora import reference_mode
 from vpotool.training.reward import load_rollout_reward, reward_values
 
@@ -46,12 +49,14 @@ class Rollouts:
 
     cond: dict
     uncond: dict | None
-    states: list[torch.Tensor]
-    logps: torch.Tensor
+    states: list[torch.Tensor]  # empty for the forward-process estimators, which need no trajectory
+    logps: torch.Tensor | None
     advantage: torch.Tensor  # [B], or [B, chunks] (per-chunk advantages of an autoregressive rollout)
     reward: torch.Tensor
     baseline: torch.Tensor
     latents: torch.Tensor | None = None  # an autoregressive rollout's context: its own final latents, or the teacher
+    final: torch.Tensor | None = None  # the rollouts' own final latents [B, C, F, h, w]
+    group: int = 1  # a prompt's candidates, adjacent
 
 
 def teacher_latents(backend, prompts: list[str], seeds: list[int], settings: dict) -> torch.Tensor:
@@ -77,7 +82,7 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     (``cfg.context`` own, Self-Forcing) or the ground truth's (teacher); ``cfg.advantage`` chunk scores each chunk
     (:func:`vpotool.rollout.chunk_frames`) and credits its steps with the reward to go
     (:func:`vpotool.losses.chunk_advantage`)."""
-    k = cfg.group_size if cfg.baseline == "group-mean" else 1
+    k = 1 if cfg.baseline == "greedy" else cfg.group_size
     prompts = [p for p in prompts for _ in range(k)]
     seeds = [s * 101 + j for s in seeds for j in range(k)]
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
@@ -87,12 +92,10 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     common = dict(steps=settings["steps"], guidance=settings["guidance"], uncond=uncond)
     chunking = chunking_of(backend)
     teacher = None
-    if chunking is not None:
-        common["chunking"] = chunking
-        if cfg.context == "teacher":
-            teacher = common["teacher"] = teacher_latents(backend, prompts, seeds, settings)
-    run = sample if chunking is None else rollout
-    traj = run(backend, cond, noise, noise_level=cfg.noise_level, step_seeds=seeds, keep_states=True, **common)
+    if cfg.context == "teacher":  # autoregressive only (check_rollout_training)
+        teacher = common["teacher"] = teacher_latents(backend, prompts, seeds, settings)
+    keep = cfg.estimator == "logp"  # the forward-process estimators train on the final latents alone
+    traj = generate(backend, cond, noise, noise_level=cfg.noise_level, step_seeds=seeds, keep_states=keep, **common)
     spans = chunk_frames(backend, chunking, shape[1]) if cfg.advantage == "chunk" else None
 
     def score(latents):
@@ -106,14 +109,24 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
 
     r, r_chunks = score(traj.latents)
     if cfg.baseline == "greedy":
-        baseline, b_chunks = score(run(backend, cond, noise, **common).latents)  # the greedy (deterministic) rollout
+        baseline, b_chunks = score(
+            generate(backend, cond, noise, **common).latents
+        )  # the greedy (deterministic) rollout
         adv = scst_advantage(r, baseline) if spans is None else chunk_advantage(r_chunks, b_chunks)
     else:
-        baseline = r.view(-1, k).mean(1).repeat_interleave(k)
-        adv = group_advantage(r, k)
+        baseline, adv = group_baseline(r, k, cfg.baseline)
     adv = normalize_advantage(adv, cfg.adv_clip or None, scale=cfg.normalize)
     context = traj.latents if teacher is None else teacher
-    return Rollouts(cond, uncond, traj.states, traj.logps, adv, r, baseline, context)
+    return Rollouts(cond, uncond, traj.states or [], traj.logps, adv, r, baseline, context, traj.latents, k)
+
+
+def group_baseline(reward: torch.Tensor, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(baseline, advantage)``, both ``[B]``, of ``reward [B]`` in adjacent groups of ``k``: group-mean (GRPO's
+    ``(R - mean) / std``) or leave-one-out (``R_i - mean_{j != i} R_j``)."""
+    if kind == "leave-one-out":
+        adv = leave_one_out_advantage(reward, k)
+        return reward - adv, adv
+    return reward.view(-1, k).mean(1).repeat_interleave(k), group_advantage(reward, k)
 
 
 def policy_step(
@@ -158,8 +171,9 @@ def policy_step(
 @dataclass
 class StoredRollouts:
     """Scored trajectories of ``sample --save-trajectory`` for offline training, one entry per usable sample
-    (a prompt's candidates adjacent): latent ``files`` holding ``states``/``logps``, ``prompts``, ``reward [N]``,
-    the group-mean ``baseline [N]`` and the group-normalised ``advantage [N]``. ``settings`` are the sampler
+    (a prompt's candidates adjacent, ``groups`` their indices): latent ``files`` holding ``states``/``logps`` (the
+    forward-process estimators read their final ``latents`` only), ``prompts``, ``reward [N]``, the ``baseline [N]``
+    and ``advantage [N]`` of ``--baseline`` (group-mean: normalised by the group's std). ``settings`` are the sampler
     settings the trajectories were made with, ``video`` the ``frames`` and ``fps`` ``sample`` was asked for (what
     the denoiser was conditioned on, see :func:`~vpotool.sampling.use_settings`), ``shape`` their latent
     ``[C, F, h, w]``, ``notes`` warnings."""
@@ -174,12 +188,14 @@ class StoredRollouts:
     video: dict
     shape: tuple[int, ...]
     notes: list[str]
+    groups: list[list[int]] = dataclasses.field(default_factory=list)  # each prompt's candidates (indices)
 
 
-def trajectory_shape(files: list[Path], steps: int) -> tuple[int, ...]:
+def trajectory_shape(files: list[Path], steps: int | None) -> tuple[int, ...]:
     """Check, from the file headers only, that every latent file holds a trajectory of ``steps`` steps
-    (``states [steps + 1, C, F, h, w]``, ``logps [steps]``, or ``[chunks * steps]`` for an autoregressive rollout);
-    returns the latent shape ``[C, F, h, w]``."""
+    (``states [steps + 1, C, F, h, w]``, ``logps [steps]``, or ``[chunks * steps]`` for an autoregressive rollout),
+    or, with ``steps`` None (the forward-process estimators), final ``latents [C, F, h, w]``; returns the latent
+    shape ``[C, F, h, w]``."""
     from safetensors import safe_open
 
     shapes = set()
@@ -191,8 +207,14 @@ def trajectory_shape(files: list[Path], steps: int) -> tuple[int, ...]:
                 keys = set(f.keys())
                 states = tuple(f.get_slice("states").get_shape()) if "states" in keys else None
                 logps = tuple(f.get_slice("logps").get_shape()) if "logps" in keys else None
+                final = tuple(f.get_slice("latents").get_shape()) if "latents" in keys else None
         except Exception as e:  # noqa: BLE001 (any damage means the same thing to the user)
             raise VpoError(f"{path} is not a readable latent file ({e}); rerun `vpotool sample`") from e
+        if steps is None:
+            if final is None:
+                raise VpoError(f"{path} holds no 'latents'; rerun `vpotool sample` on its --out to rewrite it")
+            shapes.add(final)
+            continue
         if states is None or logps is None:
             raise VpoError(
                 f"{path} holds no stored trajectory (no 'states'); rerun `vpotool sample` with --save-trajectory "
@@ -282,7 +304,7 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
         )
 
     files = [resolve(samples_path, s["latent"]) for s in used]
-    shape = trajectory_shape(files, settings["steps"])
+    shape = trajectory_shape(files, settings["steps"] if cfg.estimator == "logp" else None)
     if backend is not None and shape[0] != latent_channels(backend):
         raise VpoError(
             f"{samples_path}: latents have {shape[0]} channels, --model {backend.info.name} expects "
@@ -290,10 +312,14 @@ def load_rollouts(samples: str | Path, scores: str | Path, cfg: ScstConfig, back
         )
     values = [torch.tensor([v for _, v in g], dtype=torch.float32) for g in kept]
     reward = torch.cat(values)
-    baseline = torch.cat([v.mean().expand(len(v)) for v in values])
-    advantage = torch.cat([group_advantage(v, len(v)) for v in values])
+    parts = [group_baseline(v, len(v), cfg.baseline) for v in values]
+    baseline, advantage = torch.cat([b for b, _ in parts]), torch.cat([a for _, a in parts])
     prompts = [s["prompt"] for s in used]
-    return StoredRollouts(reward_name, files, prompts, reward, baseline, advantage, settings, video, shape, notes)
+    bounds = torch.tensor([0] + [len(v) for v in values]).cumsum(0).tolist()
+    groups = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return StoredRollouts(
+        reward_name, files, prompts, reward, baseline, advantage, settings, video, shape, notes, groups
+    )
 
 
 @torch.no_grad()
@@ -321,8 +347,18 @@ def load_batch(backend, stored: StoredRollouts, idx: list[int], cfg: ScstConfig)
     return Rollouts(cond, uncond, visited, logps, adv, stored.reward[idx], stored.baseline[idx], latents)
 
 
-def trained_steps(steps: int, cfg: ScstConfig, slot: int) -> list[int]:
-    """The denoising steps micro-batch ``slot`` trains on: a seeded random ``cfg.train_fraction`` of ``steps``."""
+def trained_steps(steps: int, cfg: ScstConfig, slot: int, per_chunk: int | None = None) -> list[int]:
+    """The denoising steps micro-batch ``slot`` trains on, of ``steps`` (an autoregressive rollout's chunks x
+    ``per_chunk``, chunk-major): ``cfg.step_window`` random, a seeded random ``cfg.train_fraction`` of them;
+    high-noise, the first ``train_fraction`` of each chunk's steps (where the signal is: the near-clean last steps'
+    tiny step std makes their log-probabilities dominate the gradient with noise, docs/training.md); drop-last, every
+    step but each chunk's last (Flow-GRPO)."""
+    per_chunk = per_chunk or steps
+    n = max(1, round(cfg.train_fraction * per_chunk))
+    if cfg.step_window == "high-noise":
+        return [j for j in range(steps) if j % per_chunk < n]
+    if cfg.step_window == "drop-last":
+        return [j for j in range(steps) if j % per_chunk != per_chunk - 1 or per_chunk == 1]
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + slot)
     n = max(1, round(cfg.train_fraction * steps))
     return sorted(torch.randperm(steps, generator=gen)[:n].tolist())
@@ -334,34 +370,65 @@ def slots(trainer, cfg: ScstConfig, rnd: int) -> list[int]:
     return [(rnd * cfg.grad_accum + micro) * world + rank for micro in range(cfg.grad_accum)]
 
 
+def as_videos(ro: Rollouts, seed: int) -> Videos:
+    """Fresh rollouts as a forward-process micro-batch: their final latents, beside the teacher when they were."""
+    teacher = ro.latents if ro.latents is not ro.final else None
+    return Videos(ro.final, ro.group, ro.cond, ro.advantage, ro.reward, ro.baseline, seed, teacher)
+
+
 def fresh_batches(trainer, cfg: ScstConfig, reward, prompts: list[str], settings: dict, rnd: int) -> list[tuple]:
-    """Round ``rnd``'s micro-batches sampled now: ``[(Rollouts, trained steps)]``."""
+    """Round ``rnd``'s micro-batches sampled now: ``[(Rollouts, trained steps)]`` (logp) or ``[(Videos, None)]``."""
     batches = []
     for slot in slots(trainer, cfg, rnd):
         idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
         seeds = [cfg.seed * 1_000_003 + slot * cfg.batch_size + j for j in range(len(idx))]
         ro = collect(trainer.backend, reward, [prompts[i] for i in idx], seeds, settings, cfg)
-        batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot)))  # an autoregressive one: chunks x steps
+        if cfg.estimator == "logp":
+            batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot, settings["steps"])))  # chunks x steps
+        else:
+            batches.append((as_videos(ro, cfg.seed * 7_919 + slot), None))
     return batches
 
 
+@torch.no_grad()
+def load_videos(backend, stored: StoredRollouts, groups: list[list[int]], cfg: ScstConfig, seed: int) -> Videos:
+    """The stored samples of ``groups`` (each a prompt's candidates) as one forward-process micro-batch: their final
+    latents read now, advantages normalised over the batch as online. Groups of unequal size do not share noise."""
+    idx = [i for g in groups for i in g]
+    latents = load_latents([stored.files[i] for i in idx]).to(backend.device)
+    sizes = {len(g) for g in groups}
+    group = sizes.pop() if len(sizes) == 1 else 1
+    adv = normalize_advantage(stored.advantage[idx], cfg.adv_clip or None, scale=cfg.normalize).to(backend.device)
+    cond = backend.condition([stored.prompts[i] for i in idx])
+    return Videos(latents, group, cond, adv, stored.reward[idx], stored.baseline[idx], seed)
+
+
 def stored_batches(trainer, cfg: ScstConfig, stored: StoredRollouts, rnd: int) -> list[tuple]:
-    """Round ``rnd``'s micro-batches of stored rollouts: ``[(Rollouts, trained steps)]``."""
+    """Round ``rnd``'s micro-batches of stored rollouts: ``[(Rollouts, trained steps)]`` (logp: ``batch_size``
+    samples) or ``[(Videos, None)]`` (``batch_size`` prompts with all their candidates)."""
     batches = []
     for slot in slots(trainer, cfg, rnd):
+        if cfg.estimator != "logp":
+            picked = batch_indices(len(stored.groups), cfg.batch_size, slot, cfg.seed)
+            seed = cfg.seed * 7_919 + slot
+            batches.append((load_videos(trainer.backend, stored, [stored.groups[i] for i in picked], cfg, seed), None))
+            continue
         idx = batch_indices(len(stored.files), cfg.batch_size, slot, cfg.seed)
         ro = load_batch(trainer.backend, stored, idx, cfg)
-        batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot)))
+        batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot, stored.settings["steps"])))
     return batches
 
 
 def scst_update(trainer, cfg: ScstConfig, batches: list[tuple], sched, settings: dict, clipped: bool):
-    """One optimizer step on ``batches`` (see :func:`policy_step`). Returns ``(metrics, grad_norm)``."""
-    scale = 1 / len(batches)
-    loss = sum(
-        float(policy_step(trainer, ro, sched, tr, cfg, settings, scale, clipped, last=j == len(batches) - 1))
-        for j, (ro, tr) in enumerate(batches)
-    )
+    """One optimizer step on ``batches`` (see :func:`policy_step`, or for the forward-process estimators
+    :func:`~vpotool.training.forward.forward_step`). Returns ``(metrics, grad_norm)``."""
+    scale, n = 1 / len(batches), len(batches)
+    if cfg.estimator == "logp":
+        losses = (policy_step(trainer, ro, sched, tr, cfg, settings, scale, clipped, last=j == n - 1)
+                  for j, (ro, tr) in enumerate(batches))  # fmt: skip
+    else:
+        losses = (forward_step(trainer, v, cfg, scale, last=j == n - 1) for j, (v, _) in enumerate(batches))
+    loss = sum(float(x) for x in losses)
     grad_norm = optimizer_step(trainer, cfg)
     values = {
         "loss": loss * scale,
@@ -374,7 +441,7 @@ def scst_update(trainer, cfg: ScstConfig, batches: list[tuple], sched, settings:
 
 def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
     """One optimizer step from step ``step`` on stored rollouts (round ``step // ppo_epochs`` of the data stream),
-    with the clipped ratio: for callers that own the loop, such as ``vpotool loop``. Returns
+    with the clipped ratio (logp): for callers that own the loop, such as ``vpotool loop``. Returns
     ``(metrics, grad_norm)``."""
     t0 = time.perf_counter()
     check_rollout_training(trainer.backend, cfg, stored.settings)
@@ -385,9 +452,10 @@ def offline_step(trainer, cfg: ScstConfig, stored: StoredRollouts, step: int):
 
 
 def check_rollout_training(backend, cfg: ScstConfig, settings: dict) -> None:
-    """Refuse, in one line, what policy gradients on an autoregressive model cannot do: a re-noised context (its
-    noise is not kept, so log-probabilities could not be recomputed), and a video that is not whole chunks; and the
-    chunk options on a bidirectional model."""
+    """Refuse, in one line, what policy gradients on an autoregressive model cannot do: a re-noised context with
+    ``--estimator logp`` (its noise is not kept, so log-probabilities could not be recomputed; the forward-process
+    estimators re-noise it as DPO does), and a video that is not whole chunks; and the chunk options on a
+    bidirectional model."""
     chunking = chunking_of(backend)
     if chunking is None:
         for name, plain in (("advantage", "video"), ("context", "own")):
@@ -395,7 +463,7 @@ def check_rollout_training(backend, cfg: ScstConfig, settings: dict) -> None:
                 raise VpoError(f"--{name} {getattr(cfg, name)} needs an autoregressive model (chunks); --model "
                                f"{backend.info.name} makes every frame at once: drop the flag")  # fmt: skip
         return
-    if chunking.context_noise:
+    if chunking.context_noise and cfg.estimator == "logp":
         raise VpoError(f"train-scst on --model {backend.info.name} needs a clean context; pass --model-options "
                        "addnoise=0")  # fmt: skip
     chunking.spans(backend.latent_shape(settings["frames"], settings["height"], settings["width"])[1])
