@@ -139,7 +139,7 @@ def test_instruction_sources_and_bad_judge_input(instruction, judge, tmp_path):
     (tmp_path / "clip" / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(VpoError, match="holds a clip model, not a UnifiedReward-Think"):
         load_judge("unifiedreward-think", str(tmp_path / "clip"), options={"prompt_template": instruction})
-    with pytest.raises(VpoError, match="pass --judge-path"):
+    with pytest.raises(VpoError, match="needs --judge-path"):
         load_judge("unifiedreward-think", None)
     with pytest.raises(VpoError, match="a video of 1 frames gives 0 frames.*pass longer videos"):
         judge.judge(video(0)[:1], video(1), META["prompt"], (8, 4))

@@ -116,10 +116,11 @@ def test_score_writes_composite_columns_and_weights(cli, prompts_file, tmp_path)
 def test_parse_reward_options():
     from vpotool.rewards import parse_options
 
-    got = parse_options("dynamics.top_fraction=0.1, world.x=abc,dynamics.flag=true")
-    assert got == {"dynamics": {"top_fraction": 0.1, "flag": True}, "world": {"x": "abc"}}
+    got = parse_options("dynamics.top_fraction=0.1, temporal.flicker=2")
+    assert got == {"dynamics": {"top_fraction": 0.1}, "temporal": {"flicker": 2.0}}
     assert parse_options("") == {} and parse_options(None) == {}
-    for bad in ("dynamics=0.1", "top_fraction=0.1", "nope.x=1"):
+    # options a reward does not declare, of the wrong type or out of range
+    for bad in ("dynamics=0.1", "top_fraction=0.1", "nope.x=1", "world.x=abc", "dynamics.top_fraction=lots"):
         with pytest.raises(VpoError):
             parse_options(bad)
     assert load_reward("dynamics", options="dynamics.top_fraction=0.2").top_fraction == 0.2

@@ -92,7 +92,7 @@ def test_bad_inputs(tmp_path, template, reward):
     shutil.copytree(FOLDER / "base", other)  # a plain Qwen2-VL folder: no model_config.json
     with pytest.raises(VpoError, match="no model_config.json"):
         load_reward("videoalign", str(other), options=opts)
-    with pytest.raises(VpoError, match="pass --reward-path with a VideoReward checkpoint folder"):
+    with pytest.raises(VpoError, match="videoalign needs --reward-path: a VideoReward checkpoint folder"):
         load_reward("videoalign", None, options=opts)  # no "no model_config.json in None"
     headless = tmp_path / "headless"
     shutil.copytree(FOLDER, headless)

@@ -51,7 +51,7 @@ def parse_gpu(text: str | None) -> Gpu | None:
         gib, bf16, tf32 = GPUS[key]
         return Gpu(key, gib * GIB, (bf16, tf32))
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(gb|gib|g)", key)
-    if m:
+    if m and 0 < float(m[1]) <= 100_000:  # a size no GPU has (0GB) would plan every run as "does not fit"
         return Gpu(text.strip(), int(float(m[1]) * GIB))
     raise VpoError(f"--gpu {text}: not a GPU vpotool knows nor a memory size; pass one of {', '.join(GPUS)}, "
                    "or a size such as 80GB")  # fmt: skip

@@ -1,6 +1,9 @@
-"""``option=value`` lists of the command line (``--model-options``, ``--reward-options``) into typed values."""
+"""``option=value`` lists of the command line (``--model-options``, ``--reward-options``, ``--judge-options``) into
+typed values, checked against the options each entry declares."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from vpotool.errors import VpoError
 
@@ -48,3 +51,58 @@ def typed_value(flag: str, name: str, value, default):
             return value if value is None or isinstance(default, int) else float(value)
         raise VpoError(f"{flag}: {name} takes a number or none, got '{value}'")
     return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a reward or judge takes: its ``default``, its type (``kind``; default the default's type), the
+    smallest number it takes (``minimum``), the words it takes (``choices``) and a one-line ``help``."""
+
+    default: object
+    help: str = ""
+    kind: type | None = None
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def type_name(self) -> str:
+        kind = self.kind or (type(self.default) if self.default is not None else str)
+        return {bool: "bool", int: "int", float: "float"}.get(kind, "text")
+
+
+def typed_option(flag: str, name: str, value, option: Option):
+    """``value`` of option ``name`` checked against its declaration (type, minimum, choices); anything else is a
+    ``VpoError`` naming ``flag``, the option and what it takes."""
+    if value is None:
+        return None
+    kind = option.kind or (type(option.default) if option.default is not None else None)
+    if kind in (bool, int, float):
+        example = {bool: False, int: 0, float: 0.0}[kind]
+        value = typed_value(flag, name, value, example)
+        if kind is int and isinstance(value, float):
+            raise VpoError(f"{flag}: {name} takes a whole number, got '{value:g}'")
+    if option.minimum is not None and value is not None and value < option.minimum:
+        raise VpoError(f"{flag}: {name} takes a number >= {option.minimum:g}, got '{value:g}'")
+    if option.choices and value not in option.choices:
+        raise VpoError(f"{flag}: {name} takes one of {', '.join(option.choices)}, got '{value}'")
+    return value
+
+
+def check_declared(flag: str, owner: str, given: dict, table: dict[str, Option]) -> dict:
+    """``given`` options of ``owner`` (e.g. ``reward clip``) checked against its declared ``table``: an option it
+    lacks is a ``VpoError`` listing those it takes; each value is checked by :func:`typed_option`."""
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        takes = f"it takes {', '.join(table)}" if table else "it takes none"
+        raise VpoError(f"{flag}: {owner} has no option {', '.join(unknown)}; {takes}")
+    return {k: typed_option(flag, k, v, table[k]) for k, v in given.items()}
+
+
+def options_table(table: dict[str, Option]) -> list[tuple[str, str, str, str]]:
+    """``(option, type, default, help)`` rows of a declared table, as docs/ prints them."""
+    rows = []
+    for name, o in table.items():
+        kind = o.type_name + (f" >= {o.minimum:g}" if o.minimum is not None else "")
+        kind = " / ".join(o.choices) if o.choices else kind
+        rows.append((name, kind, "none" if o.default is None else str(o.default).lower(), o.help))
+    return rows

@@ -320,6 +320,9 @@ def load_self_forcing(
         )
     chunking = self_forcing_chunking(context_noise)
     name = "self-forcing"
+    if path and (not os.path.exists(str(path)) or os.path.isdir(str(path)) and not os.listdir(str(path))):
+        # the folder first: a missing or empty --model-path is the mistake to name, not the checkpoint beside it
+        raise VpoError(f"model folder not found or empty: {path} (--model-path: a Wan2.1-T2V-1.3B diffusers folder)")
     transformer = load_generator(path, checkpoint, ema, dtype).to(device)
     vae = load_component(AutoencoderKLWan, path, "vae", name, dtype=dtype).to(device).eval()
     text_encoder = load_component(UMT5EncoderModel, path, "text_encoder", name, dtype=dtype).to(device).eval()

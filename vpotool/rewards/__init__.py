@@ -8,12 +8,13 @@ composite (``videoscore:1.0,clip:0.5``: any ``:weight`` makes the whole value on
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 import torch
 
 from vpotool.errors import VpoError
-from vpotool.options import parse_value
+from vpotool.options import Option, check_declared, parse_value
 from vpotool.rewards.base import Reward, check_frames
 from vpotool.rewards.composite import CompositeReward, parse_weights
 from vpotool.rewards.simple import BrightnessReward
@@ -96,6 +97,92 @@ REWARDS.update(
 )
 
 
+# The ``--reward-options`` each reward takes: default, type, smallest value, words, help. One table: the CLI checks
+# options against it before any model loads, and docs/rewards-options.md is generated from it.
+Opt = Option
+FRAMES = Opt(8, "frames scored per video, evenly spaced", minimum=1)
+ALL_FRAMES = Opt(None, "frames scored per video, evenly spaced (default: every frame)", int, minimum=1)
+TEMPLATE = Opt(None, "upstream's prompt text: its script, model card or a text file (default: the folder's)", str)
+QWEN_JUDGE = {
+    "fps": Opt(2.0, "frames sampled a second of video", minimum=0.01),
+    "max_new_tokens": Opt(1024, "the longest answer generated", minimum=1),
+    "temperature": Opt(0.0, "0: greedy (deterministic); above 0 samples as upstream does at 0.7", minimum=0),
+    "prompt_template": TEMPLATE,
+}
+REWARD_OPTIONS: dict[str, dict[str, Option]] = {
+    "flicker": {},
+    "smoothness": {},
+    "dynamics": {"top_fraction": Opt(0.05, "share of the largest frame differences averaged, in (0, 1]", minimum=0)},
+    "temporal": {
+        "flicker": Opt(1.0, "weight of flicker in overall", minimum=0),
+        "smoothness": Opt(1.0, "weight of smoothness in overall", minimum=0),
+        "dynamics": Opt(0.5, "weight of dynamics in overall", minimum=0),
+        "top_fraction": Opt(0.05, "dynamics' share of the largest frame differences, in (0, 1]", minimum=0),
+    },
+    "brightness": {},
+    "world": {},
+    "videoscore": {
+        "frames": Opt(None, "frames per video (default: the model card's, 16 or 48)", int, minimum=1),
+        "prompt_template": Opt(None, "a query template file (default: the model card's)", str),
+        "frame_pick": Opt(None, "upstream's frame indices or evenly spaced ones", str, choices=("upstream", "spaced")),
+    },
+    "videoalign": {
+        "vq": Opt(1.0, "weight of visual quality in overall", minimum=0),
+        "mq": Opt(1.0, "weight of motion quality in overall", minimum=0),
+        "ta": Opt(1.0, "weight of text alignment in overall", minimum=0),
+        "norm": Opt(True, "normalise heads by the checkpoint's means and stds"),
+        "fps": Opt(None, "frames sampled a second (default: the checkpoint's data_config)", float, minimum=0.01),
+        "max_pixels": Opt(None, "pixel budget per frame (default: the checkpoint's)", int, minimum=1),
+        "base": Opt(None, "the base Qwen2-VL folder (default: model_name_or_path)", str),
+        "step": Opt(None, "which checkpoint-<step> (default: the last)", int, minimum=0),
+        "prompt_template": TEMPLATE,
+    },
+    "clip": {"frames": FRAMES},
+    "pickscore": {"frames": FRAMES, "tokenizer": Opt(None, "a tokenizer folder (default: the checkpoint's)", str)},
+    "aesthetic": {"frames": FRAMES, "clip": Opt(None, "the CLIP ViT-L/14 folder the head reads", str)},
+    "hpsv2": {
+        "frames": FRAMES,
+        "config": Opt(None, "a CLIPConfig folder or json (default: the folder's config.json, else ViT-H-14)", str),
+        "tokenizer": Opt(None, "a tokenizer folder (default: the folder's, else laion's ViT-H-14)", str),
+        "resize": Opt("pad", "pad (the hpsv2 package's letterbox) or crop", choices=("pad", "crop")),
+    },
+    "background": {"frames": ALL_FRAMES},
+    "subject": {
+        "size": Opt(None, "short side fed to DINO (default 224, as VBench)", int, minimum=1),
+        "num_frames": ALL_FRAMES,
+        "resize": Opt(None, "vbench (default) or bicubic", str, choices=("vbench", "bicubic")),
+    },
+    "vjepa": {"num_frames": Opt(None, "frames per clip (V-JEPA 2 only; default frames_per_clip)", int, minimum=1)},
+    "raft": {
+        "iters": Opt(20, "RAFT refinement steps (VBench: 20)", minimum=1),
+        "pairs_per_batch": Opt(8, "frame pairs per RAFT call; bounds memory", minimum=1),
+    },
+    "reference": {
+        "videos": Opt(None, "a folder of reference clips (required)", str),
+        "k": Opt(5, "nearest reference features averaged", minimum=1),
+    },
+    "videoscore2": QWEN_JUDGE,
+}
+JUDGE_OPTIONS: dict[str, dict[str, Option]] = {"unifiedreward-think": QWEN_JUDGE}
+
+# The checkpoint each model-based reward loads: what it is (for messages), and its default when --reward-path is not
+# given (a hub id, "built-in", or None: --reward-path is required).
+REWARD_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
+    "videoscore": ("a VideoScore checkpoint folder (v1 or v1.1)", "TIGER-Lab/VideoScore-v1.1"),
+    "videoalign": ("a VideoReward checkpoint folder (KwaiVGI/VideoReward: model_config.json and checkpoint-*/)", None),
+    "clip": ("a CLIP checkpoint folder", "openai/clip-vit-large-patch14"),
+    "pickscore": ("the PickScore_v1 folder", "yuvalkirstain/PickScore_v1"),
+    "aesthetic": ("the LAION aesthetic head sac+logos+ava1-l14-linearMSE.pth, or a CLIP folder holding it", None),
+    "hpsv2": ("HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (hub xswu/HPSv2), or a folder holding it", None),
+    "background": ("a CLIP checkpoint folder", "openai/clip-vit-base-patch32"),
+    "subject": ("a DINO checkpoint folder (DINO ViT, DINOv2 or DINOv3)", "facebook/dino-vitb16"),
+    "vjepa": ("a V-JEPA 2 or VideoMAE checkpoint folder", "facebook/vjepa2-vitl-fpc64-256"),
+    "raft": ("RAFT weights (raft-things.pth from princeton-vl/RAFT, or a .safetensors of them)", None),
+    "reference": ("a VideoMAE video classifier folder", "built-in"),
+    "videoscore2": ("a VideoScore2 checkpoint folder (TIGER-Lab/VideoScore2, a Qwen2.5-VL)", None),
+}
+
+
 def _check_name(name: str) -> str:
     if name not in REWARDS:
         raise VpoError(f"unknown reward '{name}'; choose from: {', '.join(sorted(REWARDS))}")
@@ -158,13 +245,40 @@ def parse_options(text: str | None) -> dict[str, dict]:
                 f"--reward-options: '{item}' should look like reward.option=value, e.g. videoscore.frames=16"
             )
         out.setdefault(_check_name(name), {})[option.strip()] = parse_value(value.strip())
-    return out
+    return {n: check_declared("--reward-options", f"reward {n}", o, REWARD_OPTIONS[n]) for n, o in out.items()}
+
+
+def check_scored(spec: str, options: dict) -> None:
+    """Refuse ``--reward-options`` for a reward that ``spec`` (the ``--reward`` value) does not score: such an
+    option (a typo of the reward's name) would change nothing. The line lists the options that apply."""
+    parts = set(parse_weights(spec)) if ":" in spec else set(reward_names(spec))
+    stray = sorted(set(options) - parts)
+    if stray:
+        accepted = [f"{p}.{o}" for p in sorted(parts) for o in REWARD_OPTIONS.get(p, {})]
+        first = f"{stray[0]}.{next(iter(options[stray[0]]))}" if options[stray[0]] else stray[0]
+        raise VpoError(
+            f"--reward-options {first}: reward {stray[0]} is not in --reward {spec}; the options that apply here: "
+            f"{', '.join(accepted) or 'none'}"
+        )
+
+
+def check_path(name: str, path: str | None) -> None:
+    """Refuse, before any file inside is looked for, a model-based reward without the ``--reward-path`` it needs
+    or with one that does not exist."""
+    from vpotool.rewards.pretrained import looks_local
+
+    what, default = REWARD_CHECKPOINTS.get(name, ("", "built-in"))
+    if not path and default is None:
+        raise VpoError(f"reward {name} needs --reward-path: {what}")
+    if path and looks_local(str(path)) and not os.path.exists(str(path)):
+        raise VpoError(f"reward {name}: --reward-path {path} does not exist; pass {what}")
 
 
 def _build(name: str, paths, spec: str, device, dtype, options: dict) -> Reward:
-    return REWARDS[name](
-        path=reward_path(paths, name, spec), device=device, dtype=_dtype(dtype), **options.get(name, {})
-    )
+    path = reward_path(paths, name, spec)
+    if name not in WEIGHT_FREE:
+        check_path(name, path)
+    return REWARDS[name](path=path, device=device, dtype=_dtype(dtype), **options.get(name, {}))
 
 
 def load_reward(name: str, path: str | None = None, device="cpu", dtype=torch.float32, options=None, **kw) -> Reward:
@@ -172,6 +286,7 @@ def load_reward(name: str, path: str | None = None, device="cpu", dtype=torch.fl
     and ``options`` the ``--reward-options`` value (text or parsed), both resolved per reward; ``kw`` are options
     for a single named reward."""
     options = parse_options(options) if options is None or isinstance(options, str) else options
+    check_scored(name, options)
     if ":" in name:
         weights = parse_weights(name)
         for n in weights:
@@ -183,6 +298,7 @@ def load_reward(name: str, path: str | None = None, device="cpu", dtype=torch.fl
             f"--reward {name} names {len(names)} rewards but this stage optimises one; pick one, or weigh them into "
             f"one composite: --reward {':1,'.join(names)}:1"
         )
+    kw = check_declared("--reward-options", f"reward {names[0]}", kw, REWARD_OPTIONS[names[0]])
     return _build(names[0], path, names[0], device, dtype, {names[0]: {**options.get(names[0], {}), **kw}})
 
 
@@ -190,6 +306,7 @@ def load_rewards(spec: str, path=None, device="cpu", dtype=torch.float32, option
     """Every reward of a ``--reward`` value by name (see ``reward_names``), with ``--reward-path`` and
     ``--reward-options`` resolved against the whole value; rewards already in ``have`` are reused."""
     options = parse_options(options) if options is None or isinstance(options, str) else options
+    check_scored(spec, options)
     have = {reward_names(k)[0]: v for k, v in (have or {}).items()}
     out = {}
     for n in reward_names(spec):
@@ -203,7 +320,10 @@ def load_rewards(spec: str, path=None, device="cpu", dtype=torch.float32, option
 
 
 __all__ = [
+    "JUDGE_OPTIONS",
     "REWARDS",
+    "REWARD_CHECKPOINTS",
+    "REWARD_OPTIONS",
     "Reward",
     "check_frames",
     "load_reward",

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 
 from vpotool.errors import VpoError, first_line
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors: the error is a plain exception class there
+    SafetensorError = OSError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,8 +62,12 @@ def load_pretrained(cls, path: str | None, default_id: str, reward: str, what: s
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
     # a checkpoint of another kind fails inside the model's constructor with any of these
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError) as e:
         first = first_line(e)
+        damaged = damaged_weights(path)
+        if damaged:
+            raise VpoError(f"reward {reward}: {damaged} is damaged or cut short ({first[:120]}); download {what} "
+                           "again and pass it with --reward-path") from e  # fmt: skip
         raise VpoError(
             f"reward {reward}: could not load {what} from {path}: {first} (pass --reward-path with {what})"
         ) from e
@@ -69,6 +78,23 @@ def load_pretrained(cls, path: str | None, default_id: str, reward: str, what: s
             f"{bad[0]}); pass --reward-path with {what}"
         )
     return freeze(model.to(device))
+
+
+def damaged_weights(path: str) -> str | None:
+    """The first ``.safetensors`` file under local folder ``path`` whose header cannot be read (a download cut
+    short), or None."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(str(path)):
+        return None
+    for root, _, files in sorted(os.walk(str(path))):
+        for name in sorted(f for f in files if f.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(root, name), "pt"):
+                    pass
+            except Exception:  # noqa: BLE001 - any failure to open the header is the damage being looked for
+                return os.path.join(root, name)
+    return None
 
 
 def read_state_dict(path: str, reward: str, what: str) -> dict[str, torch.Tensor]:
@@ -128,13 +154,34 @@ def optional_file(path: str, filename: str) -> str | None:
         return None
 
 
-def read_json(path: str, filename: str) -> dict:
-    """A checkpoint's optional json file (e.g. ``preprocessor_config.json``) as a dict; ``{}`` when it has none."""
+def read_config(file: str | os.PathLike, owner: str, what: str) -> dict:
+    """The json object in a checkpoint's config ``file``; an unreadable, empty or malformed file is one
+    ``VpoError`` line naming the file, ``owner`` (e.g. ``reward videoalign``) and the checkpoint ``what`` expected.
+    The one way model-based rewards and judges read their config files."""
+    fix = f"restore it from {what}" if what else "restore it from the checkpoint's download"
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise VpoError(f"{owner}: cannot read {file} ({getattr(e, 'strerror', None) or e}); {fix}") from e
+    if not text.strip():
+        raise VpoError(f"{owner}: {file} is empty; {fix}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise VpoError(f"{owner}: {file} is not valid JSON ({e.msg}, line {e.lineno}); {fix}") from e
+    if not isinstance(config, dict):
+        raise VpoError(f"{owner}: {file} holds a JSON {type(config).__name__}, not an object; {fix}")
+    return config
+
+
+def read_json(path: str, filename: str, owner: str = "", what: str = "") -> dict:
+    """A checkpoint's optional json file (e.g. ``preprocessor_config.json``) as a dict; ``{}`` when it has none.
+    A damaged one is one line (see :func:`read_config`)."""
     found = optional_file(path, filename)
     if not found:
         return {}
-    with open(found) as f:
-        return json.load(f)
+    return read_config(found, owner or f"checkpoint {path}", what)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -161,6 +161,10 @@ JUDGES = {NAME: load_unifiedreward_think}
 
 def load_judge(name: str, path: str | None, device="cpu", dtype=torch.float32, options: dict | None = None):
     """A pairwise judge by name (``--judge``), from ``path`` (``--judge-path``) with ``options``."""
+    from vpotool.options import check_declared
+    from vpotool.rewards import JUDGE_OPTIONS
+
     if name not in JUDGES:
         raise VpoError(f"--judge {name}: unknown judge; known: {', '.join(JUDGES)}")
-    return JUDGES[name](path=path, device=device, dtype=dtype, **(options or {}))
+    options = check_declared("--judge-options", f"judge {name}", options or {}, JUDGE_OPTIONS[name])
+    return JUDGES[name](path=path, device=device, dtype=dtype, **options)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import json
 import math
 import os
 
@@ -39,7 +38,16 @@ from torch import nn
 
 from vpotool.errors import VpoError, first_line
 from vpotool.rewards.base import check_frames
-from vpotool.rewards.pretrained import check_options, freeze, normalize, read_json, read_state_dict
+from vpotool.rewards.pretrained import (
+    SafetensorError,
+    check_options,
+    damaged_weights,
+    freeze,
+    normalize,
+    read_config,
+    read_json,
+    read_state_dict,
+)
 
 HEADS = ("VQ", "MQ", "TA")
 DIMENSIONS = ("visual_quality", "motion_quality", "text_alignment")
@@ -347,8 +355,7 @@ def load_videoalign(path: str | None = None, device="cpu", dtype=torch.float32, 
         raise VpoError(f"reward videoalign: pass --reward-path with {WHAT}")
     if not os.path.isfile(os.path.join(str(path), "model_config.json")):
         raise VpoError(f"reward videoalign: no model_config.json in {path}; pass --reward-path with {WHAT}")
-    with open(os.path.join(path, "model_config.json")) as f:
-        config = json.load(f)
+    config = read_config(os.path.join(path, "model_config.json"), "reward videoalign", WHAT)
     data, model_cfg = config.get("data_config", {}), config.get("model_config", {})
     if not model_cfg.get("use_special_tokens") or model_cfg.get("reward_token") != "special":
         raise VpoError(f"reward videoalign: {path} reads its heads at the {model_cfg.get('reward_token')!r} token; "
@@ -363,7 +370,11 @@ def load_videoalign(path: str | None = None, device="cpu", dtype=torch.float32, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, padding_side="right")
         qwen = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=dtype)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        damaged = damaged_weights(base)
+        if damaged:
+            raise VpoError(f"reward videoalign: {damaged} is damaged or cut short; download the base Qwen2-VL "
+                           "(Qwen2-VL-2B-Instruct) again") from e  # fmt: skip
         raise VpoError(
             f"reward videoalign: could not load the base Qwen2-VL from {base}: {first_line(e)} (pass "
             f"videoalign.base=DIR with Qwen2-VL-2B-Instruct)"

@@ -40,7 +40,7 @@ import torch
 
 from vpotool.errors import VpoError
 from vpotool.rewards.base import check_frames
-from vpotool.rewards.pretrained import check_options, load_pretrained, read_json
+from vpotool.rewards.pretrained import check_options, load_pretrained, looks_local, read_json
 from vpotool.rewards.videoalign import VIDEO_TOKEN, frame_indices, smart_resize, video_patches
 
 log = logging.getLogger(__name__)
@@ -260,10 +260,13 @@ def load_videoscore2(path: str | None = None, device="cpu", dtype=torch.float32,
 
 
 def check_qwen25_vl(path: str | None, name: str, flag: str, what: str) -> None:
-    """Refuse in one line a missing ``path`` or a local folder that holds no Qwen2.5-VL."""
+    """Refuse in one line a missing ``path``, a local one that does not exist, a damaged config.json, or a local
+    folder that holds no Qwen2.5-VL."""
     if not path:
-        raise VpoError(f"{name}: pass {flag} with {what}")
-    kind = read_json(str(path), "config.json").get("model_type") if os.path.isdir(str(path)) else None
+        raise VpoError(f"{name} needs {flag}: {what}")
+    if looks_local(str(path)) and not os.path.exists(str(path)):
+        raise VpoError(f"{name}: {flag} {path} does not exist; pass {what}")
+    kind = read_json(str(path), "config.json", name, what).get("model_type") if os.path.isdir(str(path)) else None
     if os.path.isdir(str(path)) and kind != "qwen2_5_vl":
         raise VpoError(f"{name}: {path} holds a {kind or 'non-transformers'} model, not {what}")
 
