@@ -373,3 +373,21 @@ def test_a_judges_answers_are_kept_beside_its_scores_and_read_as_no_dimension(tm
     write_manifest(tmp_path / "b.parquet", [{**r, "sample_id": r["sample_id"] + "b"} for r in out], "scores")
     merge_manifests([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "m.parquet")
     assert read_manifest(tmp_path / "m.parquet", "scores").num_rows == 4
+
+
+def test_stale_temps_of_named_outputs_only(tmp_path):
+    """A rerun sweeps the temps its own outputs' dead writers left (eval killed while writing prompts.parquet), and
+    leaves other files' temps and those of live writers alone."""
+    import os
+    import subprocess
+
+    from vpotool.manifest import remove_stale_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mine, other = tmp_path / f".prompts.parquet.{dead.pid}.tmp", tmp_path / f".notes.parquet.{dead.pid}.tmp"
+    live = tmp_path / f".prompts.parquet.{os.getppid()}.tmp"
+    for p in (mine, other, live):
+        p.write_bytes(b"half")
+    assert remove_stale_temps(tmp_path, ("prompts.parquet", "eval.parquet")) == 1
+    assert not mine.exists() and other.exists() and live.exists()

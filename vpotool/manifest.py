@@ -253,16 +253,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | Path) -> int:
+def remove_stale_temps(folder: str | Path, outputs: tuple[str, ...] | None = None) -> int:
     """Delete the temporary files (``.NAME.PID.tmp[.ext]``) that a killed writer left in ``folder``; those of a live
-    process stay. No output is ever read from such a file. Returns how many were removed."""
+    process stay. ``outputs``: only the temps of these file names (a stage sweeping its own outputs in a folder it
+    shares). No output is ever read from such a file. Returns how many were removed."""
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     for p in folder.glob(".*.tmp*"):
         m = _TEMP.match(p.name)
-        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+        mine = m and (outputs is None or m["name"] in outputs)
+        if mine and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
             p.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -16,7 +16,7 @@ import torch
 
 from vpotool.config import EvalConfig, SampleConfig, ScoreConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, score_dimensions, write_manifest
+from vpotool.manifest import read_manifest, remove_stale_temps, score_dimensions, write_manifest
 from vpotool.progress import console
 from vpotool.prompts import load_prompts
 from vpotool.report.strip import frame_strip
@@ -63,6 +63,7 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
     fvd = fvd_features(cfg) if cfg.fvd_reference else None  # a bad folder or model fails before any sampling
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, ("eval.yaml", "prompts.parquet", "eval.parquet"))  # what a killed eval left half-written
     save_config(cfg, out / "eval.yaml")
     prompts_path = out / "prompts.parquet"
     rows = [{"prompt_id": pid, "prompt": text} for pid, text in prompts]
