@@ -270,3 +270,15 @@ def test_pair_gradients_estimates_signal_without_single_pair_noise():
     assert err["cos"] < 0.15
     assert full["raw_cos"] < full["cos"] - 0.2  # the plain cosine of the two means: pulled towards 0 by the noise
     assert full["raw_cos"] < full["cos"] - 0.2  # the plain cosine of the two means is pulled towards 0 by the noise
+
+
+def test_rl_gradients_prints_a_cosine_per_estimator():
+    """The estimators' split-half gradient cosines of docs/results.md run (at a tiny size), one row each."""
+    script = EXAMPLES / "tiny_world" / "rl_gradients.py"
+    args = ["--prompts", "4", "--candidates", "2", "--steps", "4", "--halvings", "20"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows][-1] == "nft, shared (t, noise)" and len(rows) == 6
+    for row in rows:
+        assert -1.0 <= float(row[1]) <= 1.0
