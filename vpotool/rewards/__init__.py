@@ -183,6 +183,12 @@ REWARD_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
 }
 
 
+def declared_options(name: str) -> dict[str, Option]:
+    """The ``--reward-options`` reward ``name`` takes: its ``REWARD_OPTIONS`` row; a reward registered in
+    ``REWARDS`` without one takes none."""
+    return REWARD_OPTIONS.get(name, {})
+
+
 def _check_name(name: str) -> str:
     if name not in REWARDS:
         raise VpoError(f"unknown reward '{name}'; choose from: {', '.join(sorted(REWARDS))}")
@@ -245,7 +251,7 @@ def parse_options(text: str | None) -> dict[str, dict]:
                 f"--reward-options: '{item}' should look like reward.option=value, e.g. videoscore.frames=16"
             )
         out.setdefault(_check_name(name), {})[option.strip()] = parse_value(value.strip())
-    return {n: check_declared("--reward-options", f"reward {n}", o, REWARD_OPTIONS[n]) for n, o in out.items()}
+    return {n: check_declared("--reward-options", f"reward {n}", o, declared_options(n)) for n, o in out.items()}
 
 
 def check_scored(spec: str, options: dict) -> None:
@@ -254,7 +260,7 @@ def check_scored(spec: str, options: dict) -> None:
     parts = set(parse_weights(spec)) if ":" in spec else set(reward_names(spec))
     stray = sorted(set(options) - parts)
     if stray:
-        accepted = [f"{p}.{o}" for p in sorted(parts) for o in REWARD_OPTIONS.get(p, {})]
+        accepted = [f"{p}.{o}" for p in sorted(parts) for o in declared_options(p)]
         first = f"{stray[0]}.{next(iter(options[stray[0]]))}" if options[stray[0]] else stray[0]
         raise VpoError(
             f"--reward-options {first}: reward {stray[0]} is not in --reward {spec}; the options that apply here: "
@@ -298,7 +304,7 @@ def load_reward(name: str, path: str | None = None, device="cpu", dtype=torch.fl
             f"--reward {name} names {len(names)} rewards but this stage optimises one; pick one, or weigh them into "
             f"one composite: --reward {':1,'.join(names)}:1"
         )
-    kw = check_declared("--reward-options", f"reward {names[0]}", kw, REWARD_OPTIONS[names[0]])
+    kw = check_declared("--reward-options", f"reward {names[0]}", kw, declared_options(names[0]))
     return _build(names[0], path, names[0], device, dtype, {names[0]: {**options.get(names[0], {}), **kw}})
 
 
