@@ -28,6 +28,26 @@ def cli(monkeypatch, capsys):
     return run
 
 
+TRAIN_PROMPTS = "a red circle moving left\na blue square moving up\n"
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    """Two training prompts in ``train.txt`` (test files that need other prompts define their own)."""
+    p = tmp_path / "train.txt"
+    p.write_text(TRAIN_PROMPTS)
+    return p
+
+
+def one_line_error(result, *words):
+    """Assert that a ``cli`` result is exit 2 with one line of error (no traceback) holding every one of ``words``."""
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
 @pytest.fixture
 def prompts_file(tmp_path):
     p = tmp_path / "prompts.txt"

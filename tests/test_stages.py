@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import FAST, family_args, run_chain
+from conftest import FAST, family_args, one_line_error, run_chain
 from safetensors.torch import load_file
 
 from vpotool.video import read_video
@@ -128,14 +128,6 @@ def test_shards_merge_to_the_full_run(cli, tmp_path):
     for v in merged.video:
         assert read_video(tmp_path / "merged" / v).shape[0] == 9
     assert cli("score", "--samples", tmp_path / "merged" / "samples.parquet", "--out", tmp_path / "s.parquet")[0] == 0
-
-
-def one_line_error(result, *words):
-    code, _, err = result
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
 
 
 def test_bad_input_gives_one_clear_line(cli, prompts_file, tmp_path):

@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import held_out_brightness
+from conftest import TRAIN_PROMPTS, held_out_brightness, one_line_error
 
+from vpotool.training.batches import load_rollouts
 from vpotool.training.config import ScstConfig
-from vpotool.training.scst import load_rollouts, train_scst
+from vpotool.training.scst import train_scst
 
 SIZE = dict(frames=5, height=16, width=16, steps=4, guidance=1.0)
-TRAIN_PROMPTS = "a red circle moving left\na blue square moving up\n"
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    p = tmp_path / "train.txt"
-    p.write_text(TRAIN_PROMPTS)
-    return p
 
 
 def config(prompts, out, **kw) -> ScstConfig:
@@ -139,14 +132,6 @@ def test_an_autoregressive_model_trains_a_chunk_beside_its_own_rollout(tmp_path)
     )  # fmt: skip
     train_scst(cfg, on_step=adapter_snapshot(seen))
     assert any(not torch.equal(seen["first"][k], seen["last"][k]) for k in seen["first"])
-
-
-def one_line_error(result, *words):
-    code, _, err = result
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
 
 
 def test_forward_estimators_refuse_unusable_input_in_one_line(cli, stored, prompts, tmp_path):

@@ -20,13 +20,6 @@ def config(prompts, out, **kw) -> ReflConfig:
     return ReflConfig(**{**base, **SIZE, "lora_rank": 4, "device": "cpu", **kw})
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    p = tmp_path / "train.txt"
-    p.write_text("a red circle moving left\na blue square moving up\n")
-    return p
-
-
 @pytest.mark.parametrize("mode", ["last", "random"])
 def test_refl_raises_held_out_reward_and_changes_the_adapter(prompts, tmp_path, mode):
     from vpotool.models import load_backend

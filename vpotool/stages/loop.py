@@ -25,12 +25,13 @@ from vpotool.stages.pair import run_pair
 from vpotool.stages.sample import run_sample
 from vpotool.stages.score import run_score
 from vpotool.training import fsdp
+from vpotool.training.batches import load_rollouts
 from vpotool.training.common import RUN_OPTIONS, batch_indices, finish_step, latest_checkpoint, setup
 from vpotool.training.config import DpoConfig, LoopConfig, ReflConfig, ScstConfig
 from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
 from vpotool.training.refl import enable_vae_checkpointing, refl_step
 from vpotool.training.reward import load_rollout_reward
-from vpotool.training.scst import load_rollouts, offline_step
+from vpotool.training.scst import offline_step
 
 
 @contextmanager
