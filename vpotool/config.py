@@ -74,6 +74,10 @@ FRAMES_HELP = "Frames per video (default: the model's)."
 HEIGHT_HELP = "Height in pixels (default: the model's)."
 WIDTH_HELP = "Width in pixels (default: the model's)."
 SIZE_HELP = "A size preset of the model, e.g. 240p or 480p:16:9 for opensora (--height and --width override it)."
+CONTEXT_PARALLEL_HELP = (
+    "N processes of a torchrun / accelerate launch share each video's tokens (Ulysses sequence parallelism, "
+    "diffusers' engine; tiny, wan, ltx); the launch's WORLD_SIZE / N groups split the data."
+)
 
 
 @dataclass
@@ -101,6 +105,7 @@ class SampleConfig(StageConfig):
     batch_size: int = opt(8, "Videos per denoiser call (a prompt's K candidates always go together).")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
     dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
+    context_parallel: int = opt(1, CONTEXT_PARALLEL_HELP)
     shard: str = opt("0/1", "i/n: sample only the i-th of n slices of the prompts (SLURM arrays).")
     crf: int = opt(12, "H.264 quality of the written mp4 (lower is closer to the pixels).")
 
@@ -108,6 +113,7 @@ class SampleConfig(StageConfig):
         self._check(bool(self.prompts), "prompts", "is required")
         self._check(bool(self.out), "out", "is required")
         self._check(self.candidates >= 1, "candidates", "must be at least 1")
+        self._check(self.context_parallel >= 1, "context_parallel", "must be at least 1")
         for name in ("frames", "height", "width", "fps", "steps"):
             self._check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be positive")
         self._check(self.noise_level >= 0, "noise_level", "must be >= 0")

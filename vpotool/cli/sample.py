@@ -5,7 +5,7 @@ from vpotool.config import SampleConfig
 
 command = config_command(
     SampleConfig,
-    "vpotool.stages.sample:run_sample",
+    "vpotool.stages.sample:launch_sample",
     "Sample K candidate videos per prompt -> OUT/samples.parquet, OUT/videos/*.mp4, OUT/latents/.",
     short={"candidates": "-k"},
 )

@@ -11,7 +11,8 @@ import torch
 from vpotool.config import SampleConfig, save_config
 from vpotool.errors import VpoError
 from vpotool.latents import save_latent
-from vpotool.manifest import RowWriter, digest, remove_stale_temps
+from vpotool.manifest import RowWriter, digest, merge_manifests, remove_stale_temps
+from vpotool.models.context_parallel import Layout, check_tokens, launch_layout
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.sampling import resolved_settings, use_settings
@@ -88,15 +89,17 @@ def check_sampling_memory(backend, settings: dict, cfg: SampleConfig) -> None:
                "lower --candidates, --batch-size, --frames, --height or --width")  # fmt: skip
 
 
-def run_sample(cfg: SampleConfig, backend=None) -> Path:
+def run_sample(cfg: SampleConfig, backend=None, layout: Layout | None = None) -> Path:
     """Write ``cfg.out/samples.parquet`` (one row per video), ``videos/*.mp4`` and ``latents/*.safetensors``
     (with ``--save-trajectory`` also holding each video's sampler states and step log-probabilities).
 
     Rerunning on the same ``--out`` skips videos already recorded; rows are flushed after every batch. A rerun
     under settings that change the videos (prompts, model, sampler settings, seed, ...) is refused. One process
     writes a manifest at a time (shards write their own). ``backend`` may pass an already loaded model (``loop``
-    keeps one resident).
+    keeps one resident). ``layout``: this process's context group (``--context-parallel``; by default as the launch
+    and ``cfg.context_parallel`` make it), whose processes sample together while the first alone writes.
     """
+    layout = layout or launch_layout(cfg.context_parallel, cfg.model)
     every = load_prompts(cfg.prompts)
     if cfg.adapter and backend is None:  # before any folder or model: a folder without LoRA weights stops here
         from vpotool.training.lora import adapter_metadata
@@ -112,23 +115,32 @@ def run_sample(cfg: SampleConfig, backend=None) -> Path:
     out = output_folder(cfg.out)
     suffix = shard_suffix(cfg.shard)
     with writer_lock(out / f"samples{suffix}.parquet"):
-        return sample_into(cfg, out, suffix, every, prompts, backend)
+        return sample_into(cfg, out, suffix, every, prompts, backend, layout)
 
 
-def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts: list, backend=None) -> Path:
+def sample_into(
+    cfg: SampleConfig, out: Path, suffix: str, every: list, prompts: list, backend=None, layout: Layout = Layout()
+) -> Path:
     """The body of :func:`run_sample` once ``out`` is checked and locked: ``prompts`` are this shard's of
-    ``every``."""
-    from vpotool.models import load_backend, resolve_device
+    ``every``; a process that does not write its group's outputs (``layout.writes``) computes them beside the one
+    that does."""
+    from vpotool.models import context_parallel, load_backend, resolve_device
 
+    writes = layout.writes
     for sub in ("videos", "latents"):
-        output_folder(out / sub)
-        remove_stale_temps(out / sub)  # a killed run's half-written files
+        if writes:
+            output_folder(out / sub)
+            remove_stale_temps(out / sub)  # a killed run's half-written files
     if backend is None:
-        backend = load_backend(cfg.model, cfg.model_path, resolve_device(cfg.device), cfg.dtype, cfg.model_options)
+        device = resolve_device(cfg.device)
+        backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype, cfg.model_options)
         if cfg.adapter:
             from vpotool.training.lora import load_adapter
 
             load_adapter(backend, cfg.adapter)
+        if layout.degree > 1:  # the adapter's layers are in place: the plan hooks them
+            context_parallel.init_process_group(device)
+            context_parallel.enable(backend, layout)
     settings = resolved_settings(cfg, backend)
     m = backend.size_multiple
     if settings["height"] % m or settings["width"] % m:
@@ -137,6 +149,8 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             f"(got {settings['height']}x{settings['width']})"
         )
     check_sampling_memory(backend, settings, cfg)
+    shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
+    check_tokens(backend, shape, layout.degree)
     chunking = rollout_record(backend, settings)
     use_settings(backend, settings)
     cfg = dataclasses.replace(cfg, **settings)  # record the resolved values, not "model default"
@@ -149,7 +163,8 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
     writer = RowWriter(
         out / f"samples{suffix}.parquet", "samples", {**cfg.to_dict(), "chunking": chunking}, compare=resume_keys
     )
-    save_config(cfg, out / f"sample{suffix}.yaml")  # after the resume check: a refused run leaves it alone
+    if writes:
+        save_config(cfg, out / f"sample{suffix}.yaml")  # after the resume check: a refused run leaves it alone
 
     # the sampler and negative prompt are recorded in the config and the latent files, not as columns
     columns = {k: v for k, v in settings.items() if k not in ("sampler", "negative_prompt")}
@@ -163,6 +178,9 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             seeds = [video_seed(cfg.seed, pid, k) for pid, _, k in batch]
             texts = [t for _, t, _ in batch]
             latents, frames, *traj = generate(backend, texts, seeds, settings, keep_states=cfg.save_trajectory)
+            if not writes:
+                advance(len(batch))
+                continue
             extras = trajectory_tensors(traj[0]) if traj else [{}] * len(batch)
             rows = []
             for (pid, text, k), seed, lat, vid, extra in zip(batch, seeds, latents, frames, extras, strict=True):
@@ -181,7 +199,47 @@ def sample_into(cfg: SampleConfig, out: Path, suffix: str, every: list, prompts:
             writer.add(rows)
             writer.flush()
             advance(len(batch))
+    if not writes:
+        return writer.path
     if not writer.rows:
         raise VpoError("nothing was sampled")
     writer.flush()
     return writer.path
+
+
+def launch_sample(cfg: SampleConfig) -> Path:
+    """``vpotool sample``: :func:`run_sample` in one process. Under torchrun or accelerate launch the processes form
+    context groups of ``cfg.context_parallel`` (one process each without it); each group samples an interleaved
+    share of the prompts, which its first process writes (``samples-GGGGG-of-NNNNN.parquet`` when there are several
+    groups), and the main process merges the shares into the ``samples.parquet`` one process writes."""
+    import torch.distributed as dist
+
+    from vpotool.models.context_parallel import init_process_group, process_device
+
+    layout = launch_layout(cfg.context_parallel, cfg.model)
+    if layout.world == 1:
+        return run_sample(cfg)
+    groups = layout.groups
+    if groups > 1 and cfg.shard != "0/1":
+        raise VpoError(
+            f"--shard {cfg.shard}: the {groups} context groups of this launch split the prompts already; pass "
+            f"--shard 0/1, or launch one group (--context-parallel {layout.world})"
+        )
+    n = len(load_prompts(cfg.prompts))
+    if groups > n:
+        raise VpoError(f"this launch has {groups} context groups for {n} prompt{'s' * (n != 1)}: launch at most {n} "
+                       "groups (fewer processes, or a larger --context-parallel)")  # fmt: skip
+    device = process_device(cfg.device)
+    init_process_group(device)
+    shard = f"{layout.group}/{groups}" if groups > 1 else cfg.shard
+    part = run_sample(dataclasses.replace(cfg, device=device, shard=shard), layout=layout)
+    dist.barrier()  # every group's share written
+    if groups == 1:
+        return part
+    merged = Path(cfg.out) / "samples.parquet"
+    if layout.rank == 0:
+        parts = [Path(cfg.out) / f"samples{shard_suffix(f'{g}/{groups}')}.parquet" for g in range(groups)]
+        with writer_lock(merged):
+            merge_manifests(parts, merged)
+    dist.barrier()
+    return merged

@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,8 +18,10 @@ from vpotool import __version__
 from vpotool.errors import VpoError, disk_space
 from vpotool.latents import write_safetensors
 from vpotool.manifest import RowWriter, remove_stale_temps
+from vpotool.models import context_parallel
+from vpotool.models.context_parallel import Layout
 from vpotool.training import fsdp
-from vpotool.training.config import TrainConfig
+from vpotool.training.config import RolloutOptions, TrainConfig
 from vpotool.training.lora import (
     adapter_parameters,
     adapter_state,
@@ -43,11 +45,19 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     metrics: RowWriter
     start_step: int = 0
+    layout: Layout = field(default_factory=Layout)  # the context groups of the launch (--context-parallel)
 
     @property
     def denoiser(self):
         """The unwrapped denoiser (adapter switching works on it, not on a DDP wrapper)."""
         return self.accelerator.unwrap_model(self.backend.denoiser)
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """``(ways, index)``: how many micro-batches the launch takes side by side and which is this process's. Each
+        context group takes one (its processes share it), so without ``--context-parallel`` each process."""
+        acc, n = self.accelerator, self.layout.degree
+        return acc.num_processes // n, acc.process_index // n
 
 
 @lru_cache(maxsize=4)
@@ -71,12 +81,14 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
 
     Under FSDP (:func:`vpotool.training.fsdp.requested`) the denoiser is sharded over the processes: by accelerate's
     FSDP plugin on GPUs, by :func:`vpotool.training.fsdp.shard_if_requested` where accelerate falls back to DDP
-    (CPU)."""
+    (CPU). With ``cfg.context_parallel`` the processes of each context group share the denoiser's tokens
+    (:mod:`vpotool.models.context_parallel`); a rollout trainer's video size is checked against it here."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from vpotool.models import load_backend, resolve_device
 
+    layout = context_parallel.launch_layout(cfg.context_parallel, cfg.model)  # before anything is made
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=cfg.report_to, project_dir=cfg.out
@@ -88,6 +100,14 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     if cfg.offload_text_encoder:
         backend.offload_text_encoder(list(prompts))
     params = adapt(backend, cfg, extra_adapters)
+    if layout.degree > 1:  # after the adapters (the plan hooks the modules there), before any wrapper
+        context_parallel.enable(backend, layout)
+        if isinstance(cfg, RolloutOptions):  # the size of the videos it samples; train-dpo's is its pairs'
+            from vpotool.sampling import resolved_settings
+
+            settings = resolved_settings(cfg, backend)
+            shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
+            context_parallel.check_tokens(backend, shape, layout.degree)
     own_fsdp = fsdp.shard_if_requested(accelerator, backend.denoiser, cfg.model)
     if own_fsdp:
         params = adapter_parameters(backend.denoiser)  # sharding replaced them
@@ -108,7 +128,7 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     if cfg.report_to:
         accelerator.init_trackers("vpotool", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     metrics = RowWriter(Path(cfg.out) / "metrics.parquet", "metrics", cfg.to_dict())
-    trainer = Trainer(accelerator, backend, params, optimizer, scheduler, metrics)
+    trainer = Trainer(accelerator, backend, params, optimizer, scheduler, metrics, layout=layout)
     for folder in [*Path(cfg.out).glob("checkpoints/step-*"), *Path(cfg.out).glob("checkpoints/step-*/state")]:
         remove_stale_temps(folder)  # a killed run's half-written checkpoint files
     latest = latest_checkpoint(cfg.out)
@@ -168,7 +188,7 @@ def check_lora_memory(backend, rank: int, targets: list[str], frozen: int = 0) -
 # checkpoint's.
 RUN_OPTIONS = frozenset(
     {"out", "max_steps", "resume", "save_every", "device", "report_to", "gradient_checkpointing",
-     "offload_text_encoder", "reward_device", "vae_checkpointing"}
+     "offload_text_encoder", "reward_device", "vae_checkpointing", "context_parallel"}
 )  # fmt: skip
 SCHEDULE_OPTIONS = frozenset({"lr", "warmup_steps", "weight_decay", "max_grad_norm"})
 RESUME_HARMLESS = RUN_OPTIONS | SCHEDULE_OPTIONS
@@ -362,7 +382,14 @@ def optimizer_step(trainer: Trainer, cfg: TrainConfig) -> float | None:
 
 
 def apply_gradients(trainer: Trainer, cfg: TrainConfig) -> torch.Tensor | None:
-    """:func:`optimizer_step` without reading the norm back: clip, step, schedule, clear. Returns the norm tensor."""
+    """:func:`optimizer_step` without reading the norm back: clip, step, schedule, clear. Returns the norm tensor.
+    Under ``--context-parallel`` the averaged gradients are first scaled to the groups' mean
+    (:func:`~vpotool.models.context_parallel.gradient_scale`)."""
+    scale = context_parallel.gradient_scale(trainer.layout)
+    if scale != 1:
+        for p in trainer.params:
+            if p.grad is not None:  # an expert no micro-batch reached has none
+                p.grad.mul_(scale)
     norm = trainer.accelerator.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
     trainer.optimizer.step()
     trainer.scheduler.step()

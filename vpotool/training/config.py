@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vpotool.config import (
+    CONTEXT_PARALLEL_HELP,
     FRAMES_HELP,
     HEIGHT_HELP,
     MODEL_HELP,
@@ -52,11 +53,12 @@ class TrainConfig(StageConfig):
     seed: int = opt(0, "Seed for data order, noise and timesteps.")
     device: str = opt("auto", "cpu, cuda or auto (under accelerate launch, accelerate decides).")
     dtype: str = opt("float32", "Frozen weights: float32, bfloat16 or float16 (adapters always train in float32).")
+    context_parallel: int = opt(1, CONTEXT_PARALLEL_HELP)
     report_to: str | None = opt(None, "Also log to tensorboard or wandb (accelerate trackers).")
 
     def __post_init__(self):
         self._check(bool(self.out), "out", "is required")
-        for name in ("max_steps", "batch_size", "grad_accum", "lora_rank"):
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_rank", "context_parallel"):
             self._check(getattr(self, name) >= 1, name, "must be at least 1")
         self._check(self.lr > 0, "lr", "must be positive")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

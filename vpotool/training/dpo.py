@@ -19,6 +19,7 @@ from vpotool.latents import load_latents, save_latent
 from vpotool.losses import DpoOutput, dpo_loss, per_sample_mse
 from vpotool.manifest import read_manifest, resolve
 from vpotool.models.base import cond_cat, latent_channels
+from vpotool.models.context_parallel import check_tokens
 from vpotool.progress import progress_bar
 from vpotool.rollout import check_chunking, chunking_of, noised_input
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
@@ -79,6 +80,12 @@ def latent_files(pairs_path: Path, rows: list[dict], backend, cache_dir: Path) -
         raise VpoError(f"{pairs_path}: latents have {channels} channels, --model {backend.info.name} "
                        f"expects {expected}; were these pairs sampled with another model?")  # fmt: skip
     return files
+
+
+def latent_shape_of(path: Path) -> tuple[int, ...]:
+    """The ``(C, F, h, w)`` of a latent file, from its header."""
+    with safe_open(str(path), "pt") as f:
+        return tuple(f.get_slice("latents").get_shape())
 
 
 def load_pair_latents(
@@ -142,7 +149,7 @@ def dpo_step(trainer, cfg: DpoConfig, rows: list[dict], files: list, step: int, 
     """One optimizer step (``cfg.grad_accum`` micro-batches of pairs ``rows`` with latents ``files``) from step
     ``step``; copies the policy into the reference when the curriculum says so. Returns ``(metrics, grad_norm)``."""
     b, acc, den = trainer.backend, trainer.accelerator, trainer.denoiser
-    world, rank = acc.num_processes, acc.process_index
+    world, rank = trainer.data_parallel
     t0, outs = time.perf_counter(), []
     for micro in range(cfg.grad_accum):
         slot = (step * cfg.grad_accum + micro) * world + rank
@@ -178,6 +185,7 @@ def train_dpo(cfg: DpoConfig, backend=None, on_step=None) -> Path:
     trainer = setup(cfg, backend, extra, prompts=dict.fromkeys(r["prompt"] for r in rows))
     b, acc = trainer.backend, trainer.accelerator
     files = latent_files(pairs_path, rows, b, Path(cfg.out) / "encoded-latents")  # read per batch, not all at once
+    check_tokens(b, latent_shape_of(files[0][0]), trainer.layout.degree)
     ref_mode = init_reference(trainer, cfg)
     cfg.beta = dpo_beta(cfg, b)  # the resolved config records the value used
     save_config(cfg, Path(cfg.out) / "train-dpo.yaml")

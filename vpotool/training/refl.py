@@ -90,8 +90,7 @@ def refl_backward(trainer, cfg: ReflConfig, reward, batch: list[str], seeds: lis
 def refl_step(trainer, cfg: ReflConfig, reward, prompts: list[str], settings: dict, step: int):
     """One optimizer step from step ``step``: ``cfg.grad_accum`` micro-batches of reward-gradient rollouts over
     ``prompts``. Returns ``(metrics, grad_norm)``."""
-    acc = trainer.accelerator
-    world, rank = acc.num_processes, acc.process_index
+    world, rank = trainer.data_parallel
     t0, rewards, losses = time.perf_counter(), [], []
     for micro in range(cfg.grad_accum):
         slot = (step * cfg.grad_accum + micro) * world + rank
