@@ -156,7 +156,7 @@ def trained_steps(steps: int, cfg: ScstConfig, slot: int, per_chunk: int | None 
 
 def slots(trainer, cfg: ScstConfig, rnd: int) -> list[int]:
     """This process's micro-batch positions in the data stream for round ``rnd`` (one per ``cfg.grad_accum``)."""
-    world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+    world, rank = trainer.data_parallel  # each context group takes one micro-batch
     return [(rnd * cfg.grad_accum + micro) * world + rank for micro in range(cfg.grad_accum)]
 
 
