@@ -100,6 +100,29 @@ def test_loop_rejects_bad_options(cli, tmp_path):
     assert code == 2 and "--candidates must be at least 2" in err
 
 
+def test_loop_nft_with_the_sampler_as_old_policy_keeps_each_iterations_sampling_adapter(cli, tmp_path):
+    """--nft-old sampler: the old policy of an iteration's NFT steps is the adapter that sampled it, the previous
+    iteration's final one (checkpointed beside the policy, so a resume finds it)."""
+    from vpotool.training.common import STATE_FILE
+
+    run = tmp_path / "run"
+    args = ["--algo", "scst", "--nft-old", "sampler", "--iterations", 2, "--eval-prompts", "none", *LOOP]
+    code, _, err = cli("loop", "--out", run, *args)
+    assert code == 0, err
+    first, second = (run / "checkpoints" / f"step-{n}" for n in (2, 4))
+    policy = {k.removeprefix("base_model.model."): v for k, v in load_file(str(first / ADAPTER_FILE)).items()}
+    old = {k.removeprefix("adapter.old."): v for k, v in load_file(str(second / STATE_FILE)).items()
+           if k.startswith("adapter.old.")}  # fmt: skip
+    assert old and any(v.abs().sum() > 0 for k, v in old.items() if "lora_B" in k)
+    lora_b = [k for k in old if "lora_B" in k]
+    matched = [k for k in policy if "lora_B" in k]
+    assert len(lora_b) == len(matched)
+    for k_old, k_policy in zip(sorted(lora_b), sorted(matched), strict=True):
+        torch.testing.assert_close(old[k_old], policy[k_policy], rtol=0, atol=0)
+    moved = load_file(str(second / ADAPTER_FILE))
+    assert any(not torch.equal(moved[k], policy[k]) for k in matched)  # the policy moved on from its old one
+
+
 def test_loop_defaults_align_on_one_split_and_compare_on_another():
     from vpotool.stages.loop import default_eval_prompts
     from vpotool.training.config import LoopConfig

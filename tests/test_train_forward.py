@@ -104,6 +104,39 @@ def test_offline_forward_estimators_fit_the_above_baseline_videos(stored, tmp_pa
     assert f"estimator: {estimator}" in resolved and "noise_level: 0.0" in resolved
 
 
+def test_nft_with_the_sampler_as_old_policy_stays_near_it(stored, tmp_path):
+    """Offline, the base model made the samples: --nft-old sampler takes its output as v_old. At the first step the
+    fresh adapter is the base model, so both old policies give the same step; after many steps at a large learning
+    rate the sampler's trust region keeps the policy nearer the base model than the detached current policy does."""
+    from vpotool.models import load_backend
+
+    def run(old, steps, out):
+        backend, seen = load_backend("tiny"), {}
+        cfg = offline_config(stored, tmp_path / out, estimator="nft", nft_old=old, max_steps=steps, lr=2e-2)
+        train_scst(cfg, backend=backend, on_step=adapter_snapshot(seen))
+        backend.denoiser.eval()
+        return seen, drift(backend, load_rollouts(cfg.samples, cfg.scores, cfg, backend))
+
+    def drift(backend, data):  # mean squared distance of the policy's output from the base model's
+        from vpotool.latents import load_latents
+        from vpotool.rollout import noised_input
+        from vpotool.training.lora import reference_mode
+
+        x0, cond = load_latents(data.files), backend.condition(data.prompts)
+        with torch.no_grad():
+            inp = noised_input(backend, [x0], list(range(len(x0))))
+            out = backend.predict(inp.x_in, inp.t, cond)
+            with reference_mode(backend.denoiser, "base"):
+                base = backend.predict(inp.x_in, inp.t, cond)
+        return (out - base).pow(2).mean().item()
+
+    current, sampler = run("current", 1, "c1")[0], run("sampler", 1, "s1")[0]
+    for k in current["first"]:
+        torch.testing.assert_close(sampler["first"][k], current["first"][k], rtol=0, atol=0)
+    (_, far), (_, near) = run("current", 12, "c12"), run("sampler", 12, "s12")
+    assert near < 0.7 * far, (near, far)
+
+
 def test_a_resumed_forward_run_equals_an_uninterrupted_one(stored, tmp_path):
     from vpotool.training.lora import adapter_state
 

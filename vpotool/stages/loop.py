@@ -7,6 +7,7 @@ main process merges) and training runs under DDP; the main process writes the re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from vpotool.config import PairConfig, SampleConfig, ScoreConfig, save_config, sub_config
 from vpotool.errors import VpoError, one_line
 from vpotool.manifest import check_same_settings, merge_manifests, read_manifest, write_manifest
+from vpotool.models import context_parallel
 from vpotool.progress import console, sparkline
 from vpotool.prompts import load_prompts
 from vpotool.rewards import check_reward_frames
@@ -29,9 +31,10 @@ from vpotool.training.batches import load_rollouts
 from vpotool.training.common import RUN_OPTIONS, batch_indices, finish_step, latest_checkpoint, setup
 from vpotool.training.config import DpoConfig, LoopConfig, ReflConfig, ScstConfig
 from vpotool.training.dpo import dpo_step, init_reference, latent_files, reference_adapters
+from vpotool.training.lora import copy_adapter
 from vpotool.training.refl import enable_vae_checkpointing, refl_step
 from vpotool.training.reward import load_rollout_reward
-from vpotool.training.scst import offline_step
+from vpotool.training.scst import offline_step, old_adapters
 
 
 @contextmanager
@@ -49,15 +52,16 @@ def sampling(trainer):
 
 
 def shard_manifests(trainer, d: Path, samples: Path, scores: Path) -> tuple[Path, Path]:
-    """Under several processes each wrote its share of the iteration's samples and scores; the main process merges
-    them into ``samples.parquet`` and ``scores.parquet``, the manifests one process writes, and every process
-    continues from those. Alone: the manifests as written."""
-    acc = trainer.accelerator
+    """Under several processes each (the first of each context group) wrote its share of the iteration's samples
+    and scores; the main process merges them into ``samples.parquet`` and ``scores.parquet``, the manifests one
+    process writes, and every process continues from those. Alone, or one context group: the manifests as written."""
+    acc, (n, _) = trainer.accelerator, trainer.data_parallel
     if acc.num_processes == 1:
         return samples, scores
     acc.wait_for_everyone()  # every shard written
+    if n == 1:  # one context group (--context-parallel): its first process wrote the manifests whole
+        return samples, scores
     if acc.is_main_process:
-        n = acc.num_processes
         for kind in ("samples", "scores"):
             merge_manifests(sorted(d.glob(f"{kind}-*-of-{n:05d}.parquet")), d / f"{kind}.parquet")
     acc.wait_for_everyone()
@@ -124,10 +128,10 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if logp else 0.0)
     mcfg = method_config(cfg, pairs=str(out / "iter-0000" / "pairs.parquet"))
     resuming = latest_checkpoint(out) is not None
-    extra = reference_adapters(mcfg) if cfg.algo == "dpo" else ()
+    extra = reference_adapters(mcfg) if cfg.algo == "dpo" else old_adapters(mcfg, cfg.algo == "scst")
     trainer = setup(sub_config(type(mcfg), mcfg, resume=resuming), None, extra)
     b, acc = trainer.backend, trainer.accelerator
-    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    main, (world, rank) = acc.is_main_process, trainer.data_parallel
     say = console().print if main else (lambda *_: None)
     if cfg.algo == "refl" and cfg.vae_checkpointing:
         enable_vae_checkpointing(b)
@@ -152,19 +156,22 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
         if main:
             write_manifest(d / "prompts.parquet", rows, "prompts", {"iteration": it})
         acc.wait_for_everyone()
-        shard = f"{rank}/{world}"  # each process samples and scores its share of the prompts
+        shard = f"{rank}/{world}"  # each process (context group) samples and scores its share of the prompts
         scfg = sub_config(
             SampleConfig, cfg, prompts=str(d / "prompts.parquet"), out=str(d), seed=cfg.seed * 100_003 + it,
             batch_size=cfg.sample_batch_size, save_trajectory=logp, shard=shard,
             **{**settings, "noise_level": noise_level},
         )  # fmt: skip
+        if extra == ("old",):  # the policy that samples this iteration: the old policy of its NFT steps
+            copy_adapter(trainer.denoiser, "default", "old")
         with sampling(trainer):
-            samples = run_sample(scfg, backend=b)
-        scores = run_score(
-            ScoreConfig(samples=str(samples), out=str(d / samples.name.replace("samples", "scores")),
-                        reward=cfg.reward, device=str(b.device)),
-            rewards={cfg.reward: reward},
-        )  # fmt: skip
+            samples = run_sample(scfg, backend=b, layout=trainer.layout)
+        scores = d / samples.name.replace("samples", "scores")
+        if trainer.layout.writes:  # the other processes of its context group made the same videos
+            run_score(
+                ScoreConfig(samples=str(samples), out=str(scores), reward=cfg.reward, device=str(b.device)),
+                rewards={cfg.reward: reward},
+            )
         samples, scores = shard_manifests(trainer, d, samples, scores)
         sample_reward = mean_score(scores, cfg.reward_dimension)
         t_sample = time.perf_counter() - t0
@@ -182,6 +189,8 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
             files = latent_files(pairs, pair_rows, b, d / "encoded-latents")
         elif cfg.algo == "scst":
             rollouts = load_rollouts(samples, scores, mcfg, b)
+            if extra:  # sampled by the policy as it stood at the iteration's start, kept in adapter "old"
+                rollouts = dataclasses.replace(rollouts, sampler="old")
         last = {}
         for _ in range(cfg.steps_per_iter):
             if step >= cfg.max_steps:
@@ -211,7 +220,8 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     if eval_prompts is None:
         eval_prompts = default_eval_prompts(cfg.prompts)
     if main and final is not None and eval_prompts != "none":
-        with sampling(trainer):
+        # the main process alone compares: under --context-parallel its denoiser runs unshared meanwhile
+        with sampling(trainer), context_parallel.suspended(trainer.denoiser):
             compare(cfg, b, eval_prompts, final, reward)
     acc.wait_for_everyone()
     acc.end_training()  # ends the trackers and the process group: last

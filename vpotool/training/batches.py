@@ -71,6 +71,9 @@ class StoredRollouts:
     shape: tuple[int, ...]
     notes: list[str]
     groups: list[list[int]] = dataclasses.field(default_factory=list)  # each prompt's candidates (indices)
+    # the frozen policy that made them (see Videos.sampler): the base model for `sample`'s, which starts no adapter;
+    # `vpotool loop` sets "old", its copy of the policy that sampled the iteration
+    sampler: str = "base"
 
 
 def trajectory_shape(files: list[Path], steps: int | None) -> tuple[int, ...]:
@@ -239,4 +242,4 @@ def load_videos(backend, stored: StoredRollouts, groups: list[list[int]], cfg: S
     group = sizes.pop() if len(sizes) == 1 else 1
     adv = normalize_advantage(stored.advantage[idx], cfg.adv_clip or None, scale=cfg.normalize).to(backend.device)
     cond = backend.condition([stored.prompts[i] for i in idx])
-    return Videos(latents, group, cond, adv, stored.reward[idx], stored.baseline[idx], seed)
+    return Videos(latents, group, cond, adv, stored.reward[idx], stored.baseline[idx], seed, sampler=stored.sampler)

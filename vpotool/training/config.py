@@ -159,6 +159,7 @@ ESTIMATORS = {
     "logp": "REINFORCE / PPO on each denoising step's log-probability (Flow-GRPO, DanceGRPO)",
 }
 BASELINES = ("greedy", "group-mean", "leave-one-out")
+NFT_OLD = ("current", "sampler")
 
 
 @dataclass
@@ -179,6 +180,9 @@ class ScstLossOptions:
     timesteps: int = opt(2, "nft, awm: timesteps drawn per video and optimizer step.")
     share_noise: bool = opt(True, "nft, awm: a prompt's candidates share timestep and noise.")
     nft_beta: float = opt(1.0, "nft: how far the implicit policies lie from the old one (its beta; 1.0 or 0.1).")
+    nft_old: str = opt("current", "nft: the old policy v_old of the implicit ones: sampler (the policy that made "
+                       "the rollouts, frozen while they are trained on, as DiffusionNFT) or current (the policy "
+                       "itself, detached: no trust region).")  # fmt: skip
     self_normalize: bool = opt(False, "awm: divide each video's error by its mean absolute error (NFT's weight).")
 
     def check_scst(self) -> None:
@@ -188,6 +192,7 @@ class ScstLossOptions:
         self._check(self.step_window in windows, "step_window", f"must be one of {', '.join(windows)}")
         self._check(self.timesteps >= 1, "timesteps", "must be at least 1")
         self._check(self.nft_beta > 0, "nft_beta", "must be > 0")
+        self._check(self.nft_old in NFT_OLD, "nft_old", f"must be one of {', '.join(NFT_OLD)}")
         self._check(self.adv_clip >= 0, "adv_clip", "must be >= 0 (0 disables)")
 
 

@@ -23,7 +23,9 @@ class Videos:
     prompt's ``group`` K candidates adjacent (K = 1 for a greedy baseline), ``cond`` one entry per video,
     ``advantage [G * K]`` (or ``[G * K, chunks]`` per chunk of an autoregressive rollout), ``reward``
     and ``baseline`` for logging, ``contexts`` like ``latents`` when the rollout's context was not its own frames
-    (teacher forcing), and ``seed``, from which timesteps and noise are drawn."""
+    (teacher forcing), ``seed``, from which timesteps and noise are drawn, and ``sampler``, the frozen policy that
+    made them as :func:`~vpotool.training.lora.reference_mode` names it (``"old"``: a copy of the policy taken when
+    they were sampled; ``"base"``: the base model) or None when the policy itself did and has not moved since."""
 
     latents: torch.Tensor
     group: int
@@ -33,6 +35,7 @@ class Videos:
     baseline: torch.Tensor
     seed: int
     contexts: torch.Tensor | None = None
+    sampler: str | None = None
 
 
 def layout(x: torch.Tensor, group: int, share: bool) -> list[torch.Tensor]:
@@ -47,8 +50,11 @@ def forward_loss(trainer, videos: Videos, cfg, tau: int):
     """The estimator's loss (with the graph) for timestep draw ``tau`` of ``videos``, and the advantages it used
     ``[G * K]`` in the order of the model's rows. ``cfg.estimator`` awm: :func:`~vpotool.losses.awm_loss`
     (``cfg.self_normalize``); nft: :func:`~vpotool.losses.nft_loss` with beta ``cfg.nft_beta`` and the old policy
-    equal to the current one (its value, detached). ``cfg.kl_beta`` adds ``kl_beta * mean((out - out_ref)^2)``, the
-    output's squared distance to the base model's (adapter disabled), DiffusionNFT's KL term."""
+    of ``cfg.nft_old``: sampler, the frozen policy that made the videos (``videos.sampler``), which holds the
+    policy near it (DiffusionNFT's trust region); current, the policy's own output detached (the gradient is then
+    advantage-weighted matching with the adaptive weight, and nothing holds the policy back). ``cfg.kl_beta`` adds
+    ``kl_beta * mean((out - out_ref)^2)``, the output's squared distance to the base model's (adapter disabled),
+    DiffusionNFT's KL term."""
     b, den = trainer.backend, trainer.denoiser
     share = cfg.share_noise
     g = videos.latents.shape[0] // (videos.group if share else 1)
@@ -63,6 +69,9 @@ def forward_loss(trainer, videos: Videos, cfg, tau: int):
         loss = awm_loss(raw, inp.target, adv, self_normalize=cfg.self_normalize)
     else:
         beta, old = cfg.nft_beta, raw.detach()
+        if cfg.nft_old == "sampler" and videos.sampler is not None:
+            with torch.no_grad(), reference_mode(den, videos.sampler):
+                old = b.predict(inp.x_in, inp.t, cond)[:, :, inp.n_ctx :].float()
         x0 = lambda out: split_prediction(out, inp.x_t, inp.alphas, inp.sigmas, b.prediction)[0]  # noqa: E731
         pos, neg = x0(beta * raw + (1 - beta) * old), x0((1 + beta) * old - beta * raw)
         loss = nft_loss(pos, neg, x0(inp.target), adv, beta, cfg.adv_clip or 5.0)

@@ -79,7 +79,8 @@ def load_adapter_state(denoiser, state: dict[str, torch.Tensor], name: str = "de
 
 @contextmanager
 def reference_mode(denoiser, mode: str):
-    """Run the denoiser as the reference: ``"base"`` disables the adapter, ``"ref"`` activates the frozen one."""
+    """Run the denoiser as a frozen policy: ``"base"`` disables the adapter; any other mode activates the frozen
+    adapter of that name (``"ref"``: DPO's reference, ``"old"``: DiffusionNFT's sampling policy)."""
     if mode == "base":
         denoiser.disable_adapters()
         try:
@@ -87,7 +88,7 @@ def reference_mode(denoiser, mode: str):
         finally:
             denoiser.enable_adapters()
     else:
-        denoiser.set_adapter("ref")
+        denoiser.set_adapter(mode)
         try:
             yield
         finally:

@@ -33,7 +33,7 @@ from vpotool.training.batches import Rollouts, StoredRollouts, group_baseline, l
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
 from vpotool.training.forward import Videos, forward_step
-from vpotool.training.lora import reference_mode
+from vpotool.training.lora import copy_adapter, reference_mode
 from vpotool.training.reward import load_rollout_reward, reward_values
 
 
@@ -160,14 +160,27 @@ def slots(trainer, cfg: ScstConfig, rnd: int) -> list[int]:
     return [(rnd * cfg.grad_accum + micro) * world + rank for micro in range(cfg.grad_accum)]
 
 
-def as_videos(ro: Rollouts, seed: int) -> Videos:
-    """Fresh rollouts as a forward-process micro-batch: their final latents, beside the teacher when they were."""
+def as_videos(ro: Rollouts, seed: int, sampler: str | None = None) -> Videos:
+    """Fresh rollouts as a forward-process micro-batch: their final latents, beside the teacher when they were;
+    ``sampler`` names the frozen copy of the policy that made them (see :class:`Videos`)."""
     teacher = ro.latents if ro.latents is not ro.final else None
-    return Videos(ro.final, ro.group, ro.cond, ro.advantage, ro.reward, ro.baseline, seed, teacher)
+    return Videos(ro.final, ro.group, ro.cond, ro.advantage, ro.reward, ro.baseline, seed, teacher, sampler)
+
+
+def old_adapters(cfg, reused: bool) -> tuple[str, ...]:
+    """The frozen adapters ``--nft-old sampler`` needs besides the policy: ``("old",)``, the copy of the policy taken
+    when rollouts are sampled, where they are trained on after the policy has moved (``reused``: several
+    optimizer steps per sampling); none otherwise (one step on fresh rollouts: the old policy is the current one;
+    ``score``d samples: the base model made them)."""
+    return ("old",) if cfg.estimator == "nft" and cfg.nft_old == "sampler" and reused else ()
 
 
 def fresh_batches(trainer, cfg: ScstConfig, reward, prompts: list[str], settings: dict, rnd: int) -> list[tuple]:
-    """Round ``rnd``'s micro-batches sampled now: ``[(Rollouts, trained steps)]`` (logp) or ``[(Videos, None)]``."""
+    """Round ``rnd``'s micro-batches sampled now: ``[(Rollouts, trained steps)]`` (logp) or ``[(Videos, None)]``
+    (after the policy is copied into adapter ``old`` when :func:`old_adapters` says so)."""
+    sampler = "old" if old_adapters(cfg, cfg.ppo_epochs > 1) else None
+    if sampler:
+        copy_adapter(trainer.denoiser, "default", sampler)
     batches = []
     for slot in slots(trainer, cfg, rnd):
         idx = batch_indices(len(prompts), cfg.batch_size, slot, cfg.seed)
@@ -176,7 +189,7 @@ def fresh_batches(trainer, cfg: ScstConfig, reward, prompts: list[str], settings
         if cfg.estimator == "logp":
             batches.append((ro, trained_steps(ro.logps.shape[1], cfg, slot, settings["steps"])))  # chunks x steps
         else:
-            batches.append((as_videos(ro, cfg.seed * 7_919 + slot), None))
+            batches.append((as_videos(ro, cfg.seed * 7_919 + slot, sampler), None))
     return batches
 
 
@@ -255,7 +268,8 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
         cfg = dataclasses.replace(cfg, reward=stored.reward_name, **stored.settings)
     else:
         prompts = [p for _, p in load_prompts(cfg.prompts)]
-    trainer = setup(cfg, backend, prompts=stored.prompts if stored is not None else prompts)
+    extra = old_adapters(cfg, stored is None and cfg.ppo_epochs > 1)
+    trainer = setup(cfg, backend, extra, prompts=stored.prompts if stored is not None else prompts)
     b, acc = trainer.backend, trainer.accelerator
     settings = resolved_settings(cfg, b)
     check_rollout_training(b, cfg, settings)
@@ -287,7 +301,7 @@ def train_scst(cfg: ScstConfig, backend=None, on_step=None) -> Path:
                 values, grad_norm = scst_update(trainer, cfg, batches, sched, settings, clipped)
                 step += 1
                 values["step_time"] = time.perf_counter() - t0
-                finish_step(trainer, cfg, step, values, grad_norm, on_step)
+                finish_step(trainer, cfg, step, values, grad_norm, on_step, extra)
                 advance(1)
                 if step >= cfg.max_steps:
                     break
