@@ -121,8 +121,8 @@ def check_heads(backend, n: int) -> None:
 
 
 def check_tokens(backend, shape: tuple[int, ...], n: int) -> None:
-    """Refuse a video whose tokens (of a latent ``shape`` ``(C, F, h, w)``) do not split evenly over ``n`` processes;
-    for LTX, whose plan splits the prompt's tokens too, a prompt length that does not."""
+    """Refuse a video whose tokens (of a latent ``shape`` ``(C, F, h, w)``) do not split evenly over ``n``
+    processes."""
     if n == 1:
         return
     name = backend.info.name
@@ -132,11 +132,6 @@ def check_tokens(backend, shape: tuple[int, ...], n: int) -> None:
             f"--context-parallel {n}: a latent of {shape[1]} x {shape[2]} x {shape[3]} is {tokens} tokens for "
             f"--model {name}, which do not split evenly over {n} processes; change --frames, --height or --width "
             f"so that the token count is a multiple of {n}"
-        )
-    if name == "ltx" and backend.max_text_len % n:
-        raise VpoError(
-            f"--context-parallel {n}: LTX splits the prompt's {backend.max_text_len} tokens too, which do not split "
-            f"evenly over {n} processes; pass a power of two"
         )
 
 
@@ -168,6 +163,53 @@ def _quiet_diffusers():
         logger.setLevel(level)
 
 
+class LocalCrossAttention:
+    """The cross-attention of an LTX block (diffusers' ``LTXVideoAttnProcessor`` there) computed by each process on
+    its own video tokens against the whole prompt, as Wan's plan does it: LTX's own plan splits the prompt's tokens
+    too and runs the cross-attention as Ulysses attention, whose backward pass in diffusers 0.42 assumes as many
+    keys as queries (training fails), and whose forward pass receives the prompt mask repeated to every head beside
+    queries holding 1/N of them (sampling fails). Without context parallelism the two compute the same."""
+
+    _attention_backend = None
+    _parallel_config = None  # set by enable_parallelism, and not used: the attention is the process's own
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if encoder_hidden_states is None or image_rotary_emb is not None:
+            raise ValueError("LocalCrossAttention is for an LTX block's cross-attention (attn2) only")
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attention_mask is not None:  # the transformer's additive [B, 1, S_text], as [B, 1, 1, S_text]
+            attention_mask = attention_mask.reshape(hidden_states.shape[0], 1, 1, attention_mask.shape[-1])
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+
+
+def plan_of(model) -> dict:
+    """The context-parallel plan vpotool applies to ``model``: its own, but LTX's with the prompt left whole (see
+    :class:`LocalCrossAttention`)."""
+    from diffusers import LTXVideoTransformer3DModel
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    plan = dict(model._cp_plan)
+    if isinstance(model, LTXVideoTransformer3DModel):
+        plan[""] = {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)}
+    return plan
+
+
+def _apply(model, config) -> None:
+    """diffusers' ``enable_parallelism`` with ``config`` and :func:`plan_of`'s plan (LTX's cross-attention local)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    if isinstance(model, LTXVideoTransformer3DModel):
+        for block in model.transformer_blocks:
+            block.attn2.set_processor(LocalCrossAttention())
+    with _accelerator_count(), _quiet_diffusers():
+        model.enable_parallelism(config=config, cp_plan=plan_of(model))
+
+
 def enable(backend, layout: Layout) -> None:
     """Share the backend's denoiser over the processes of each context group of ``layout``: a device mesh of
     ``(groups, 1, degree)`` (data, ring, ulysses) over the launch, and diffusers' plan on each transformer. Call after
@@ -183,9 +225,8 @@ def enable(backend, layout: Layout) -> None:
     # and at the first forward that Wan's plan leaves a timestep of one value per video unsplit, as it must
     logging.getLogger("diffusers.hooks.context_parallel").setLevel(logging.ERROR)
     mesh = init_device_mesh(backend.device.type, (layout.groups, 1, n), mesh_dim_names=("data", "ring", "ulysses"))
-    with _accelerator_count(), _quiet_diffusers():
-        for model in transformers_of(backend.model):
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=n, mesh=mesh))
+    for model in transformers_of(backend.model):
+        _apply(model, ContextParallelConfig(ulysses_degree=n, mesh=mesh))
 
 
 @contextlib.contextmanager
@@ -197,15 +238,14 @@ def suspended(denoiser):
     models = [m for m in transformers_of(denoiser) if getattr(m, "_parallel_config", None) is not None]
     configs = [m._parallel_config for m in models]
     for m in models:
-        remove_context_parallel(m, m._cp_plan)
+        remove_context_parallel(m, plan_of(m))
         _set_processors(m, None)
         m._parallel_config = None
     try:
         yield
     finally:
-        with _accelerator_count(), _quiet_diffusers():
-            for m, config in zip(models, configs, strict=True):
-                m.enable_parallelism(config=config.context_parallel_config)
+        for m, config in zip(models, configs, strict=True):
+            _apply(m, config.context_parallel_config)
 
 
 def _set_processors(model, config) -> None:
