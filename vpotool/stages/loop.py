@@ -128,7 +128,9 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
     noise_level = cfg.noise_level if cfg.noise_level is not None else (0.7 if logp else 0.0)
     mcfg = method_config(cfg, pairs=str(out / "iter-0000" / "pairs.parquet"))
     resuming = latest_checkpoint(out) is not None
-    extra = reference_adapters(mcfg) if cfg.algo == "dpo" else old_adapters(mcfg, cfg.algo == "scst")
+    extra = ()  # the frozen adapters besides the policy: DPO's reference, NFT's sampling policy
+    if cfg.algo in ("dpo", "scst"):
+        extra = reference_adapters(mcfg) if cfg.algo == "dpo" else old_adapters(mcfg, reused=True)
     trainer = setup(sub_config(type(mcfg), mcfg, resume=resuming), None, extra)
     b, acc = trainer.backend, trainer.accelerator
     main, (world, rank) = acc.is_main_process, trainer.data_parallel
