@@ -164,7 +164,7 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
             batch_size=cfg.sample_batch_size, save_trajectory=logp, shard=shard,
             **{**settings, "noise_level": noise_level},
         )  # fmt: skip
-        if extra == ("old",):  # the policy that samples this iteration: the old policy of its NFT steps
+        if "old" in extra:  # the policy that samples this iteration: the old policy of its NFT steps
             copy_adapter(trainer.denoiser, "default", "old")
         with sampling(trainer):
             samples = run_sample(scfg, backend=b, layout=trainer.layout)
@@ -191,7 +191,7 @@ def loop_into(cfg: LoopConfig, out: Path) -> Path:
             files = latent_files(pairs, pair_rows, b, d / "encoded-latents")
         elif cfg.algo == "scst":
             rollouts = load_rollouts(samples, scores, mcfg, b)
-            if extra:  # sampled by the policy as it stood at the iteration's start, kept in adapter "old"
+            if "old" in extra:  # sampled by the policy as it stood at the iteration's start
                 rollouts = dataclasses.replace(rollouts, sampler="old")
         last = {}
         for _ in range(cfg.steps_per_iter):
