@@ -44,7 +44,8 @@ def test_same_seed_same_latents_and_other_seed_differs(cli, prompts_file, tmp_pa
         args = ("sample", "--prompts", prompts_file, "--candidates", 2, "--out", tmp_path / name, "--seed", seed)
         assert cli(*args, *FAST, "--batch-size", 2 if name == "b" else 8)[0] == 0
     lat = {n: load_file(tmp_path / n / "latents" / "p00001-c01.safetensors")["latents"] for n in "abc"}
-    assert torch.equal(lat["a"], lat["b"])  # batching differs, latents do not
+    # batching differs, latents do not (to float rounding: a CPU matrix product may pick another kernel per size)
+    torch.testing.assert_close(lat["a"], lat["b"], rtol=0, atol=1e-4)
     assert not torch.allclose(lat["a"], lat["c"])
     a = load_file(tmp_path / "a" / "latents" / "p00000-c00.safetensors")["latents"]
     assert not torch.allclose(a, lat["a"])  # candidates differ
