@@ -24,7 +24,7 @@ VAL=${VAL:-world:val}
 HELDOUT=${HELDOUT:-world:heldout}
 RESULTS=${RESULTS:-docs/results.md}
 ALL="online-dpo online-dpo-fixed-ref offline-dpo online-dpo-k2 online-dpo-k8 refl scst scst-greedy scst-nft scst-awm"
-METHODS=${METHODS:-"$ALL scst-nft-loo scst-nft-kl"}
+METHODS=${METHODS:-"$ALL scst-nft-loo scst-nft-kl scst-nft-old"}
 REF_INTERVALS=${REF_INTERVALS:-}
 EVAL=${EVAL:-yes}
 read -ra SAMPLER <<< "${SAMPLER:-}"
@@ -89,11 +89,12 @@ run refl --algo refl
 run scst --algo scst --estimator logp
 # Forward-process policy optimisation on the same K candidates (no log-probabilities, ODE rollouts): DiffusionNFT
 # (the loop's default estimator), advantage-weighted flow matching, NFT with the leave-one-out baseline, and NFT
-# with a KL to the base model.
+# with a KL to the base model, and NFT whose old policy is the adapter that sampled the iteration's videos.
 run scst-nft --algo scst --estimator nft
 run scst-awm --algo scst --estimator awm
 run scst-nft-loo --algo scst --estimator nft --baseline leave-one-out
 run scst-nft-kl --algo scst --estimator nft --kl-beta 1
+run scst-nft-old --algo scst --estimator nft --nft-old sampler
 # SCST with the greedy baseline (the deterministic sample from the same noise) is not a loop option: train-scst
 # runs it on the same prompts and reward with the loop's learning rate, LoRA rank and train fraction. Budget
 # match: each of its optimizer steps samples BATCH stochastic rollouts and BATCH greedy ones, so
