@@ -112,6 +112,21 @@ def test_dropped_positions_or_shuffled_frames_change_the_verdict(judge, monkeypa
     assert text != META["runs"][0]["output_text"] and verdict is None
 
 
+def test_decoding_follows_the_checkpoints_generation_config_unless_a_temperature_is_given(judge, monkeypatch):
+    """As upstream, ``generate`` gets no sampling settings, so the checkpoint's ``generation_config.json`` decides
+    (here greedy with a repetition penalty of 1.05); ``temperature=0`` forces greedy, above 0 samples at it."""
+    seen = []
+    monkeypatch.setattr(judge.model, "generate", lambda **kw: seen.append(kw) or kw["input_ids"])
+    fps = (META["fps_0"], META["fps_1"])
+    for temperature in (None, 0.0, 0.7):
+        monkeypatch.setitem(judge.setup, "temperature", temperature)
+        judge.generate(video(0), video(1), META["prompt"], fps)
+    assert [{k: v for k, v in kw.items() if k in ("do_sample", "temperature")} for kw in seen] == [
+        {}, {"do_sample": False}, {"do_sample": True, "temperature": 0.7}
+    ]  # fmt: skip
+    assert judge.model.generation_config.repetition_penalty == 1.05
+
+
 def test_verdict_is_read_as_upstream_reads_it():
     assert parse_verdict("<think>...</think>\n<answer>Video 2 is better</answer>") == 2
     assert parse_verdict("<answer>Video 1 is better</answer>") == 1

@@ -265,6 +265,8 @@ def test_score_refuses_other_samples_and_names_its_config_after_its_output(cli, 
     assert (run / "scores.yaml").read_bytes() == before["scores.yaml"]
     assert "reward: flicker" in (run / "f.yaml").read_text()
     assert (run / "pairs.yaml").is_file() and not (run / "score.yaml").exists()
+    # --dtype auto (the default) is float32 on a CPU: the same run, so naming float32 resumes it
+    assert cli(*args, "--samples", run / "samples.parquet", "--dtype", "float32")[0] == 0
 
 
 def test_a_shard_without_prompts_says_how_many_there_are(cli, prompts_file, tmp_path):

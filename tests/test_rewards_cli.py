@@ -152,3 +152,19 @@ def test_train_refl_on_a_model_reward_changes_the_adapter(cli, tmp_path):
     assert any(not (first[k] == last[k]).all() for k in first)
     metrics = read_manifest(out / "metrics.parquet", "metrics").to_pylist()
     assert len(metrics) == 2 and all(math.isfinite(r["reward"]) for r in metrics)
+
+
+def test_dtype_auto_is_float32_on_a_cpu_and_upstreams_on_a_gpu(cli, samples, tmp_path):
+    import torch
+
+    from vpotool.rewards import resolve_dtype
+
+    assert resolve_dtype("auto", "videoalign", "cpu") == torch.float32
+    assert resolve_dtype("auto", "videoalign", "cuda:1") == torch.bfloat16  # upstream's GPU dtype
+    assert resolve_dtype("auto", "unifiedreward-think", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", "videoscore2", "cuda") == torch.float32  # vs2_inference.py loads float32
+    assert resolve_dtype("float16", "videoalign", "cpu") == torch.float16  # a named dtype is taken as it is
+    out = tmp_path / "scores.parquet"
+    code, _, err = cli("score", "--samples", samples, "--reward", "temporal", "--out", out, "--dtype", "fp8")
+    assert code == 2 and "dtype" in err and "auto" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -80,6 +80,9 @@ CONTEXT_PARALLEL_HELP = (
 )
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # a reward's or judge's --dtype
+
+
 @dataclass
 class SampleConfig(StageConfig):
     prompts: str = opt("", "Prompts: a .txt file (one per line) or a prompts .parquet.")
@@ -142,13 +145,15 @@ class ScoreConfig(StageConfig):
     reward_options: str = opt("", REWARD_OPTIONS_HELP)
     batch_size: int = opt(8, "Videos per reward call.")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... or auto.")
-    dtype: str = opt("float32", "Reward model dtype: float32, bfloat16 or float16.")
+    dtype: str = opt("auto", "Reward model dtype: float32, bfloat16, float16 or auto (float32 on a CPU; on a GPU "
+                     "the dtype upstream runs each reward in: bfloat16 for videoalign, else float32).")  # fmt: skip
     shard: str = opt("0/1", "i/n: score only the i-th of n slices of the samples.")
 
     def __post_init__(self):
         self._check(bool(self.samples), "samples", "is required")
         self._check(bool(self.out), "out", "is required")
         self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        self._check(self.dtype in DTYPE_CHOICES, "dtype", "must be auto, float32, bfloat16 or float16")
         parse_shard(self.shard)
 
 
@@ -190,14 +195,15 @@ class LabelConfig(StageConfig):
     judge_options: str = opt("", "Judge options as option=value, comma-separated (e.g. max_new_tokens=512,"
                              "prompt_template=PATH).")  # fmt: skip
     device: str = opt("auto", "Device for --judge: cpu, cuda, cuda:1, ... or auto.")
-    dtype: str = opt("float32", "--judge dtype: float32, bfloat16 or float16.")
+    dtype: str = opt("auto", "--judge dtype: float32, bfloat16, float16 or auto (float32 on a CPU, bfloat16 on a "
+                     "GPU as upstream runs unifiedreward-think).")  # fmt: skip
 
     def __post_init__(self):
         self._check(bool(self.samples), "samples", "is required")
         self._check(bool(self.out), "out", "is required")
         self._check(bool(self.host), "host", "is required (127.0.0.1 serves only this machine)")
         self._check(0 <= self.port <= 65535, "port", "must be in 0..65535 (0: any free port)")
-        self._check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        self._check(self.dtype in DTYPE_CHOICES, "dtype", "must be auto, float32, bfloat16 or float16")
         self._check(bool(self.judge) or not self.judge_path, "judge_path", "needs --judge (the judge's name)")
         if self.judge and not self.labeler.strip():
             self.labeler = self.judge

@@ -46,10 +46,9 @@ def agreement(rows: list[dict]) -> str:
 def run_judge(cfg: LabelConfig, judge=None) -> Path:
     """Judge every pair of ``cfg``'s queue in both orders into ``cfg.out`` (see the module docstring); ``judge`` is a
     loaded judge to use instead of ``cfg.judge``."""
-    import torch
-
     from vpotool.models import resolve_device
     from vpotool.progress import console, progress_bar
+    from vpotool.rewards import resolve_dtype
     from vpotool.rewards.unifiedreward import load_judge
     from vpotool.stages.common import output_file, writer_lock
     from vpotool.video import frames_to_tensor, read_video
@@ -68,15 +67,16 @@ def run_judge(cfg: LabelConfig, judge=None) -> Path:
         raise VpoError(f"{len(missing)} video(s) of {samples_path} are missing, e.g. {missing[0]}; judge the run "
                        "folder `vpotool sample` wrote, with its videos/")  # fmt: skip
     options = parse_pairs(cfg.judge_options, "--judge-options", "max_new_tokens=512")
-    compare = {"judge": cfg.judge, "judge_path": str(cfg.judge_path), "judge_options": options, "dtype": cfg.dtype}
+    device = resolve_device(cfg.device)
+    dtype = str(resolve_dtype(cfg.dtype, cfg.judge, device)).removeprefix("torch.")  # --dtype auto resolved
+    compare = {"judge": cfg.judge, "judge_path": str(cfg.judge_path), "judge_options": options, "dtype": dtype}
     here = out.resolve().parent
     with writer_lock(out):
         writer = RowWriter(out, "labels", cfg.to_dict(), compare=compare)
         answers = {r["label_id"]: r for r in writer.rows}
         todo = [i for i in queue if any(label_id(i, cfg.labeler, o) not in answers for o in ORDERS)]
         if judge is None and todo:
-            judge = load_judge(cfg.judge, cfg.judge_path, resolve_device(cfg.device), getattr(torch, cfg.dtype),
-                               options)  # fmt: skip
+            judge = load_judge(cfg.judge, cfg.judge_path, device, dtype, options)
 
         def video(sid: str):  # decoded per call: keeping every decoded video would grow with the run
             row = rows_by_id[sid]

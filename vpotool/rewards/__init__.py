@@ -163,7 +163,10 @@ REWARD_OPTIONS: dict[str, dict[str, Option]] = {
     },
     "videoscore2": QWEN_JUDGE,
 }
-JUDGE_OPTIONS: dict[str, dict[str, Option]] = {"unifiedreward-think": QWEN_JUDGE}
+# The judge decodes as upstream does, with the checkpoint's generation config, unless told a temperature.
+JUDGE_TEMPERATURE = Opt(None, "default: the checkpoint's generation config, as upstream; 0: greedy (repeatable "
+                        "labels); above 0 samples at it", float, minimum=0)  # fmt: skip
+JUDGE_OPTIONS: dict[str, dict[str, Option]] = {"unifiedreward-think": {**QWEN_JUDGE, "temperature": JUDGE_TEMPERATURE}}
 
 # The checkpoint each model-based reward loads: what it is (for messages), and its default when --reward-path is not
 # given (a hub id, "built-in", or None: --reward-path is required).
@@ -233,7 +236,17 @@ def reward_path(paths: str | None, name: str, spec: str | None = None) -> str | 
     return paths
 
 
-def _dtype(dtype):
+# The dtype upstream runs a reward or judge in on a GPU where it is not float32 (``--dtype auto`` takes it there;
+# on a CPU every model runs float32). VideoScore2's own inference script loads float32 and moves it to the GPU.
+GPU_DTYPES = {"videoalign": torch.bfloat16, "unifiedreward-think": torch.bfloat16}
+
+
+def resolve_dtype(dtype, name: str, device) -> torch.dtype:
+    """A reward's or judge's dtype: ``dtype`` (a name or torch dtype), where ``"auto"`` is float32 on a CPU and
+    on a GPU the dtype its upstream runs in there (``GPU_DTYPES``, else float32)."""
+    if dtype == "auto":
+        on_gpu = torch.device(device).type != "cpu"
+        return GPU_DTYPES.get(name, torch.float32) if on_gpu else torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
@@ -284,7 +297,7 @@ def _build(name: str, paths, spec: str, device, dtype, options: dict) -> Reward:
     path = reward_path(paths, name, spec)
     if name not in WEIGHT_FREE:
         check_path(name, path)
-    return REWARDS[name](path=path, device=device, dtype=_dtype(dtype), **options.get(name, {}))
+    return REWARDS[name](path=path, device=device, dtype=resolve_dtype(dtype, name, device), **options.get(name, {}))
 
 
 def load_reward(name: str, path: str | None = None, device="cpu", dtype=torch.float32, options=None, **kw) -> Reward:
@@ -326,6 +339,7 @@ def load_rewards(spec: str, path=None, device="cpu", dtype=torch.float32, option
 
 
 __all__ = [
+    "GPU_DTYPES",
     "JUDGE_OPTIONS",
     "REWARDS",
     "REWARD_CHECKPOINTS",

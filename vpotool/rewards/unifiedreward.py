@@ -13,8 +13,8 @@ CodeGoat24/UnifiedReward, the UnifiedReward-Think folder):
   same ``mm_token_type_ids`` where the installed transformers reads them);
   ``second_per_grid_ts`` = temporal patch size / the rate of the frames kept (frames kept / frames x the video's
   fps), the rate qwen-vl-utils returns and upstream hands to the processor;
-- ``generate`` with the checkpoint's generation config and ``max_new_tokens`` 1024; greedy unless ``temperature``
-  > 0 (upstream leaves sampling to the generation config; greedy makes the labels repeatable);
+- ``generate`` with the checkpoint's generation config and ``max_new_tokens`` 1024, as upstream: sampling as that
+  config says unless ``temperature`` is given (0: greedy, for labels that repeat; above 0: sampled at it);
 - the verdict read as upstream's benchmark scripts read it: "Video 1 is better" anywhere in the answer is video 1,
   else "Video 2 is better" is video 2, else none (upstream counts that as a tie).
 
@@ -41,7 +41,7 @@ WHAT = "a UnifiedReward-Think checkpoint folder (CodeGoat24/UnifiedReward-Think-
 VERDICTS = ("Video 1 is better", "Video 2 is better")
 # the instruction in upstream's script or a model card: the text item of the message, an f-string with {prompt}
 SCRIPT_TEXT = re.compile(r'"type":\s*"text",\s*"text":\s*f("(?:[^"\\\n]|\\.)*\{prompt\}(?:[^"\\\n]|\\.)*")')
-DEFAULTS = {"fps": 2.0, "max_new_tokens": 1024, "temperature": 0.0, "prompt_template": None}
+DEFAULTS = {"fps": 2.0, "max_new_tokens": 1024, "temperature": None, "prompt_template": None}
 
 
 def parse_verdict(text: str) -> int | None:
@@ -124,7 +124,12 @@ class UnifiedRewardThink:
         """The generated token ids for one comparison."""
         s = self.setup
         inputs = self.inputs(first, second, prompt, fps)
-        sample = {"do_sample": True, "temperature": s["temperature"]} if s["temperature"] > 0 else {"do_sample": False}
+        if s["temperature"] is None:  # the checkpoint's generation config decides, as upstream
+            sample = {}
+        elif s["temperature"] > 0:
+            sample = {"do_sample": True, "temperature": s["temperature"]}
+        else:
+            sample = {"do_sample": False}
         out = self.model.generate(**inputs, max_new_tokens=s["max_new_tokens"], **sample)
         return out[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -140,8 +145,8 @@ def load_unifiedreward_think(path: str | None = None, device="cpu", dtype=torch.
     """The ``unifiedreward-think`` judge from a UnifiedReward-Think folder (see the module docstring).
 
     Options: ``fps`` (frames sampled a second, default 2), ``max_new_tokens`` (default 1024), ``temperature``
-    (0: greedy, the default), ``prompt_template`` (upstream's script, a model card or a text file; default
-    ``README.md`` in the folder).
+    (default: the checkpoint's generation config, as upstream; 0: greedy), ``prompt_template`` (upstream's script,
+    a model card or a text file; default ``README.md`` in the folder).
     """
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
@@ -152,7 +157,7 @@ def load_unifiedreward_think(path: str | None = None, device="cpu", dtype=torch.
     instruction = read_instruction(str(options["prompt_template"] or os.path.join(str(path), "README.md")))
     model, tokenizer, chat_template, setup = load_qwen25_vl(path, DEFAULT_ID, f"judge {NAME}", WHAT, device, dtype)
     setup.update(fps=float(options["fps"]), max_new_tokens=int(options["max_new_tokens"]),
-                 temperature=float(options["temperature"]))  # fmt: skip
+                 temperature=None if options["temperature"] is None else float(options["temperature"]))  # fmt: skip
     return UnifiedRewardThink(model, tokenizer, chat_template, instruction, setup)
 
 
@@ -162,9 +167,10 @@ JUDGES = {NAME: load_unifiedreward_think}
 def load_judge(name: str, path: str | None, device="cpu", dtype=torch.float32, options: dict | None = None):
     """A pairwise judge by name (``--judge``), from ``path`` (``--judge-path``) with ``options``."""
     from vpotool.options import check_declared
-    from vpotool.rewards import JUDGE_OPTIONS
+    from vpotool.rewards import JUDGE_OPTIONS, resolve_dtype
 
     if name not in JUDGES:
         raise VpoError(f"--judge {name}: unknown judge; known: {', '.join(JUDGES)}")
     options = check_declared("--judge-options", f"judge {name}", options or {}, JUDGE_OPTIONS[name])
+    dtype = resolve_dtype(dtype, name, device)
     return JUDGES[name](path=path, device=device, dtype=dtype, **options)

@@ -114,12 +114,15 @@ def score_into(
     """The body of :func:`run_score` once ``out`` is checked and locked: score ``samples`` (this shard's rows of
     ``samples_path``, whose :func:`samples_identity` is ``identity``) with every reward of ``names``."""
     from vpotool.models import resolve_device
-    from vpotool.rewards import load_rewards
+    from vpotool.rewards import load_rewards, resolve_dtype
 
-    compare = {"samples": identity, "dtype": cfg.dtype, **{f"reward {n}": reward_identity(cfg, n) for n in names}}
+    device = resolve_device(cfg.device)
+    # the dtypes the rewards run in (--dtype auto resolved), so that a resume on another device is checked
+    dtypes = sorted({str(resolve_dtype(cfg.dtype, n, device)).removeprefix("torch.") for n in names})
+    compare = {"samples": identity, "dtype": ",".join(dtypes)}
+    compare |= {f"reward {n}": reward_identity(cfg, n) for n in names}
     meta = cfg.to_dict()
     writer = RowWriter(out, "scores", meta, compare=compare)  # checks a resumed file before any model loads
-    device = resolve_device(cfg.device)
     rewards = load_rewards(cfg.reward, cfg.reward_path, device, cfg.dtype, cfg.reward_options, have=rewards)
     composites = {n: r.describe() for n, r in rewards.items() if hasattr(r, "describe")}
     if composites:  # each part's weight and normalisation range, so a composite score can be read back
