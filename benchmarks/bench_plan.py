@@ -8,8 +8,13 @@ checkpointing vary. ``--models``: the plan of one step of DPO (one pair), ReFL (
 all) and SCST (one rollout and its greedy baseline) on each config-only folder of examples/plan/configs, with bf16
 weights and without, then with gradient checkpointing and the text encoder offloaded; no weights are read.
 
+``--context-parallel``: DPO on the Wan 14B models at 480p and 720p with gradient checkpointing, the text encoder
+offloaded and bf16 weights, planned for one process of a context group of N = 1, 2, 4 and 8 processes: its peak,
+its activations, the bytes it sends to the group in the step and its share of the FLOPs.
+
     python benchmarks/bench_plan.py --validate
     python benchmarks/bench_plan.py --models
+    python benchmarks/bench_plan.py --context-parallel
 """
 
 from __future__ import annotations
@@ -118,16 +123,56 @@ def models(only: str | None) -> None:
                   f"{time.perf_counter() - t0:.0f} s |", flush=True)  # fmt: skip
 
 
+# (label, folder, frames, height, width): the videos too long for one GPU's activations
+LONG = [
+    ("Wan 2.1 T2V 14B, 720p x 81", "wan2.1-t2v-14b", 81, 720, 1280),
+    ("Wan 2.2 T2V A14B, 480p x 81", "wan2.2-t2v-a14b", 81, 480, 832),
+    ("Wan 2.2 T2V A14B, 720p x 81", "wan2.2-t2v-a14b", 81, 720, 1280),
+]
+
+
+def context_parallel() -> None:
+    from vpotool.gpus import GIB, HEADROOM
+    from vpotool.stages.plan import plan_stage
+
+    room = 80 * GIB - HEADROOM
+    print("| model, size | N | peak per process | fits 80 GB | activations | weights + adapter | sent per step | "
+          "TFLOP per process | planned in |")  # fmt: skip
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    found = {}
+    for label, folder, frames, height, width in LONG:
+        smallest = None
+        for n in (1, 2, 4, 8):
+            t0 = time.perf_counter()
+            _, cfg, extra = method_config("DPO", "wan", folder, frames, height, width, memory=True)
+            cfg.context_parallel = n
+            plan = plan_stage("train-dpo", cfg, extra, alternatives=False)
+            fits = plan.peak <= room
+            smallest = smallest or (n if fits else None)
+            parts = {k: f"{v / GIB:,.1f} GiB" for k, v in plan.parts.items()}
+            weights = (plan.parts["weights"] + plan.parts["adapters & optimizer"]) / GIB
+            print(f"| {label} | {n} | {plan.peak / GIB:,.1f} GiB | {'yes' if fits else 'no'} | "
+                  f"{parts['activations']} | {weights:,.1f} GiB | {plan.exchanged / GIB:,.1f} GiB | "
+                  f"{plan.flops / 1e12:,.0f} | {time.perf_counter() - t0:.0f} s |", flush=True)  # fmt: skip
+        found[label] = smallest
+    print("\n| model, size | smallest N on one 80 GB GPU each |\n|---|---:|")
+    for label, n in found.items():
+        print(f"| {label} | {n or 'none up to 8'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--validate", action="store_true", help="planned against measured on the CPU (tiny families)")
     ap.add_argument("--models", action="store_true", help="the published models' table")
     ap.add_argument("--only", help="with --models: only rows whose label contains this")
+    ap.add_argument("--context-parallel", action="store_true", help="Wan 14B DPO over N = 1 to 8 processes")
     args = ap.parse_args()
     if args.validate:
         validate()
     if args.models:
         models(args.only)
+    if args.context_parallel:
+        context_parallel()
 
 
 if __name__ == "__main__":

@@ -178,6 +178,8 @@ def test_plan_command(tmp_path, capsys, monkeypatch):
         (["--gpu", "h1000"], "--gpu h1000: not a GPU vpotool knows"),
         (["--model", "wan", "--model-path", "/nonexistent/wan"], "model folder not found"),
         (["--lora-rank", "0"], "--lora-rank"),
+        (["--model", "cogvideox", "--context-parallel", "2"], "no context-parallel plan"),
+        (["--frames", "9", "--height", "40", "--width", "40", "--context-parallel", "2"], "do not split evenly"),
     ],
 )
 def test_plan_refusals_are_one_line(args, message, tmp_path):
@@ -201,3 +203,35 @@ def test_config_without_a_part_is_one_line(tmp_path):
 def test_gpu_names_and_sizes():
     assert parse_gpu("H100").memory == 80 * 2**30
     assert parse_gpu("24GB").memory == 24 * 2**30 and parse_gpu("24GB").tflops is None
+
+
+def test_exchanged_bytes_of_the_collectives_by_hand():
+    """In a planning group of 4, an all-to-all sends 3/4 of its input (it keeps its own quarter), an all-gather its
+    input to each of the 3 others."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    from vpotool.models.context_parallel import planning_group
+
+    with planning_group(4):
+        x = torch.zeros(8, 16)  # 512 bytes
+        with traced() as trace:
+            funcol.all_to_all_single(x, None, None, dist.group.WORLD).wait()
+            funcol.all_gather_tensor(x, 0, dist.group.WORLD).wait()
+    assert trace.exchanged == 384 + 3 * 512
+    assert not dist.is_initialized()  # the planning group is gone with the plan
+
+
+def test_context_parallel_plan_is_one_process_share(tmp_path):
+    """Over 2 processes each holds about half the activations and does about half the FLOPs, with the same weights,
+    and sends what the all-to-alls of its attention move; one process sends nothing."""
+    folder = config_only(tmp_path)
+    plans = {}
+    for n in (1, 2):
+        cfg = DpoConfig(out="x", pairs="-", model="wan", model_path=str(folder), context_parallel=n)
+        plans[n] = plan_stage("train-dpo", cfg, {"frames": 17, "height": 64, "width": 64}, alternatives=False)
+    one, two = plans[1], plans[2]
+    assert one.exchanged == 0 and two.exchanged > 0 and two.context_parallel == 2
+    assert two.parts["weights"] == one.parts["weights"]
+    assert 0.4 < two.parts["activations"] / one.parts["activations"] < 0.75
+    assert 0.4 < two.flops / one.flops < 0.75

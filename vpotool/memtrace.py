@@ -49,6 +49,7 @@ class MemoryTrace(TorchDispatchMode):
         self._next = itertools.count()
         self.base = self.step_peak = 0  # see mark()
         self.flops = 0  # of the matrix products, convolutions and attention, as torch's FlopCounterMode counts them
+        self.exchanged = 0  # bytes this process sends to the others of its context group (see exchanged_bytes)
 
     def mark(self) -> None:
         """A step starts here: :attr:`step_peak` - :attr:`base` is then what the step adds at its peak (what a
@@ -122,9 +123,26 @@ class MemoryTrace(TorchDispatchMode):
         count = FLOPS.get(func.overloadpacket)
         if count is not None:
             self.flops += count(*args, **(kwargs or {}), out_val=out)
+        if func.namespace == "_c10d_functional":
+            self.exchanged += exchanged_bytes(func, args, out)
         for st in self._storages(tree_leaves(out)):
             self._add(st, self.category)
         return out
+
+
+def exchanged_bytes(func, args, out) -> int:
+    """What one process sends in a functional collective of context parallelism: an all-to-all keeps 1/N of its
+    input and sends the rest; an all-gather sends its input to each of the N - 1 others (ring algorithms forward as
+    much again; the figure is the data's, as a direct exchange moves it). Other collectives count 0."""
+    import torch.distributed as dist
+
+    name = func.overloadpacket.__name__
+    if name not in ("all_to_all_single", "all_gather_into_tensor"):
+        return 0
+    group = dist.distributed_c10d._resolve_process_group(args[-1])
+    n = dist.get_world_size(group)
+    sent = args[0].numel() * args[0].element_size()
+    return sent * (n - 1) // n if name == "all_to_all_single" else sent * (n - 1)
 
 
 def read_back(t: torch.Tensor):

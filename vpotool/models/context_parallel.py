@@ -224,7 +224,8 @@ def enable(backend, layout: Layout) -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
     # and at the first forward that Wan's plan leaves a timestep of one value per video unsplit, as it must
     logging.getLogger("diffusers.hooks.context_parallel").setLevel(logging.ERROR)
-    mesh = init_device_mesh(backend.device.type, (layout.groups, 1, n), mesh_dim_names=("data", "ring", "ulysses"))
+    kind = "cpu" if backend.device.type == "meta" else backend.device.type  # a plan's model: a CPU group of its own
+    mesh = init_device_mesh(kind, (layout.groups, 1, n), mesh_dim_names=("data", "ring", "ulysses"))
     for model in transformers_of(backend.model):
         _apply(model, ContextParallelConfig(ulysses_degree=n, mesh=mesh))
 

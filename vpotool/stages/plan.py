@@ -11,6 +11,11 @@ What the trace cannot see: the CUDA context and the allocator's fragmentation (`
 judging a fit), kernels' private workspaces (cuDNN, cuBLAS), and autocast (``--mixed-precision`` is traced at the
 weights' dtype; plan bf16 weights with ``--dtype bfloat16``), nor several processes (FSDP's shards). A value read
 back from the device (AdamW's step count, a mask's "any padding?") reads as :func:`vpotool.memtrace.read_back` says.
+
+With ``--context-parallel N`` the step is one process's of a context group: the plan runs in one process with a
+process group of N ranks that is its alone (torch's fake backend), under diffusers' engine as a launch runs it, so
+the peak is a process's share of the video and the collectives are counted as the bytes it sends
+(:func:`vpotool.memtrace.exchanged_bytes`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class Plan:
     options: list[tuple[str, int | None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    context_parallel: int = 1  # processes sharing each video; peak, FLOPs and traffic are one process's
+    exchanged: int = 0  # bytes one process sends to the others of its context group in the traced step
 
     def as_dict(self, gpu: Gpu | None) -> dict:
         out = dataclasses.asdict(self)
@@ -319,7 +326,19 @@ TRACERS = {"train-dpo": trace_dpo, "train-refl": trace_refl, "train-scst": trace
 
 def trace_stage(stage: str, cfg, extra: dict):
     """``(trace, FLOPs, the setting in words)`` of one step of ``stage``: the :class:`~vpotool.memtrace.MemoryTrace`
-    holds the peak and its parts."""
+    holds the peak and its parts. Under ``cfg.context_parallel`` N > 1, one process's of a context group of N."""
+    n = getattr(cfg, "context_parallel", 1)
+    if n == 1:
+        return trace_process(stage, cfg, extra)
+    from vpotool.models.context_parallel import check_family, planning_group
+
+    check_family(cfg.model, n)
+    with planning_group(n) as layout:
+        return trace_process(stage, cfg, extra, layout)
+
+
+def trace_process(stage: str, cfg, extra: dict, layout=None):
+    """:func:`trace_stage` for one process, of the context group of ``layout`` when given."""
     from vpotool.memtrace import traced
     from vpotool.models import load_backend
     from vpotool.models.loading import without_weights
@@ -335,6 +354,14 @@ def trace_stage(stage: str, cfg, extra: dict):
     with without_weights():
         backend = load_backend(cfg.model, cfg.model_path, "meta", dtype, cfg.model_options)
     settings = video_settings(cfg, backend, extra)
+    if layout is not None:
+        # The launch shares the denoiser after the trainer's adapters are added, and the loop samples with it; here
+        # before them, so that the loop's sampling traces shared too (the default adapters replace no hooked module).
+        from vpotool.models import context_parallel
+
+        context_parallel.enable(backend, layout)
+        shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
+        context_parallel.check_tokens(backend, shape, layout.degree)
     with traced() as trace:
         adopt_backend(trace, backend)
         if stage == "sample":
@@ -379,6 +406,7 @@ def plan_stage(stage: str, cfg, extra: dict | None = None, alternatives: bool = 
     trace, flops, words = trace_stage(stage, cfg, extra)
     parts = {c: trace.at_peak.get(c, 0) for c in CATEGORIES}
     plan = Plan(stage, getattr(cfg, "model", "-"), words, trace.peak, parts, flops, trace.step_peak - trace.base)
+    plan.context_parallel, plan.exchanged = getattr(cfg, "context_parallel", 1), trace.exchanged
     mixed = getattr(cfg, "mixed_precision", "no") != "no"
     plan.bf16 = getattr(cfg, "dtype", "float32") in ("bfloat16", "bf16") or mixed
     if mixed:
@@ -424,6 +452,9 @@ def render(plan: Plan, gpu: Gpu | None) -> None:
         verdict = fits(plan.peak, gpu)
         colour = {"fits": "green", "tight": "yellow"}.get(verdict, "red")
         table.add_row(f"on {gpu.name} ({gib(gpu.memory)}, {gib(HEADROOM)} kept for CUDA)", f"[{colour}]{verdict}[/]")
+    if plan.context_parallel > 1:
+        table.add_row("context parallel", f"{plan.context_parallel} processes share each video")
+        table.add_row(f"sent to the group in {TRACED[plan.stage]}", gib(plan.exchanged))
     table.add_row(f"FLOPs of {TRACED[plan.stage]}", flop_text(plan.flops))
     if gpu is not None:
         seconds = step_seconds(plan.flops, gpu, plan.bf16)
