@@ -151,6 +151,30 @@ def test_refusals_are_one_line(checkpoint, backend, tmp_path):
         load_backend("self-forcing", path, options={"checkpoint": ckpt, "denoising_steps": "250,500"})
 
 
+def test_list_options_from_the_command_line_text_and_from_yaml(checkpoint):
+    """``denoising_steps=1000,600,300`` (CausVid-style three steps) reaches the schedule from --model-options text,
+    beside other options, and from a YAML list; a list given to a scalar option is one line naming it."""
+    from vpotool.models import model_options
+    from vpotool.options import parse_pairs
+
+    path, ckpt = checkpoint
+    assert parse_pairs("denoising_steps=1000,600,300,shift=5", "--model-options", "") == {
+        "denoising_steps": [1000, 600, 300], "shift": 5
+    }  # fmt: skip
+    text = model_options("self-forcing", f"checkpoint={ckpt},denoising_steps=1000,600,300,warp=false")
+    assert text["denoising_steps"] == (1000, 600, 300) and text["warp"] is False
+    assert model_options("self-forcing", {"denoising_steps": [1000, 600, 300]}) == {
+        "denoising_steps": (1000, 600, 300)
+    }
+    three = load_backend("self-forcing", path, options=text)
+    assert three.schedule(3).timesteps.tolist() == [1000.0, 600.0, 300.0]  # unwarped: the listed timesteps
+    with pytest.raises(VpoError, match="shift takes one value, got the list 5,6") as e:
+        model_options("self-forcing", "shift=5,6")
+    assert "\n" not in str(e.value)
+    with pytest.raises(VpoError, match="denoising_steps takes numbers"):
+        model_options("self-forcing", "denoising_steps=1000,fast")
+
+
 def test_ema_choice(checkpoint, backend):
     path, ckpt = checkpoint
     plain = load_backend("self-forcing", path, options={"checkpoint": ckpt, "ema": False})

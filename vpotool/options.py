@@ -19,15 +19,22 @@ def parse_value(text: str):
 
 
 def parse_pairs(text: str | None, flag: str, example: str) -> dict:
-    """``"a=1,b=none"`` -> ``{"a": 1, "b": None}``; an item without ``=`` is a ``VpoError`` naming ``flag``."""
-    out = {}
+    """``"a=1,b=none"`` -> ``{"a": 1, "b": None}``. Items without ``=`` after ``key=value`` continue that value as a
+    list: ``"steps=1000,600,300,shift=5"`` -> ``{"steps": [1000, 600, 300], "shift": 5}``. A first item without
+    ``=`` is a ``VpoError`` naming ``flag``."""
+    out: dict = {}
+    last = None
     for item in (i.strip() for i in (text or "").split(",")):
         if not item:
             continue
         key, eq, value = item.partition("=")
+        if not eq and last is not None:  # the next element of a list value
+            out[last] = [*(out[last] if isinstance(out[last], list) else [out[last]]), parse_value(item)]
+            continue
         if not (eq and key.strip()):
             raise VpoError(f"{flag}: '{item}' should look like option=value, e.g. {example}")
-        out[key.strip()] = parse_value(value.strip())
+        last = key.strip()
+        out[last] = parse_value(value.strip())
     return out
 
 
@@ -37,7 +44,18 @@ BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": Fa
 def typed_value(flag: str, name: str, value, default):
     """Option ``name``'s parsed ``value`` checked against the type of its ``default``: a boolean option takes
     true/false, yes/no, on/off or 1/0 (a bare word would otherwise read as true); a number option takes a number
-    or none. Anything else is a ``VpoError`` naming ``flag`` and the option, not a failure at first use."""
+    or none; a list option (a tuple default) takes numbers, and only it takes several values. Anything else is a
+    ``VpoError`` naming ``flag`` and the option, not a failure at first use."""
+    if isinstance(default, tuple):  # a list option: numbers, from a,b,c on the command line or a YAML list
+        items = [parse_value(v.strip()) for v in value.split(",")] if isinstance(value, str) else value
+        items = list(items) if isinstance(items, list | tuple) else [items]
+        if not items or any(isinstance(v, bool) or not isinstance(v, int | float) for v in items):
+            raise VpoError(f"{flag}: {name} takes numbers joined by commas, e.g. {name}={','.join(map(str, default))}"
+                           f", got '{value}'")  # fmt: skip
+        return tuple(items)
+    if isinstance(value, list | tuple):
+        raise VpoError(f"{flag}: {name} takes one value, got the list {','.join(map(str, value))} (only list options "
+                       "such as self-forcing's denoising_steps take several)")  # fmt: skip
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

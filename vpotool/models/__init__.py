@@ -87,7 +87,7 @@ MODEL_OPTIONS: dict[str, dict] = {
         "checkpoint": "",
         "ema": True,
         "context_noise": 0.0,
-        "denoising_steps": "1000,750,500,250",
+        "denoising_steps": (1000, 750, 500, 250),  # a list: denoising_steps=1000,600,300
         "warp": True,
         "shift": 5.0,
     },

@@ -297,7 +297,7 @@ def load_generator(path: str, checkpoint: str, ema: bool, dtype):
 
 def load_self_forcing(
     path: str, device="cpu", dtype=torch.float32, checkpoint: str = "", ema: bool = True, context_noise: float = 0.0,
-    denoising_steps: str = "1000,750,500,250", warp: bool = True, shift: float = 5.0,
+    denoising_steps=(1000, 750, 500, 250), warp: bool = True, shift: float = 5.0,
 ) -> SelfForcingBackend:  # fmt: skip
     """The Self-Forcing / CausVid generator ``checkpoint`` with the VAE, UMT5 text encoder and tokenizer of the Wan
     2.1 diffusers folder ``path``. The options are Self-Forcing's config, ``denoising_steps``
@@ -309,13 +309,16 @@ def load_self_forcing(
 
     from vpotool.models.loading import load_component
 
+    if isinstance(denoising_steps, str):
+        denoising_steps = denoising_steps.split(",")
     try:
-        step_list = [float(t) for t in str(denoising_steps).split(",")]
-    except ValueError:
+        step_list = [float(t) for t in denoising_steps]
+    except (TypeError, ValueError):
         step_list = []
     if not step_list or any(not 0 < t <= 1000 for t in step_list) or step_list != sorted(step_list, reverse=True):
+        given = ",".join(map(str, denoising_steps)) if isinstance(denoising_steps, list | tuple) else denoising_steps
         raise VpoError(
-            f"--model-options denoising_steps={denoising_steps}: decreasing timesteps in (0, 1000] joined by commas, "
+            f"--model-options denoising_steps={given}: decreasing timesteps in (0, 1000] joined by commas, "
             "e.g. 1000,750,500,250"
         )
     chunking = self_forcing_chunking(context_noise)
