@@ -62,7 +62,8 @@ def test_eval_base_and_adapter_writes_every_metric_and_resumes(
     args = ("eval", "--prompts", world_prompts_file, "--adapter", adapter, "--out", out, *FAST)
     code, stdout, err = cli(*args)
     assert code == 0, err
-    assert "world.frechet" in stdout and "lower is better" in stdout and "run1/step-4" in stdout
+    assert "world.frechet ↓" in stdout and "lower is better" in stdout and "run1/step-4" in stdout
+    assert "world.rate.flicker ↓" in stdout and "world.rate.static ↓" in stdout and "world.overall ↑" in stdout
     table = pd.read_parquet(out / "eval.parquet")
     rates = [f"world.rate.{c}" for c in CHECKS]
     metrics = [f"{r}.{d}" for r, dims in DIMS.items() for d in dims] + rates + ["world.frechet"]
@@ -213,3 +214,44 @@ def test_bad_input_is_one_line(cli, tmp_path, flags, message):
     code, _, err = cli("eval", "--out", tmp_path / "e", *flags, *FAST)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e" / "eval.parquet").exists()
+
+
+def test_a_lower_better_metric_wins_where_the_checkpoint_has_less_of_it(tmp_path, capsys):
+    from vpotool.manifest import read_manifest
+    from vpotool.stages.eval import DIRECTIONS_KEY, print_table, read_directions, summary_row, write_eval
+
+    # four matched videos: the aligned model flickers on two more, ties on the others
+    base = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 1.0}
+    aligned = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0}
+    metrics = ("world.rate.flicker", "world.rate.static", "world.rate.shape_present", "world.overall")
+    rows = [summary_row(c, m, v, base, c == "base") for m in metrics for c, v in (("base", base), ("tuned", aligned))]
+    win = {r["metric"]: r["win_rate"] for r in rows if r["checkpoint"] == "tuned"}
+    assert win["world.rate.flicker"] == win["world.rate.static"] == 0.25  # (0 + 0 + 1/2 + 1/2) / 4: below 0.5
+    assert win["world.rate.shape_present"] == win["world.overall"] == 0.75  # more of a good thing wins
+    rows.append(dict(checkpoint="tuned", metric="world.drift.flicker", mean=0.1, std=math.nan, n=4, win_rate=math.nan))
+
+    write_eval(tmp_path / "eval.parquet", rows, {})
+    table = read_manifest(tmp_path / "eval.parquet", "eval")
+    assert DIRECTIONS_KEY.encode() in table.schema.metadata
+    assert read_directions(table) == {
+        "world.rate.flicker": "lower",
+        "world.rate.static": "lower",
+        "world.rate.shape_present": "higher",
+        "world.overall": "higher",
+        "world.drift.flicker": "lower",
+    }
+    print_table(rows, ["base", "tuned"], "base")
+    out = capsys.readouterr().out
+    assert "world.rate.flicker ↓" in out and "world.rate.static ↓" in out and "world.drift.flicker ↓" in out
+    assert "world.rate.shape_present ↑" in out and "world.overall ↑" in out and "lower is better" in out
+
+
+def test_directions_of_every_metric_eval_writes():
+    from vpotool.stages.eval import FRECHET, FVD, metric_direction
+
+    lower = {FRECHET, FVD, "world.rate.static", "world.rate.flicker", "world.rate.flicker.seg3", "world.drift.static"}
+    higher = {f"world.rate.{c}" for c in CHECKS if c not in ("static", "flicker")}
+    higher |= {"world.overall", "flicker.flicker", "world.drift.shape_present", "videoscore.visual_quality"}
+    assert {m: metric_direction(m) for m in lower | higher} == {
+        m: "lower" if m in lower else "higher" for m in lower | higher
+    }

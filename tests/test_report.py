@@ -296,3 +296,21 @@ def test_eval_of_long_videos_plots_the_drift_curves():
     assert html.count("<path") >= 2  # one line per checkpoint
     short = [dict(checkpoint="base", metric="world.rate.static", mean=0.1, std=0.0, n=4, win_rate=0.5)]
     assert drift_plots(short) == "" and "<figure>" not in evaluation(short)
+
+
+def test_eval_table_marks_each_metric_with_its_direction(tmp_path):
+    from vpotool.manifest import write_manifest
+    from vpotool.report.html import eval_section
+    from vpotool.stages.eval import write_eval
+
+    rows = [
+        dict(checkpoint=c, metric=m, mean=0.1, std=0.0, n=4, win_rate=0.5)
+        for c in ("base", "run/step-8")
+        for m in ("world.overall", "world.rate.flicker", "world.rate.static", "world.frechet")
+    ]
+    write_eval(tmp_path / "eval.parquet", rows, {})
+    write_manifest(tmp_path / "old.parquet", rows, "eval")  # written before eval recorded directions
+    for name in ("eval.parquet", "old.parquet"):
+        html = eval_section(tmp_path / name)
+        assert "<th>world.overall ↑</th>" in html and "<th>world.frechet ↓</th>" in html
+        assert "<th>world.rate.flicker ↓</th>" in html and "<th>world.rate.static ↓</th>" in html

@@ -63,7 +63,7 @@ def render(inputs: Inputs, kind: str, items: list[dict], page_size: int = 24, so
     metrics = read_manifest(inputs.metrics, "metrics").to_pylist() if inputs.metrics else []
     sections = [
         ("curves", "Training curves", curves(metrics, inputs.config, kind, items) if metrics or items else ""),
-        ("eval", "Evaluation", evaluation(read_manifest(inputs.eval, "eval").to_pylist()) if inputs.eval else ""),
+        ("eval", "Evaluation", eval_section(inputs.eval) if inputs.eval else ""),
         ("gallery", "Preference pairs" if kind == "pairs" else "Candidates", gallery_section(kind) if items else ""),
     ]
     sections = [(key, title, body) for key, title, body in sections if body]
@@ -162,17 +162,29 @@ def _number(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if finite(v) else "–"
 
 
-def eval_table(rows: list[dict]) -> str:
-    """``eval.parquet`` as a table: one row per metric, one column per checkpoint with mean ± std, and the win
+def eval_section(path: Path) -> str:
+    """The eval section of an ``eval.parquet``, each metric marked with the direction its metadata records."""
+    from vpotool.stages.eval import read_directions
+
+    table = read_manifest(path, "eval")
+    return evaluation(table.to_pylist(), read_directions(table))
+
+
+def eval_table(rows: list[dict], directions: dict[str, str] | None = None) -> str:
+    """``eval.parquet`` as a table: one row per metric, marked ↑ or ↓ by ``directions`` (``{metric: "higher" or
+    "lower"}``; default: as ``vpotool eval`` sets them now), one column per checkpoint with mean ± std, and the win
     rate against the baseline and the number of videos under it."""
+    from vpotool.stages.eval import ARROWS, metric_direction
+
     if not rows:
         return ""
+    directions = directions or {}
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
     cells = {(r["metric"], r["checkpoint"]): r for r in rows}
     head = "".join(f"<th>{escape(c)}</th>" for c in checkpoints)
     body = []
     for metric in dict.fromkeys(r["metric"] for r in rows):
-        name = f"{metric} ↓" if lower_better(metric) else metric
+        name = f"{metric} {ARROWS[directions.get(metric) or metric_direction(metric)]}"
         tds = []
         for c in checkpoints:
             r = {k: clean(v) for k, v in cells.get((metric, c), {}).items()}
@@ -180,15 +192,17 @@ def eval_table(rows: list[dict]) -> str:
             sub = [f"win {_number(r['win_rate'], 2)}" if finite(r.get("win_rate")) else "", f"n {r.get('n', '–')}"]
             tds.append(f"<td>{text}<small>{' · '.join(s for s in sub if s)}</small></td>")
         body.append(f"<tr><th>{escape(name)}</th>{''.join(tds)}</tr>")
-    lower = "; ↓ lower is better" if any(lower_better(r["metric"]) for r in rows) else ""
-    note = f"<p class='note'>mean ± std over the held-out videos; win: share above the baseline, ties half{lower}.</p>"
+    note = (
+        "<p class='note'>mean ± std over the held-out videos; ↑ higher is better, ↓ lower is better; win: share of "
+        "videos better than the baseline, ties half.</p>"
+    )
     head = f"<thead><tr><th>metric</th>{head}</tr></thead>"
     return f'<table class="eval">{head}<tbody>{"".join(body)}</tbody></table>{note}'
 
 
-def evaluation(rows: list[dict]) -> str:
-    """The eval section: for long videos, the drift curves first, then the table."""
-    return drift_plots(rows) + eval_table(rows)
+def evaluation(rows: list[dict], directions: dict[str, str] | None = None) -> str:
+    """The eval section: for long videos, the drift curves first, then the table (see :func:`eval_table`)."""
+    return drift_plots(rows) + eval_table(rows, directions)
 
 
 SEGMENT_METRIC = re.compile(r"^world\.rate\.(?P<check>\w+)\.seg(?P<k>\d+)$")
@@ -234,8 +248,3 @@ def gallery_section(kind: str) -> str:
 <div id="cards"></div>
 <nav class="pager"><button id="prev" type="button">&lsaquo; previous</button><span id="page"></span>
 <button id="next" type="button">next &rsaquo;</button></nav>"""
-
-
-def lower_better(metric: str) -> bool:
-    """Distances (world.frechet, fvd) are better low; every other eval metric is better high."""
-    return metric.endswith("frechet") or metric == "fvd"

@@ -1,10 +1,12 @@
 """The ``eval`` stage: sample held-out prompts with fixed seeds from the base model and each adapter checkpoint,
 score them, and summarise per (checkpoint, metric) with win rates against a baseline -> eval.parquet, plus
 ``strip.png``, the checkpoints' frames side by side. Tiny-world prompts add the world defect rates and the
-Fréchet distance to rendered clips."""
+Fréchet distance to rendered clips. Each metric is better higher or lower (:func:`metric_direction`): the table,
+the report and eval.parquet's metadata say which, and a win is a video on which a checkpoint does better."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tempfile
@@ -16,7 +18,7 @@ import torch
 
 from vpotool.config import EvalConfig, SampleConfig, ScoreConfig, save_config
 from vpotool.errors import VpoError
-from vpotool.manifest import read_manifest, remove_stale_temps, score_dimensions, write_manifest
+from vpotool.manifest import read_manifest, remove_stale_temps, score_dimensions, to_table, write_manifest, write_table
 from vpotool.progress import console
 from vpotool.prompts import load_prompts
 from vpotool.report.strip import frame_strip
@@ -25,14 +27,20 @@ from vpotool.stages.sample import run_sample
 from vpotool.stages.score import load_frames, run_score
 from vpotool.world.features import clip_features, frechet_distance
 from vpotool.world.long import BASE_FRAMES, render_long_clip, segment_checks
-from vpotool.world.rates import CHECKS, clip_checks
+from vpotool.world.rates import CHECK_DIRECTIONS, CHECKS, clip_checks
 
 BASE = "base"
 FRECHET = "world.frechet"
 FVD = "fvd"
-LOWER_BETTER = (FRECHET, FVD)
 DRIFT = "world.drift."  # eval metrics world.drift.<check>: slope per segment of a long video's rate
 RATE = "world.rate."  # eval metrics world.rate.<check>: the share of videos passing each vpotool.world.rates check
+HIGHER, LOWER = "higher", "lower"  # which way a metric is better
+ARROWS = {HIGHER: "↑", LOWER: "↓"}
+# The metrics eval computes itself, each with the way it is better. The world rates (world.rate.<check>, their
+# .seg<k> and world.drift.<check>) take their check's way from vpotool.world.rates.CHECK_DIRECTIONS, and every
+# reward dimension is better higher (rewards are maximised).
+METRICS = {FRECHET: LOWER, FVD: LOWER}
+DIRECTIONS_KEY = "vpotool.directions"  # eval.parquet's metadata: JSON {metric: "higher" or "lower"}
 STRIP = "strip.png"  # frames of every checkpoint's first video of the first prompts, side by side
 REFERENCE_SEEDS = 4  # ground-truth clips rendered per prompt for world.frechet
 EVAL_ADAPTER = "vpotool_eval"  # the peft adapter name a checkpoint is loaded under while it is evaluated
@@ -138,7 +146,7 @@ def run_eval(cfg: EvalConfig, backend=None, rewards: dict | None = None) -> Path
     if fvd is not None:
         result += [fvd_row(fvd, name, runs[name][0], samples[name], cfg.batch_size) for name in runs]
     path = out / "eval.parquet"
-    write_manifest(path, result, "eval", cfg.to_dict())
+    write_eval(path, result, cfg.to_dict())
     frame_strip({name: samples_path for name, (samples_path, _) in runs.items()}, out / STRIP)
     print_table(result, [name for name, _ in checkpoints], baseline)
     return path
@@ -253,26 +261,56 @@ def metric_values(scores_path: Path, sample_ids: set[str], names: list[str]) -> 
     return out
 
 
+def metric_direction(metric: str) -> str:
+    """``"higher"`` or ``"lower"``: which way eval metric ``metric`` is better (see ``METRICS``)."""
+    if metric in METRICS:
+        return METRICS[metric]
+    for prefix in (RATE, DRIFT):
+        check = metric.removeprefix(prefix).split(".")[0]
+        if metric.startswith(prefix) and check in CHECK_DIRECTIONS:
+            return CHECK_DIRECTIONS[check]
+    return HIGHER
+
+
 def summary_row(checkpoint: str, metric: str, values: dict, baseline: dict, is_baseline: bool) -> dict:
     """One eval row: mean and (population) std over the checkpoint's videos, their count, and the win rate
-    against the baseline on the same videos (prompt and seed); 0.5 for the baseline itself."""
+    against the baseline on the same videos (prompt and seed), each won where the metric is better; 0.5 for the
+    baseline itself."""
     v = torch.tensor(list(values.values()), dtype=torch.float64)
     n = len(v)
     mean = v.mean().item() if n else math.nan
     std = v.std(correction=0).item() if n else math.nan
-    win = (0.5 if n else math.nan) if is_baseline else win_rate(values, baseline)
+    lower = metric_direction(metric) == LOWER
+    win = (0.5 if n else math.nan) if is_baseline else win_rate(values, baseline, lower)
     return dict(checkpoint=checkpoint, metric=metric, mean=mean, std=std, n=n, win_rate=win)
 
 
-def win_rate(values: dict[str, float], baseline: dict[str, float]) -> float:
-    """Fraction of the videos both score where ``values`` is higher than ``baseline`` (ties count half); NaN when
-    they share none."""
+def win_rate(values: dict[str, float], baseline: dict[str, float], lower: bool = False) -> float:
+    """Fraction of the videos both score where ``values`` beats ``baseline``: is higher, or lower where ``lower``
+    (a defect rate, a distance); ties count half. NaN when they share none."""
     common = [k for k in values if k in baseline]
     if not common:
         return math.nan
-    return sum(1.0 if values[k] > baseline[k] else 0.5 if values[k] == baseline[k] else 0.0 for k in common) / len(
-        common
-    )
+    sign = -1.0 if lower else 1.0
+    wins = [1.0 if sign * (values[k] - baseline[k]) > 0 else 0.5 if values[k] == baseline[k] else 0.0 for k in common]
+    return sum(wins) / len(common)
+
+
+def write_eval(path: Path, rows: list[dict], config: dict) -> None:
+    """Write the eval rows to ``path`` with each metric's direction in the metadata (``DIRECTIONS_KEY``)."""
+    table = to_table(rows, "eval", config)
+    directions = {m: metric_direction(m) for m in dict.fromkeys(r["metric"] for r in rows)}
+    meta = {**table.schema.metadata, DIRECTIONS_KEY.encode(): json.dumps(directions).encode()}
+    write_table(table.replace_schema_metadata(meta), path)
+
+
+def read_directions(table) -> dict[str, str]:
+    """``{metric: "higher" or "lower"}`` of a read eval manifest: as its metadata records them, or, for a file
+    written before eval recorded them, as :func:`metric_direction` says now."""
+    raw = (table.schema.metadata or {}).get(DIRECTIONS_KEY.encode())
+    if raw:
+        return json.loads(raw)
+    return {m: metric_direction(m) for m in dict.fromkeys(table.column("metric").to_pylist())}
 
 
 def world_clip_stats(samples_path: Path, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, dict]:
@@ -390,8 +428,8 @@ def print_table(rows: list[dict], checkpoints: list[str], baseline: str) -> None
 
     by = {(r["checkpoint"], r["metric"]): r for r in rows}
     others = [c for c in checkpoints if c != baseline]
-    notes = ["↓ lower is better"] if any(r["metric"] in LOWER_BETTER for r in rows) else []
-    notes += [f"win: share of videos above {baseline}, ties half"] if others else []
+    notes = [f"{ARROWS[HIGHER]} higher is better, {ARROWS[LOWER]} lower is better"]
+    notes += [f"win: share of videos better than {baseline}, ties half"] if others else []
     table = Table(title="vpotool eval", caption="; ".join(notes) or None)
     table.add_column("metric", no_wrap=True)
     for c in checkpoints:
@@ -399,7 +437,7 @@ def print_table(rows: list[dict], checkpoints: list[str], baseline: str) -> None
     for c in others:
         table.add_column(f"{c} win", justify="right")
     for metric in dict.fromkeys(r["metric"] for r in rows):
-        label = f"{metric} ↓" if metric in LOWER_BETTER else metric
+        label = f"{metric} {ARROWS[metric_direction(metric)]}"
         cells = [label]
         for c in checkpoints:
             r = by.get((c, metric))

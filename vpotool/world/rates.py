@@ -30,7 +30,16 @@ from vpotool.world.render import shape_coverage, shape_radius, wrapped_coverage
 
 FG_DISTANCE = 0.3
 BASE_FRAMES = 17  # the world clip's length: SPEEDS are shares of the frame crossed in its 16 frame steps
-CHECKS = ("shape_present", "color_correct", "shape_correct", "direction_correct", "static", "flicker")
+# Each check and which way its rate (the share of clips it flags) is better: static and flicker are defects.
+CHECK_DIRECTIONS = {
+    "shape_present": "higher",
+    "color_correct": "higher",
+    "shape_correct": "higher",
+    "direction_correct": "higher",
+    "static": "lower",
+    "flicker": "lower",
+}
+CHECKS = tuple(CHECK_DIRECTIONS)
 
 
 def background_distance(frames: torch.Tensor, background: str) -> torch.Tensor:
