@@ -182,3 +182,23 @@ def make_tiny_wan22(folder: str | Path, boundary_ratio: float = 0.9, seed: int =
     pipe = WanPipeline(**pipe.components | {"transformer_2": low}, boundary_ratio=boundary_ratio)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def prefix_chunks_equal(backend, short: int, long: int, height: int, width: int, steps: int = 2) -> int:
+    """Sample the same two seeds at ``short`` and ``long`` pixel frames through ``vpotool sample``'s generator, greedy
+    and stochastic, and assert that the longer videos' first latent frames equal the shorter ones' (the same seed
+    extends its video); returns how many latent frames were compared."""
+    from vpotool.stages.sample import generate
+
+    prompts, seeds = ["a red circle moving left", "a blue square moving up"], [3, 4]
+    cond = backend.encode_prompts(prompts)
+    n = backend.latent_shape(short, height, width)[1]
+    assert backend.latent_shape(long, height, width)[1] > n
+    for noise_level in (0.0, 0.7):
+        runs = []
+        for frames in (short, long):
+            settings = dict(frames=frames, height=height, width=width, steps=steps, guidance=1.0,
+                            noise_level=noise_level)  # fmt: skip
+            runs.append(generate(backend, prompts, seeds, settings, cond=cond)[0])
+        torch.testing.assert_close(runs[1][:, :, :n], runs[0], atol=1e-6, rtol=0)
+    return n

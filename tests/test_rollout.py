@@ -88,6 +88,13 @@ def test_first_chunk_is_the_bidirectional_sample(skyreels_path):
     assert (ar[:, :, ch.first :] - whole[:, :, ch.first :]).abs().max() > 1e-3
 
 
+def test_the_same_seed_at_more_frames_extends_the_video(skyreels_path):
+    from families import prefix_chunks_equal
+
+    backend = load_backend("skyreels", skyreels_path, options={"base_frames": 9, "overlap_frames": 5})
+    assert prefix_chunks_equal(backend, 13, 21, 16, 16) == 4  # a window of 3 latent frames and one more, then two
+
+
 def test_stochastic_rollout_logps_and_greedy(skyreels_path):
     backend = load_backend("skyreels", skyreels_path, options={"base_frames": 9, "overlap_frames": 5})
     ch = backend.chunking

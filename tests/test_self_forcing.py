@@ -175,6 +175,12 @@ def test_list_options_from_the_command_line_text_and_from_yaml(checkpoint):
         model_options("self-forcing", "denoising_steps=1000,fast")
 
 
+def test_the_same_seed_at_more_frames_extends_the_video(backend):
+    from families import prefix_chunks_equal
+
+    assert prefix_chunks_equal(backend, 21, 33, 32, 48, steps=4) == 6  # two blocks of 3 latent frames, then a third
+
+
 def test_ema_choice(checkpoint, backend):
     path, ckpt = checkpoint
     plain = load_backend("self-forcing", path, options={"checkpoint": ckpt, "ema": False})

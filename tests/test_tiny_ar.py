@@ -48,6 +48,12 @@ def test_segment_codec_codes_each_17_frame_segment_alone(backend):
         backend.latent_shape(21, 32, 32)
 
 
+def test_the_same_seed_at_more_frames_extends_the_video(backend):
+    from families import prefix_chunks_equal
+
+    assert prefix_chunks_equal(backend, 33, 49, 16, 16) == 10  # two segments, then a third
+
+
 def test_sample_four_times_the_training_length_and_eval_drift(cli, prompts, tmp_path):
     code, _, err = cli("sample", "--prompts", prompts, "--candidates", 1, "--frames", 65, "--out", tmp_path / "s",
                        *FAST_AR)  # fmt: skip

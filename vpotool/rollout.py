@@ -39,6 +39,13 @@ def chunking_of(backend) -> Chunking | None:
     return getattr(backend, "chunking", None)
 
 
+def initial_noise(backend, shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """The starting noise ``[len(seeds), *shape]`` of each seed's video: frame by frame for an autoregressive
+    family, so that the same seed at more frames extends the shorter video (its first chunks equal); all at once
+    for a bidirectional one, whose every frame depends on the length anyway."""
+    return seeded_noise(shape, seeds, backend.device, frame_major=chunking_of(backend) is not None)
+
+
 def check_chunking(recorded: dict | None, backend, what: str) -> None:
     """Refuse, in one line, inputs made by a rollout other than ``backend``'s: ``recorded`` is the chunking a
     manifest holds (None or {} for a bidirectional one)."""

@@ -99,11 +99,23 @@ def ddim_step(x0_hat, noise_hat, alpha, sigma, alpha_next, sigma_next, eta: floa
     return x_next, mean, std
 
 
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise ``[len(seeds), *shape]``, each row from its own CPU generator: the same seed gives
-    the same noise whatever the batch or device."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)
+def seeded_noise(
+    shape: Sequence[int], seeds: Sequence[int], device, dtype=torch.float32, frame_major: bool = False
+) -> torch.Tensor:
+    """Standard normal noise ``[len(seeds), *shape]`` (``shape`` = ``(C, F, h, w)``), each row from its own CPU
+    generator: the same seed gives the same noise whatever the batch or device. ``frame_major`` draws a video's
+    frames one after another (``[F, C, h, w]`` in the generator's order, as Self-Forcing draws its noise), so that
+    the first frames of a longer video get the noise of a shorter one's: an autoregressive rollout of more frames
+    from the same seed then extends the shorter video."""
+
+    def row(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(seed))
+        if not frame_major:
+            return torch.randn(tuple(shape), generator=gen)
+        c, f, *rest = shape
+        return torch.randn((f, c, *rest), generator=gen).transpose(0, 1)
+
+    return torch.stack([row(s) for s in seeds]).to(device=device, dtype=dtype)
 
 
 def _step_stream(seed: int) -> int:

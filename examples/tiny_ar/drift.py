@@ -19,8 +19,7 @@ import time
 import torch
 
 from vpotool.models import load_backend
-from vpotool.rollout import rollout
-from vpotool.sampling import seeded_noise
+from vpotool.rollout import initial_noise, rollout
 from vpotool.stages.common import video_seed
 from vpotool.stages.eval import curve_slope
 from vpotool.world.grammar import world_prompts
@@ -55,7 +54,7 @@ def main(argv=None):
         with torch.no_grad():
             cond = backend.encode_prompts(texts)
             uncond = backend.encode_negative(len(texts))
-            noise = seeded_noise(shape, seeds, backend.device)
+            noise = initial_noise(backend, shape, seeds)
             kw = dict(chunking=ch, steps=d.steps, guidance=d.guidance, uncond=uncond)
             own = backend.decode(rollout(backend, cond, noise, **kw).latents)
             teacher = rollout(backend, cond, noise, teacher=backend.encode(truth), **kw).latents

@@ -37,10 +37,10 @@ def generate(backend, prompts: list[str], seeds: list[int], settings: dict, cond
     :class:`~vpotool.sampling.Trajectory` with its S + 1 ``states`` (and ``logps [B, S]`` when stochastic).
     """
     from vpotool.rollout import generate as run
-    from vpotool.sampling import seeded_noise
+    from vpotool.rollout import initial_noise
 
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
-    noise = seeded_noise(shape, seeds, backend.device)
+    noise = initial_noise(backend, shape, seeds)
     cond = cond if cond is not None else backend.encode_prompts(prompts)
     uncond = None
     if settings["guidance"] != 1.0:

@@ -15,8 +15,8 @@ from vpotool.losses import refl_loss
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.rewards import check_reward_frames
-from vpotool.rollout import chunking_of, generate
-from vpotool.sampling import resolved_settings, seeded_noise, use_settings
+from vpotool.rollout import chunking_of, generate, initial_noise
+from vpotool.sampling import resolved_settings, use_settings
 from vpotool.training import fsdp
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ReflConfig
@@ -28,7 +28,7 @@ def refl_rollout(backend, prompts: list[str], seeds: list[int], settings: dict, 
     :func:`decode_for_reward`) -> ``[B, T', 3, H, W]`` with the graph."""
     steps = settings["steps"]
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
-    noise = seeded_noise(shape, seeds, backend.device)
+    noise = initial_noise(backend, shape, seeds)
     cond = backend.condition(prompts)
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
     k = min(cfg.backprop_steps, steps)

@@ -27,8 +27,8 @@ from vpotool.losses import (
 from vpotool.progress import progress_bar
 from vpotool.prompts import load_prompts
 from vpotool.rewards import check_reward_frames
-from vpotool.rollout import chunk_frames, chunking_of, generate, rollout_step_logp
-from vpotool.sampling import resolved_settings, seeded_noise, step_logp, use_settings
+from vpotool.rollout import chunk_frames, chunking_of, generate, initial_noise, rollout_step_logp
+from vpotool.sampling import resolved_settings, step_logp, use_settings
 from vpotool.training.batches import Rollouts, StoredRollouts, group_baseline, load_batch, load_rollouts, load_videos
 from vpotool.training.common import batch_indices, finish_step, grad_sync, optimizer_step, setup
 from vpotool.training.config import ScstConfig
@@ -64,7 +64,7 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     prompts = [p for p in prompts for _ in range(k)]
     seeds = [s * 101 + j for s in seeds for j in range(k)]
     shape = backend.latent_shape(settings["frames"], settings["height"], settings["width"])
-    noise = seeded_noise(shape, seeds, backend.device)
+    noise = initial_noise(backend, shape, seeds)
     cond = backend.condition(prompts)
     uncond = backend.encode_negative(len(prompts)) if settings["guidance"] != 1.0 else None
     common = dict(steps=settings["steps"], guidance=settings["guidance"], uncond=uncond)
