@@ -189,6 +189,8 @@ def test_chunk_advantage_credits_each_chunk_with_the_advantage_to_go():
     # d = [1, 0, 1] and [0, -3, 0]; A_k = mean of d_k .. d_2
     want = torch.tensor([[2 / 3, 1 / 2, 1.0], [-1.0, -3 / 2, 0.0]])
     assert torch.allclose(chunk_advantage(r, b), want)
+    # beside the teacher's context a chunk shapes no later one: its own r_k - b_k
+    assert torch.equal(chunk_advantage(r, b, to_go=False), torch.tensor([[1.0, 0.0, 1.0], [0.0, -3.0, 0.0]]))
 
 
 def test_chunk_frames_are_the_world_segments(backend):
@@ -223,9 +225,12 @@ def test_teacher_context_rolls_out_beside_the_rendered_clip(backend):
     assert not torch.allclose(own.states[-1][:, :, second], forced.states[-1][:, :, second], atol=1e-3)
 
 
-def test_scst_per_chunk_on_teacher_context_raises_its_objective(tmp_path):
-    """One update on teacher-forced rollouts with per-chunk advantages raises sum_k A_k * logp(chunk k's steps)
-    under the new weights: each chunk's steps move the way their own advantage says."""
+def test_scst_per_chunk_on_teacher_context_raises_its_objective(tmp_path, monkeypatch):
+    """One update on teacher-forced rollouts with per-chunk advantages (each chunk's own, not the reward to go)
+    raises sum_k A_k * logp(chunk k's steps) under the new weights: each chunk's steps move the way their own
+    advantage says."""
+    import vpotool.training.scst as scst_module
+    from vpotool.losses import chunk_advantage
     from vpotool.rewards import load_reward
     from vpotool.rollout import rollout_step_logp
     from vpotool.sampling import resolved_settings
@@ -240,7 +245,12 @@ def test_scst_per_chunk_on_teacher_context_raises_its_objective(tmp_path):
                      **SIZE)  # fmt: skip
     trainer = setup(cfg, b)
     settings = resolved_settings(cfg, b)
+    to_go = []
+    monkeypatch.setattr(
+        scst_module, "chunk_advantage", lambda r, b_, go: to_go.append(go) or chunk_advantage(r, b_, go)
+    )
     ro = collect(b, load_reward("world", device="cpu"), WORLD_PROMPTS.split("\n")[:2], [5, 6], settings, cfg)
+    assert to_go == [False]
     assert ro.advantage.shape == (2, 2) and ro.advantage.abs().min() > 0
     sched = b.schedule(SIZE["steps"], b.latent_shape(33, 16, 16))
     n = ro.logps.shape[1]

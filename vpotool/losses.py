@@ -92,12 +92,16 @@ def scst_advantage(reward: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor
     return (reward.detach().float() - baseline.detach().float()).reshape(-1)
 
 
-def chunk_advantage(reward: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+def chunk_advantage(reward: torch.Tensor, baseline: torch.Tensor, to_go: bool = True) -> torch.Tensor:
     """Per-chunk self-critical advantage of an autoregressive rollout: ``reward, baseline [B, K]`` are each chunk's
     reward for the sample and its greedy rollout. Chunk k is credited with the mean advantage of chunks k..K-1,
     ``A_k = mean_{j >= k} (r_j - b_j)`` (reward to go): its steps shape the chunks after it, through their context,
-    and cannot change those before it. Returns ``[B, K]`` float32, detached."""
+    and cannot change those before it. Without ``to_go`` (a rollout beside the teacher's context, where a chunk
+    shapes no other chunk's context) chunk k is credited with its own ``r_k - b_k``. Returns ``[B, K]`` float32,
+    detached."""
     d = (reward.detach().float() - baseline.detach().float()).reshape(reward.shape[0], -1)
+    if not to_go:
+        return d
     counts = torch.arange(d.shape[1], 0, -1, dtype=d.dtype, device=d.device)
     return d.flip(1).cumsum(1).flip(1) / counts
 

@@ -58,8 +58,8 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
     """Sample stochastic trajectories (and, for the greedy baseline, the deterministic ones from the same noise),
     score them and compute advantages. On an autoregressive model each chunk sees the chunks the model made
     (``cfg.context`` own, Self-Forcing) or the ground truth's (teacher); ``cfg.advantage`` chunk scores each chunk
-    (:func:`vpotool.rollout.chunk_frames`) and credits its steps with the reward to go
-    (:func:`vpotool.losses.chunk_advantage`)."""
+    (:func:`vpotool.rollout.chunk_frames`) and credits its steps with the reward to go on its own rollouts, with
+    its own advantage beside the teacher (:func:`vpotool.losses.chunk_advantage`)."""
     k = 1 if cfg.baseline == "greedy" else cfg.group_size
     prompts = [p for p in prompts for _ in range(k)]
     seeds = [s * 101 + j for s in seeds for j in range(k)]
@@ -90,7 +90,9 @@ def collect(backend, reward, prompts: list[str], seeds: list[int], settings: dic
         baseline, b_chunks = score(
             generate(backend, cond, noise, **common).latents
         )  # the greedy (deterministic) rollout
-        adv = scst_advantage(r, baseline) if spans is None else chunk_advantage(r_chunks, b_chunks)
+        # beside the teacher a chunk shapes no later chunk's context: its own advantage, not the reward to go
+        to_go = teacher is None
+        adv = scst_advantage(r, baseline) if spans is None else chunk_advantage(r_chunks, b_chunks, to_go)
     else:
         baseline, adv = group_baseline(r, k, cfg.baseline)
     adv = normalize_advantage(adv, cfg.adv_clip or None, scale=cfg.normalize)
