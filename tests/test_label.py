@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import sys
 import threading
 import time
@@ -47,7 +48,7 @@ def samples_of(run) -> list[dict]:
 
 
 def config(run, out, **kw) -> LabelConfig:
-    return LabelConfig(samples=str(run / "samples.parquet"), out=str(out), **{"labeler": "alice", **kw})
+    return LabelConfig(**{"samples": str(run / "samples.parquet"), "out": str(out), "labeler": "alice", **kw})
 
 
 @contextmanager
@@ -340,6 +341,72 @@ def test_server_answers_every_malformed_request_with_a_4xx_and_bounds_its_waits(
         status, reply, _ = raw(server, f"{json_post}\nContent-Length: {len(answer)}", answer)  # still serving
         assert status == 200 and json.loads(reply)["stored"]
     assert list(pd.read_parquet(out).choice) == ["left"]
+
+
+def test_videos_are_served_in_byte_ranges(run, tmp_path):
+    out, first = tmp_path / "labels.parquet", build_queue(samples_of(run))[0].left_id
+    video = (run / "videos" / f"{first}.mp4").read_bytes()
+    size, url = len(video), f"/video/{first}"
+    with serving(run, out) as server:
+
+        def get(range_=None):
+            headers = {"Range": range_} if range_ else {}
+            request = urllib.request.Request(server.url.rstrip("/") + url, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status, r.headers, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, e.read()
+
+        status, headers, body = get()
+        assert status == 200 and body == video and headers["Accept-Ranges"] == "bytes"
+        for asked, (a, b) in [
+            ("bytes=10-99", (10, 99)),
+            ("bytes=0-0", (0, 0)),
+            (f"bytes=100-{size * 2}", (100, size - 1)),  # a last byte past the end is cut to it
+            ("bytes=100-", (100, size - 1)),
+            ("bytes=-50", (size - 50, size - 1)),
+            (f"bytes=-{size * 2}", (0, size - 1)),
+            ("BYTES = 5 - 9", (5, 9)),
+        ]:
+            status, headers, body = get(asked)
+            assert status == 206 and body == video[a : b + 1], asked
+            assert headers["Content-Range"] == f"bytes {a}-{b}/{size}" and headers["Content-Length"] == str(b - a + 1)
+            assert headers["Accept-Ranges"] == "bytes" and headers["Content-Type"] == "video/mp4"
+        bad = [f"bytes={size}-", f"bytes={size}-{size + 9}", "bytes=-0", "bytes=9-5", "bytes=a-b", "bytes=-", "bytes=",
+               "bytes=1-2-3", "bytes=+1-2", "bytes=\u00b2-5"]  # fmt: skip
+        for asked in bad:
+            status, headers, body = get(asked)
+            assert status == 416 and headers["Content-Range"] == f"bytes */{size}", asked
+            assert json.loads(body)["error"], asked
+        for ignored in ("items=0-5", "bytes=0-1,5-9"):  # another unit, several ranges: the whole video
+            status, headers, body = get(ignored)
+            assert status == 200 and body == video, ignored
+
+
+def test_a_client_that_drops_a_video_midway_leaves_no_traceback(run, tmp_path, capfd, monkeypatch):
+    big = tmp_path / "big.mp4"  # far more than the sockets buffer, so the server is mid-write when the client goes
+    big.write_bytes(bytes(range(256)) * (64 << 12))  # 64 MiB
+    rows = [{**s, "video": str(big)} for s in samples_of(run)]
+    write_manifest(tmp_path / "big.parquet", rows, "samples")
+    errors = []
+    handle_error = LabelServer.handle_error
+    monkeypatch.setattr(LabelServer, "handle_error", lambda *a: errors.append(sys.exc_info()[0]) or handle_error(*a))
+    with serving(run, tmp_path / "labels.parquet", samples=str(tmp_path / "big.parquet")) as server:
+        port = server.server_address[1]
+        for range_ in ("", "Range: bytes=1000-\r\n"):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(server.server_address)
+            sock.sendall(
+                f"GET /video/{rows[0]['sample_id']} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{range_}\r\n".encode()
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.0 20")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, as a tab closes
+            sock.close()
+        assert call(server, "/api/next")[0] == 200  # still serving
+    assert len(errors) == 2 and all(issubclass(e, ConnectionError) for e in errors)  # the server did see them go
+    assert capfd.readouterr().err == ""
 
 
 def many_candidates(run, tmp_path, candidates: int) -> Path:

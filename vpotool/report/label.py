@@ -7,7 +7,11 @@ The server (stdlib ``http.server``, one thread per request) guards the labels fi
 - one server per labels file: a second one on the same ``--out`` is refused (``vpotool.locks``);
 - it listens on 127.0.0.1 unless told otherwise, and then answers only requests whose ``Host`` header names the
   address it serves (a page on another site that rebinds its DNS name to 127.0.0.1 is refused);
-- it serves only the videos of the samples it shows, looked up by sample id, never by a path from the request;
+- it serves only the videos of the samples it shows, looked up by sample id, never by a path from the request,
+  and answers byte ranges of them (``Range: bytes=a-b``, ``a-`` or ``-n`` -> 206 with ``Content-Range``; an
+  unsatisfiable or malformed range 416), as Safari needs to play mp4 and any browser to seek;
+- a client that goes away mid-answer (a browser cancels a video request as the person clicks on) ends that
+  request quietly: no traceback in the terminal;
 - it stores an answer only from a POST carrying the page's random token in an ``X-Label-Token`` header, and
   with an ``Origin`` header (if any) naming the served origin: another site can neither read the token nor
   send that header without a CORS preflight, which this server never grants;
@@ -29,6 +33,7 @@ import errno
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -47,6 +52,36 @@ from vpotool.stages.pair import LABEL_CHOICES
 LOOPBACK = ("127.0.0.1", "localhost")
 MAX_BODY = 4096  # bytes: an answer is a few dozen
 BODY_TIMEOUT = 5.0  # seconds to wait for a request body once its headers came (it is sent with them)
+CHUNK = 1 << 16  # bytes of a video read and sent at a time
+PAGE = (Path(__file__).parent / "static" / "label.html").read_text(encoding="utf-8")
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The bytes ``first``, ``last`` (inclusive) of a file of ``size`` bytes that a ``Range`` header asks for:
+    ``bytes=a-b`` (``b`` past the end is cut to it), ``bytes=a-`` or ``bytes=-n`` (the last ``n``). None: send the
+    whole file (no header, another unit, or several ranges, which RFC 9110 lets a server ignore). A malformed or
+    unsatisfiable range is a ``ValueError`` saying why (the server answers 416)."""
+    if header is None:
+        return None
+    unit, eq, spec = header.strip().partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        return None
+    if "," in spec:
+        return None
+    first, dash, last = (part.strip() for part in spec.partition("-"))
+    numbers = [n for n in (first, last) if n]
+    if not dash or not numbers or not all(n.isascii() and n.isdigit() for n in numbers):
+        raise ValueError(f"malformed Range {header[:40]!r}; send bytes=FIRST-LAST, FIRST- or -SUFFIX")
+    if not first:  # a suffix: the last n bytes
+        if int(last) == 0 or size == 0:
+            raise ValueError(f"Range {header[:40]!r} selects no bytes of the {size}-byte video")
+        return max(0, size - int(last)), size - 1
+    start, end = int(first), int(last) if last else size - 1
+    if end < start:
+        raise ValueError(f"malformed Range {header[:40]!r}: its last byte comes before its first")
+    if start >= size:
+        raise ValueError(f"Range {header[:40]!r} starts past the end of the {size}-byte video")
+    return start, min(end, size - 1)
 
 
 class LabelSession:
@@ -183,9 +218,33 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/next":
             self.send_json(200, session.state())
         elif video is not None:  # a sample id of the queue; no path from the request ever reaches the disk
-            self.send(200, video.read_bytes(), "video/mp4")
+            self.send_video(video)
         else:
             self.send_json(404, {"error": f"not found: {path}"})
+
+    def send_video(self, path: Path) -> None:
+        """The video at ``path``: whole (200) or the byte range the ``Range`` header asks for (206; 416 with
+        ``Content-Range: bytes */SIZE`` when it cannot be met), read from the file a chunk at a time."""
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                span = byte_range(self.headers.get("Range"), size)
+            except ValueError as e:
+                return self.send_json(416, {"error": str(e)}, {"Content-Range": f"bytes */{size}"})
+            first, last = span or (0, size - 1)
+            self.send_response(206 if span else 200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(last - first + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            if span:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            f.seek(first)
+            left = last - first + 1
+            while left > 0 and (chunk := f.read(min(CHUNK, left))):
+                self.wfile.write(chunk)
+                left -= len(chunk)
 
     def read_body(self) -> bytes | tuple[int, str]:
         """The request body, or ``(status, error)`` when it cannot be read within the limits."""
@@ -262,6 +321,13 @@ class LabelServer(ThreadingHTTPServer):
         else:
             self.allowed_hosts = {f"{h}:{port}" for h in {host, *(LOOPBACK if host in LOOPBACK else ())}}
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a closed tab, a video request the browser cancelled) or stalled ends its
+        request without a word; any other error is printed as ``socketserver`` does."""
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
     def server_close(self) -> None:
         super().server_close()  # waits for requests in flight, so an answer being written is finished
         if self.lock is not None:
@@ -321,94 +387,3 @@ def run_label(cfg: LabelConfig) -> Path:
     finally:
         server.server_close()  # waits for requests in flight, then frees the labels file
     return Path(cfg.out)
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>vpotool label</title><link rel="icon" href="data:,">
-<style>
-body { font-family: system-ui, sans-serif; margin: 0; padding: 1rem 2rem; background: #15171a; color: #e8e8e8; }
-header { display: flex; justify-content: space-between; color: #aaa; }
-#prompt { font-size: 1.5rem; text-align: center; margin: 1.2rem 0; }
-.pair { display: flex; gap: 2rem; justify-content: center; }
-figure { margin: 0; text-align: center; color: #aaa; }
-video { width: min(42vw, 60vh); aspect-ratio: 1; object-fit: contain; background: #000; border-radius: 6px;
-        image-rendering: pixelated; }
-.buttons { display: flex; gap: 1rem; justify-content: center; margin-top: 1.5rem; }
-button { font: inherit; font-size: 1.1rem; padding: .7rem 1.3rem; border: 0; border-radius: 6px; cursor: pointer;
-         background: #2f6fdf; color: #fff; }
-button.minor { background: #3a3d42; }
-kbd { font-size: .8em; padding: .1em .4em; border: 1px solid #ffffff66; border-radius: 4px; margin-left: .3em; }
-#error { color: #ff7b7b; text-align: center; }
-#done { font-size: 1.4rem; text-align: center; margin-top: 4rem; }
-</style></head>
-<body>
-<header><strong>vpotool label</strong><span id="progress"></span></header>
-<main id="task" hidden>
-  <p id="prompt"></p>
-  <div class="pair">
-    <figure><video id="left" autoplay loop muted playsinline></video><figcaption>left</figcaption></figure>
-    <figure><video id="right" autoplay loop muted playsinline></video><figcaption>right</figcaption></figure>
-  </div>
-  <div class="buttons">
-    <button data-choice="left">Left is better<kbd>&larr;</kbd></button>
-    <button data-choice="tie" class="minor">Tie<kbd>&darr;</kbd><kbd>T</kbd></button>
-    <button data-choice="skip" class="minor">Skip<kbd>S</kbd><kbd>Space</kbd></button>
-    <button data-choice="right">Right is better<kbd>&rarr;</kbd></button>
-  </div>
-</main>
-<p id="done" hidden>Every pair is answered. Thank you! You can close this tab.</p>
-<p id="error" role="alert"></p>
-<script>
-const TOKEN = "__TOKEN__";
-const KEYS = {ArrowLeft: "left", ArrowRight: "right", ArrowDown: "tie", t: "tie", s: "skip", " ": "skip"};
-const $ = (id) => document.getElementById(id);
-let current = null, busy = false;
-
-function show(state) {
-  $("progress").textContent = `${state.labeler} \\u00b7 ${state.answered} of ${state.total} answered`;
-  current = state.item;
-  $("task").hidden = !current;
-  $("done").hidden = !!current;
-  if (!current) return;
-  $("prompt").textContent = current.prompt;
-  for (const side of ["left", "right"]) {
-    $(side).src = current[side].url;
-    $(side).dataset.sample = current[side].id;
-  }
-}
-
-async function request(url, options) {
-  const response = await fetch(url, options);
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
-  return body;
-}
-
-async function answer(choice) {
-  if (!current || busy) return;  // one answer in flight at a time; the server ignores repeats anyway
-  busy = true;
-  try {
-    const headers = {"Content-Type": "application/json", "X-Label-Token": TOKEN};
-    const body = JSON.stringify({item_id: current.item_id, choice});
-    show(await request("/api/label", {method: "POST", headers, body}));
-    $("error").textContent = "";
-  } catch (e) {
-    $("error").textContent = `not saved: ${e.message}`;
-  } finally {
-    busy = false;
-  }
-}
-
-for (const button of document.querySelectorAll("button[data-choice]")) {
-  button.addEventListener("click", () => { button.blur(); answer(button.dataset.choice); });
-}
-document.addEventListener("keydown", (e) => {
-  const choice = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
-  if (!choice || e.altKey || e.ctrlKey || e.metaKey) return;
-  e.preventDefault();
-  answer(choice);
-});
-request("/api/next").then(show).catch((e) => { $("error").textContent = e.message; });
-</script>
-</body></html>
-"""
