@@ -73,16 +73,16 @@ def backend(checkpoint):
     return load_backend("self-forcing", path, options={"checkpoint": ckpt})
 
 
-def test_rollout_equals_self_forcing_causal_inference(reference, backend, monkeypatch):
-    """vpotool's rollout with the family's sampler (``--sampler pipeline``) gives the latents of Self-Forcing's
-    CausalInferencePipeline from the same initial and re-noising noise: block-causal recomputation of the clean
-    history equals its KV cache."""
+def upstream_rollout(reference, backend, monkeypatch, variant: str = "", steps: int = 4):
+    """vpotool's rollout with the family's sampler from the reference's initial noise, replaying the re-noising
+    noise Self-Forcing drew in run ``variant`` (its latents ``latents.<variant>``): ``(ours, upstream's)``."""
     import vpotool.models.self_forcing as sf
 
     tensors, _ = reference
+    key = lambda name: f"{name}.{variant}" if variant else name  # noqa: E731
     noise = tensors["noise"].permute(0, 2, 1, 3, 4)  # upstream [B, F, C, h, w] -> vpotool [B, C, F, h, w]
     b = noise.shape[0]
-    draws = [z.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4) for z in tensors["renoise"]]  # each [B * 3, C, h, w]
+    draws = [z.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4) for z in tensors[key("renoise")]]  # each [B * 3, ...]
 
     def replay(like, generator):
         z = draws.pop(0)
@@ -91,14 +91,33 @@ def test_rollout_equals_self_forcing_causal_inference(reference, backend, monkey
 
     monkeypatch.setattr(sf, "draw_noise", replay)
     cond = {"encoder_hidden_states": tensors["text"]}
-    sampler = backend.pipeline_scheduler
     with torch.no_grad():
-        ours = rollout(backend, cond, noise, chunking=backend.chunking, steps=4, scheduler=sampler).latents
-    assert not draws  # 3 chunks x 3 re-noised steps, all used
-    ref = tensors["latents"].permute(0, 2, 1, 3, 4)
+        ours = rollout(backend, cond, noise, chunking=backend.chunking, steps=steps,
+                       scheduler=backend.pipeline_scheduler).latents  # fmt: skip
+    assert not draws  # 3 chunks x (steps - 1) re-noised steps, all used
+    ref = tensors[key("latents")].permute(0, 2, 1, 3, 4)
     assert ours.shape == ref.shape == (2, 16, 9, 4, 6)
     assert ref.abs().mean() > 0.1  # not a degenerate reference
+    return ours, ref
+
+
+def test_rollout_equals_self_forcing_causal_inference(reference, backend, monkeypatch):
+    """vpotool's rollout with the family's sampler (``--sampler pipeline``) gives the latents of Self-Forcing's
+    CausalInferencePipeline from the same initial and re-noising noise: block-causal recomputation of the clean
+    history equals its KV cache."""
+    ours, ref = upstream_rollout(reference, backend, monkeypatch)
     torch.testing.assert_close(ours, ref, atol=5e-6, rtol=1e-6)  # measured: 1.2e-6 at most, values up to 5
+
+
+def test_three_steps_equal_self_forcing_with_that_step_list(reference, checkpoint, backend, monkeypatch):
+    """``--model-options denoising_steps=1000,600,300`` (warped, as upstream's config) gives upstream's latents with
+    ``denoising_step_list: [1000, 600, 300]``; the four-step model's rollout does not."""
+    path, ckpt = checkpoint
+    three = load_backend("self-forcing", path, options=f"checkpoint={ckpt},denoising_steps=1000,600,300")
+    ours, ref = upstream_rollout(reference, three, monkeypatch, "steps3", steps=3)
+    torch.testing.assert_close(ours, ref, atol=5e-6, rtol=1e-6)
+    four, _ = upstream_rollout(reference, backend, monkeypatch)
+    assert (four - ref).abs().max() > 1.0
 
 
 def test_schedule_is_the_warped_four_step_grid(backend):

@@ -46,6 +46,9 @@ ARGS = dict(
     denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True, num_frame_per_block=3,
     independent_first_frame=False, context_noise=0, model_kwargs={"timestep_shift": 5.0},
 )  # fmt: skip
+# Further runs on the same model, prompts and initial noise, each saved under its name (``latents.steps3``, ...):
+# CausVid-style three steps, and a context labelled with timestep 100 (the cache pass at ``context_noise`` 100).
+VARIANTS = {"steps3": {"denoising_step_list": [1000, 600, 300]}, "context100": {"context_noise": 100}}
 SEED = 0
 
 
@@ -119,7 +122,7 @@ class NoDecode(torch.nn.Module):
         return latents
 
 
-def tiny_pipeline(CausalInferencePipeline, generator, text: torch.Tensor, tokens_per_frame: int):
+def tiny_pipeline(CausalInferencePipeline, generator, text: torch.Tensor, tokens_per_frame: int, settings: dict):
     """The checkout's pipeline with its cache sizes set for the tiny model instead of Wan 1.3B's."""
     heads, head_dim = CONFIG["num_heads"], CONFIG["dim"] // CONFIG["num_heads"]
 
@@ -141,7 +144,7 @@ def tiny_pipeline(CausalInferencePipeline, generator, text: torch.Tensor, tokens
                 {"k": None, "v": None, "is_init": False} for _ in range(self.num_transformer_blocks)
             ]
 
-    args = types.SimpleNamespace(**ARGS)
+    args = types.SimpleNamespace(**settings)
     pipe = TinyCaches(args, device="cpu", generator=generator, text_encoder=FixedText(text), vae=NoDecode())
     pipe.num_transformer_blocks = CONFIG["num_layers"]
     pipe.frame_seq_length = tokens_per_frame
@@ -163,37 +166,49 @@ def main() -> None:
     generator = WanDiffusionWrapper(**ARGS["model_kwargs"], is_causal=True)
     text = torch.randn((BATCH, CONFIG["text_len"], CONFIG["text_dim"]), generator=gen)
     text[0, 10:] = 0  # a shorter prompt, zero-padded as the text encoder pads
-    pipe = tiny_pipeline(CausalInferencePipeline, generator, text, (HEIGHT // 2) * (WIDTH // 2))
     noise = torch.randn((BATCH, FRAMES, CONFIG["in_dim"], HEIGHT, WIDTH), generator=gen)
+    tokens = (HEIGHT // 2) * (WIDTH // 2)
 
-    renoise = []
-    randn_like = torch.randn_like
+    def run(settings: dict):
+        """The pipeline's latents from ``noise`` and the re-noising noise it drew."""
+        pipe = tiny_pipeline(CausalInferencePipeline, generator, text, tokens, settings)
+        renoise = []
+        randn_like = torch.randn_like
 
-    def recorded(like, **kwargs):  # the pipeline's only random draw: the re-noising between steps
-        z = torch.randn(like.shape, generator=gen).to(like)
-        renoise.append(z.clone())
-        return z
+        def recorded(like, **kwargs):  # the pipeline's only random draw: the re-noising between steps
+            z = torch.randn(like.shape, generator=gen).to(like)
+            renoise.append(z.clone())
+            return z
 
-    torch.randn_like = recorded
-    try:
-        with torch.no_grad():
-            _, latents = pipe.inference(noise, ["", ""], return_latents=True)
-    finally:
-        torch.randn_like = randn_like
+        torch.randn_like = recorded
+        try:
+            with torch.no_grad():
+                _, latents = pipe.inference(noise, ["", ""], return_latents=True)
+        finally:
+            torch.randn_like = randn_like
+        return pipe, latents.contiguous(), torch.stack(renoise)
+
+    pipe, latents, renoise = run(ARGS)
+    outputs = {"latents": latents, "renoise": renoise}
+    for name, change in VARIANTS.items():
+        _, latents_v, renoise_v = run(ARGS | change)
+        outputs |= {f"latents.{name}": latents_v, f"renoise.{name}": renoise_v}
 
     commit = subprocess.run(
         ["git", "-C", str(a.upstream), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     tensors = {f"generator.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    tensors |= {"text": text, "noise": noise, "renoise": torch.stack(renoise), "latents": latents.contiguous()}
+    tensors |= {"text": text, "noise": noise, **outputs}
     from safetensors.torch import save_file
 
-    meta = {"config": json.dumps(CONFIG), "args": json.dumps(ARGS), "upstream_commit": commit}
+    meta = {"config": json.dumps(CONFIG), "args": json.dumps(ARGS), "variants": json.dumps(VARIANTS)}
+    meta["upstream_commit"] = commit
     meta["timesteps"] = json.dumps([float(t) for t in pipe.denoising_step_list])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(a.out), metadata=meta)
     size = a.out.stat().st_size
-    print(f"wrote {a.out} ({size / 1e3:.0f} kB): latents {tuple(latents.shape)}, {len(renoise)} re-noise draws")
+    print(f"wrote {a.out} ({size / 1e3:.0f} kB): latents {tuple(latents.shape)}, {len(renoise)} re-noise draws, "
+          f"variants {', '.join(VARIANTS)}")  # fmt: skip
 
 
 if __name__ == "__main__":
