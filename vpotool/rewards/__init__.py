@@ -98,7 +98,7 @@ REWARDS.update(
 
 
 # The ``--reward-options`` each reward takes: default, type, smallest value, words, help. One table: the CLI checks
-# options against it before any model loads, and docs/rewards-options.md is generated from it.
+# options against it before any model loads, and the options table of docs/rewards.md is generated from it.
 Opt = Option
 FRAMES = Opt(8, "frames scored per video, evenly spaced", minimum=1)
 ALL_FRAMES = Opt(None, "frames scored per video, evenly spaced (default: every frame)", int, minimum=1)
