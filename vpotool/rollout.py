@@ -109,6 +109,14 @@ def rollout(
 
     if backend.prediction != "flow":
         raise VpoError(f"autoregressive rollouts need a flow-matching model; --model {backend.info.name} is not")
+    if chunking.ar_step:  # SkyReels-V2's asynchronous mode: a schedule staggered over the chunk's frames
+        from vpotool.diffusion_forcing import staggered_rollout
+
+        return staggered_rollout(
+            backend, cond, noise, chunking=chunking, steps=steps, guidance=guidance, uncond=uncond,
+            noise_level=noise_level, step_seeds=step_seeds, grad_steps=grad_steps, keep_states=keep_states,
+            schedule=schedule, scheduler=scheduler, teacher=teacher,
+        )  # fmt: skip
     spans = chunking.spans(noise.shape[2])
     stochastic = noise_level > 0
     if scheduler is not None and (stochastic or grad_steps or keep_states):

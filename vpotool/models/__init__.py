@@ -79,8 +79,16 @@ MODEL_OPTIONS: dict[str, dict] = {
     "ltx": VAE_OPTIONS,
     "opensora": {"aesthetic_score": 6.5, "clean_prompts": True},
     # autoregressive families: the rollout's window, context and context noise (vpotool.models.skyreels)
-    "skyreels": {**VAE_OPTIONS, "base_frames": 97, "overlap_frames": 17, "addnoise": 0.0},
-    "tiny-ar": {**VAE_OPTIONS, "addnoise": 0.0},
+    # ar_step > 0: SkyReels-V2's asynchronous mode; causal_block_size 0: the checkpoint's (vpotool.diffusion_forcing)
+    "skyreels": {
+        **VAE_OPTIONS,
+        "base_frames": 97,
+        "overlap_frames": 17,
+        "addnoise": 0.0,
+        "ar_step": 0,
+        "causal_block_size": 0,
+    },
+    "tiny-ar": {**VAE_OPTIONS, "addnoise": 0.0, "ar_step": 0, "causal_block_size": 0},
     # checkpoint=PATH.pt (the generator), the rest Self-Forcing's config (vpotool.models.self_forcing)
     "self-forcing": {
         **VAE_OPTIONS,

@@ -67,18 +67,31 @@ class Chunking:
 
     The first chunk is ``first`` frames denoised together without context; every later chunk is ``chunk`` frames
     denoised beside the last ``context`` frames already made. ``context_noise`` is the flow sigma the context is
-    re-noised to before the model sees it (0: clean context, as teacher forcing trained it)."""
+    re-noised to before the model sees it (0: clean context, as teacher forcing trained it).
+
+    SkyReels-V2 Diffusion Forcing's asynchronous mode (:mod:`vpotool.diffusion_forcing`): ``ar_step > 0`` staggers
+    a chunk's denoising over its causal blocks of ``causal_block`` frames, each block ``ar_step`` steps behind the
+    one before; ``causal_block > 1`` also makes the model's attention block-causal. ``short_last``: a video that
+    ends part way through a chunk ends with a shorter chunk (and one shorter than ``first`` is one chunk), as
+    SkyReels-V2's pipeline makes them; without it such lengths are refused. It says what lengths the model takes,
+    not how a video was made, so chunkings are compared and recorded without it."""
 
     first: int
     chunk: int
     context: int
     context_noise: float = 0.0
+    ar_step: int = 0
+    causal_block: int = 1
+    short_last: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         if self.first < 1 or self.chunk < 1 or self.context < 0:
             raise VpoError(f"chunking needs first >= 1, chunk >= 1 and context >= 0 latent frames (got {self})")
         if not 0.0 <= self.context_noise < 1.0:
             raise VpoError(f"context noise must be a flow sigma in [0, 1) (got {self.context_noise})")
+        blocks = (self.first, self.chunk, self.context)
+        if self.ar_step < 0 or self.causal_block < 1 or any(n % self.causal_block for n in blocks):
+            raise VpoError(f"chunking needs ar_step >= 0 and causal blocks that divide its chunks (got {self})")
 
     @property
     def window(self) -> int:
@@ -87,7 +100,18 @@ class Chunking:
 
     def spans(self, latent_frames: int) -> list[tuple[int, int]]:
         """``[start, end)`` latent frames of each chunk of a video of ``latent_frames``; a video that is not the
-        first chunk plus a whole number of chunks is refused."""
+        first chunk plus a whole number of chunks is refused, unless ``short_last`` (then only lengths that are not
+        whole causal blocks are)."""
+        if self.short_last and latent_frames >= 1 and not latent_frames % self.causal_block:
+            if latent_frames <= self.first:
+                return [(0, latent_frames)]
+            starts = range(self.first, latent_frames, self.chunk)
+            return [(0, self.first)] + [(s, min(s + self.chunk, latent_frames)) for s in starts]
+        if self.short_last:
+            raise VpoError(
+                f"{latent_frames} latent frames are not whole causal blocks of {self.causal_block} frames; pick "
+                f"--frames from {self.valid_frames_hint()}"
+            )
         if latent_frames < self.first or (latent_frames - self.first) % self.chunk:
             raise VpoError(
                 f"{latent_frames} latent frames are not a whole number of chunks: this model makes {self.first} "
@@ -97,15 +121,24 @@ class Chunking:
         return [(0, self.first)] + [(s, s + self.chunk) for s in starts]
 
     def valid_frames_hint(self, temporal_factor: int = 4, n: int = 4) -> str:
-        lat = [self.first + k * self.chunk for k in range(n)]
+        step = self.causal_block if self.short_last else self.chunk
+        lat = [(self.causal_block if self.short_last else self.first) + k * step for k in range(n)]
         return ", ".join(str((f - 1) * temporal_factor + 1) for f in lat) + ", ..."
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """What manifests record: the asynchronous schedule's fields only when it is on, so that a synchronous
+        chunking reads as it did before they existed."""
+        d = asdict(self)
+        del d["short_last"]
+        for k, off in (("ar_step", 0), ("causal_block", 1)):
+            if d[k] == off:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Chunking:
-        return cls(**{k: d[k] for k in ("first", "chunk", "context", "context_noise")})
+        staggered = {k: d[k] for k in ("ar_step", "causal_block") if k in d}
+        return cls(**{k: d[k] for k in ("first", "chunk", "context", "context_noise")}, **staggered)
 
 
 @runtime_checkable

@@ -67,8 +67,13 @@ def tiny_ar_chunking(addnoise: float = 0.0) -> Chunking:
     return Chunking(first=5, chunk=5, context=5, context_noise=float(addnoise) / 1000.0)
 
 
-def load_tiny_ar(path: str | None = None, device="cpu", dtype=torch.float32, addnoise: float = 0.0):
-    """The tiny autoregressive model from ``path`` (a SkyReels-V2 DF folder), else the shipped weights."""
+def load_tiny_ar(
+    path: str | None = None, device="cpu", dtype=torch.float32, addnoise: float = 0.0, ar_step: int = 0,
+    causal_block_size: int = 0,
+):  # fmt: skip
+    """The tiny autoregressive model from ``path`` (a SkyReels-V2 DF folder), else the shipped weights;
+    ``ar_step`` and ``causal_block_size`` as ``--model skyreels`` takes them (a chunk is 5 latent frames: blocks of
+    1 or 5)."""
     from vpotool.models.skyreels import load_skyreels
 
     folder = path or str(ASSET_DIR)
@@ -79,5 +84,5 @@ def load_tiny_ar(path: str | None = None, device="cpu", dtype=torch.float32, add
         raise VpoError(f"--model-options addnoise={addnoise}: a timestep in [0, 1000)")
     return load_skyreels(
         folder, device, dtype, name="tiny-ar", defaults=TINY_AR_DEFAULTS, chunking=tiny_ar_chunking(addnoise),
-        codec_wrap=SegmentCodec,
+        codec_wrap=SegmentCodec, ar_step=ar_step, causal_block_size=causal_block_size,
     )  # fmt: skip

@@ -97,6 +97,9 @@ def setup(cfg: TrainConfig, backend=None, extra_adapters: tuple[str, ...] = (), 
     if backend is None:
         device = str(accelerator.device) if cfg.device == "auto" else resolve_device(cfg.device)
         backend = load_backend(cfg.model, cfg.model_path, device, cfg.dtype, cfg.model_options)
+    if getattr(getattr(backend, "chunking", None), "ar_step", 0):  # vpotool.diffusion_forcing: deterministic only
+        raise VpoError(f"--model-options ar_step={backend.chunking.ar_step} (SkyReels-V2's asynchronous mode) "
+                       "samples only: the trainers step a chunk's frames together; train with ar_step=0")  # fmt: skip
     if cfg.offload_text_encoder:
         backend.offload_text_encoder(list(prompts))
     params = adapt(backend, cfg, extra_adapters)
