@@ -124,7 +124,8 @@ def test_rollout_equals_the_pipeline(skyreels_path, window, frames, ar_step, siz
 
 def test_staggered_schedule_changes_the_video_and_euler_samples_it(skyreels_path):
     """The asynchronous mode is not the synchronous one in disguise (later blocks see cleaner earlier ones), and
-    vpotool's own deterministic sampler runs it too; stochastic rollouts are refused in one line."""
+    vpotool's own deterministic sampler runs it too, beside a teacher's context as well; stochastic rollouts are
+    refused in one line."""
     _, height, width = FAMILY_SIZES["skyreels"]
     runs = {}
     for ar_step in (0, 2):
@@ -135,6 +136,9 @@ def test_staggered_schedule_changes_the_video_and_euler_samples_it(skyreels_path
         runs[ar_step] = rollout(backend, cond, noise, chunking=backend.chunking, steps=3).latents
         assert torch.isfinite(runs[ar_step]).all()
     assert (runs[2] - runs[0]).abs().max() > 1e-2
+    # beside its own video as the teacher's context, the rollout makes that video again
+    again = rollout(backend, cond, noise, chunking=backend.chunking, steps=3, teacher=runs[2]).latents
+    torch.testing.assert_close(again, runs[2], atol=1e-6, rtol=0)
     with pytest.raises(VpoError, match="ar_step=2.*deterministically"):
         rollout(backend, cond, noise, chunking=backend.chunking, steps=3, noise_level=0.5)
     assert backend.chunking.as_dict()["ar_step"] == 2  # manifests record the schedule
