@@ -120,6 +120,25 @@ def test_three_steps_equal_self_forcing_with_that_step_list(reference, checkpoin
     assert (four - ref).abs().max() > 1.0
 
 
+def test_context_noise_equals_self_forcing_inference_and_training_noises_once(reference, checkpoint, monkeypatch):
+    """``context_noise=100``: as upstream's inference fills its KV cache from the clean block at timestep 100, the
+    context is labelled, not noised, and the latents equal upstream's (``latents.context100``); noising it instead,
+    once per block (``context_mode=training``, the training pipeline's way) or with the labels removed, does not."""
+    path, ckpt = checkpoint
+    labelled = load_backend("self-forcing", path, options=f"checkpoint={ckpt},context_noise=100")
+    assert (labelled.chunking.context_mode, labelled.chunking.context_noise) == ("label", 0.1)
+    ours, ref = upstream_rollout(reference, labelled, monkeypatch, "context100")
+    torch.testing.assert_close(ours, ref, atol=5e-6, rtol=1e-6)
+    once = load_backend("self-forcing", path, options=f"checkpoint={ckpt},context_noise=100,context_mode=training")
+    noised, _ = upstream_rollout(reference, once, monkeypatch, "context100")
+    assert (noised - ref).abs().max() > 1e-2
+    clean, _ = upstream_rollout(reference, load_backend("self-forcing", path, options={"checkpoint": ckpt}),
+                                monkeypatch, "context100")  # fmt: skip
+    assert (clean - ref).abs().max() > 1e-2  # the label matters
+    with pytest.raises(VpoError, match="context_mode=typo: one of inference, training"):
+        load_backend("self-forcing", path, options=f"checkpoint={ckpt},context_mode=typo")
+
+
 def test_schedule_is_the_warped_four_step_grid(backend):
     sched = backend.schedule(4)
     torch.testing.assert_close(sched.sigmas, torch.tensor([1.0, 0.9375, 2.5 / 3, 0.625, 0.0]))

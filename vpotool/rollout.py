@@ -62,10 +62,11 @@ def check_chunking(recorded: dict | None, backend, what: str) -> None:
 
 def window_input(ctx: torch.Tensor, x: torch.Tensor, t, sigma: float, z: torch.Tensor | None = None):
     """What the model sees for one chunk: its context frames ``ctx [B, C, n, h, w]`` (re-noised along the flow to
-    ``sigma`` with noise ``z`` shaped like them, when ``sigma > 0``) before the chunk's noised latents ``x``, and a
+    ``sigma`` with noise ``z`` shaped like them, when ``sigma > 0`` and ``z`` is given) before the chunk's noised
+    latents ``x``, and a
     timestep per frame, ``sigma * 1000`` for the context and ``t`` (a number or ``[B]``) for the chunk:
     ``(x_in [B, C, n + f, h, w], t [B, n + f])``. Shared by :func:`rollout` and the training-time recomputations."""
-    if sigma and ctx.shape[2]:
+    if sigma and ctx.shape[2] and z is not None:  # without z the context is clean, only labelled with sigma
         ctx = (1 - sigma) * ctx + sigma * z.to(ctx)
     b, n, f = x.shape[0], ctx.shape[2], x.shape[2]
     t_chunk = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(b, f)
@@ -127,9 +128,12 @@ def rollout(
     logps, states = [], ([torch.zeros_like(out) for _ in range(steps + 1)] if keep_states else None)
     grad_steps = set(grad_steps)
     c_sigma = chunking.context_noise
+    mode = chunking.context_mode if c_sigma else "fresh"
+    noised = torch.zeros_like(out) if mode == "once" else None  # each chunk as later chunks see it
     for k, (a, b) in enumerate(spans):
         c0 = chunk_window(chunking, noise.shape[2], k)[0]
-        ctx = (out if teacher is None else teacher)[:, :, c0:a].float().detach()
+        made = out if teacher is None else teacher
+        ctx = (made if noised is None else noised)[:, :, c0:a].float().detach()
         n_ctx = ctx.shape[2]
         x = noise[:, :, a:b].float().clone()
         if scheduler is not None:
@@ -148,7 +152,8 @@ def rollout(
             with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
                 if i not in grad_steps:
                     x = x.detach()
-                z = noise_like(ctx, gens) if c_sigma and n_ctx else None  # fresh each step, as the pipeline
+                fresh = c_sigma and n_ctx and mode == "fresh"
+                z = noise_like(ctx, gens) if fresh else None  # each step, as SkyReels-V2's pipeline
                 x_in, t_frames = window_input(ctx, x, float(t), c_sigma, z)
                 raw = guided_prediction(backend, x_in.to(backend.dtype), t_frames, cond, uncond, guidance)[
                     :, :, n_ctx:
@@ -168,6 +173,9 @@ def rollout(
             if keep_states:
                 states[i + 1][:, :, a:b] = x.detach()
         out = torch.cat([out[:, :, :a], x.float(), out[:, :, b:]], 2)
+        if noised is not None:  # noised once, as it will be seen beside every later chunk
+            done = (out if teacher is None else teacher)[:, :, a:b].float().detach()
+            noised[:, :, a:b] = (1 - c_sigma) * done + c_sigma * noise_like(done, gens)
     return Trajectory(latents=out, logps=torch.stack(logps, 1) if logps else None, states=states)
 
 
@@ -290,9 +298,11 @@ def noised_input(backend, latents: Sequence[torch.Tensor], seeds: list[int], con
     x_t = torch.cat([a * x + s * noise for x in x0s])
     x_in, t, n_ctx = x_t.to(backend.dtype), torch.cat([sched.timesteps.to(dev)] * len(x0s)), 0
     if chunking is not None:
-        ctx_noise = seeded_noise((shape[0], lo - c0, *shape[2:]), [s + 2 for s in seeds], dev).repeat(
-            len(x0s), 1, 1, 1, 1
-        )
+        ctx_noise = None  # a labelled context is seen clean
+        if chunking.context_mode != "label":
+            ctx_noise = seeded_noise((shape[0], lo - c0, *shape[2:]), [s + 2 for s in seeds], dev).repeat(
+                len(x0s), 1, 1, 1, 1
+            )
         x_in, t, n_ctx = teacher_forced_input(chunking, torch.cat(full), x_t, t, k, ctx_noise)
         x_in = x_in.to(backend.dtype)
     target = torch.cat([training_target(backend.prediction, x, noise, a, s) for x in x0s])

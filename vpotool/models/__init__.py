@@ -95,6 +95,7 @@ MODEL_OPTIONS: dict[str, dict] = {
         "checkpoint": "",
         "ema": True,
         "context_noise": 0.0,
+        "context_mode": "inference",  # or training (vpotool.models.self_forcing.self_forcing_chunking)
         "denoising_steps": (1000, 750, 500, 250),  # a list: denoising_steps=1000,600,300
         "warp": True,
         "shift": 5.0,

@@ -61,13 +61,20 @@ class ModelInfo:
     extra: dict = field(default_factory=dict)
 
 
+CONTEXT_MODES = ("fresh", "label", "once")  # see Chunking
+
+
 @dataclass(frozen=True)
 class Chunking:
     """How an autoregressive rollout cuts a video, in latent frames.
 
     The first chunk is ``first`` frames denoised together without context; every later chunk is ``chunk`` frames
     denoised beside the last ``context`` frames already made. ``context_noise`` is the flow sigma the context is
-    re-noised to before the model sees it (0: clean context, as teacher forcing trained it).
+    labelled with, and re-noised to, before the model sees it (0: clean context, as teacher forcing trained it);
+    ``context_mode`` says how: ``fresh``, re-noised with fresh noise at every step (SkyReels-V2's
+    ``addnoise_condition``); ``label``, given clean and only labelled with that timestep (Self-Forcing's inference,
+    whose KV cache is filled from the clean block at ``context_noise``); ``once``, noised once when it is made and
+    seen so by every later chunk (Self-Forcing's training pipeline, which noises each block once for its cache).
 
     SkyReels-V2 Diffusion Forcing's asynchronous mode (:mod:`vpotool.diffusion_forcing`): ``ar_step > 0`` staggers
     a chunk's denoising over its causal blocks of ``causal_block`` frames, each block ``ar_step`` steps behind the
@@ -83,12 +90,15 @@ class Chunking:
     ar_step: int = 0
     causal_block: int = 1
     short_last: bool = field(default=False, compare=False)
+    context_mode: str = "fresh"
 
     def __post_init__(self):
         if self.first < 1 or self.chunk < 1 or self.context < 0:
             raise VpoError(f"chunking needs first >= 1, chunk >= 1 and context >= 0 latent frames (got {self})")
         if not 0.0 <= self.context_noise < 1.0:
             raise VpoError(f"context noise must be a flow sigma in [0, 1) (got {self.context_noise})")
+        if self.context_mode not in CONTEXT_MODES:
+            raise VpoError(f"context mode must be one of {', '.join(CONTEXT_MODES)} (got {self.context_mode})")
         blocks = (self.first, self.chunk, self.context)
         if self.ar_step < 0 or self.causal_block < 1 or any(n % self.causal_block for n in blocks):
             raise VpoError(f"chunking needs ar_step >= 0 and causal blocks that divide its chunks (got {self})")
@@ -130,14 +140,14 @@ class Chunking:
         chunking reads as it did before they existed."""
         d = asdict(self)
         del d["short_last"]
-        for k, off in (("ar_step", 0), ("causal_block", 1)):
+        for k, off in (("ar_step", 0), ("causal_block", 1), ("context_mode", "fresh")):
             if d[k] == off:
                 del d[k]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Chunking:
-        staggered = {k: d[k] for k in ("ar_step", "causal_block") if k in d}
+        staggered = {k: d[k] for k in ("ar_step", "causal_block", "context_mode") if k in d}
         return cls(**{k: d[k] for k in ("first", "chunk", "context", "context_noise")}, **staggered)
 
 

@@ -26,14 +26,23 @@ FRAMES_PER_BLOCK = 3
 CACHE_FRAMES = 21  # the KV cache of global attention: the 21 latent frames the model was trained on
 
 
-def self_forcing_chunking(context_noise: float = 0.0) -> Chunking:
+# --model-options context_mode: how Self-Forcing's two pipelines show a block to the blocks after it
+CONTEXT_MODES = {"inference": "label", "training": "once"}
+
+
+def self_forcing_chunking(context_noise: float = 0.0, context_mode: str = "inference") -> Chunking:
     """Blocks of 3 latent frames, each beside all earlier frames up to the 21-frame cache (18 frames of context).
-    ``context_noise``: the context's timestep (0..1000, Self-Forcing's ``context_noise``)."""
+    ``context_noise``: the context's timestep (0..1000, Self-Forcing's ``context_noise``); ``context_mode``:
+    ``inference`` gives the clean block labelled with that timestep, as ``CausalInferencePipeline`` fills its KV
+    cache; ``training`` noises the block once to it, as ``SelfForcingTrainingPipeline`` does."""
     if not 0 <= float(context_noise) < 1000:
         raise VpoError(f"--model-options context_noise={context_noise}: a timestep in [0, 1000) (Self-Forcing uses 0)")
+    if context_mode not in CONTEXT_MODES:
+        raise VpoError(f"--model-options context_mode={context_mode}: one of {', '.join(CONTEXT_MODES)} "
+                       "(Self-Forcing's inference or training pipeline)")  # fmt: skip
     return Chunking(
         first=FRAMES_PER_BLOCK, chunk=FRAMES_PER_BLOCK, context=CACHE_FRAMES - FRAMES_PER_BLOCK,
-        context_noise=float(context_noise) / 1000.0,
+        context_noise=float(context_noise) / 1000.0, context_mode=CONTEXT_MODES[context_mode],
     )  # fmt: skip
 
 
@@ -297,13 +306,13 @@ def load_generator(path: str, checkpoint: str, ema: bool, dtype):
 
 def load_self_forcing(
     path: str, device="cpu", dtype=torch.float32, checkpoint: str = "", ema: bool = True, context_noise: float = 0.0,
-    denoising_steps=(1000, 750, 500, 250), warp: bool = True, shift: float = 5.0,
+    denoising_steps=(1000, 750, 500, 250), warp: bool = True, shift: float = 5.0, context_mode: str = "inference",
 ) -> SelfForcingBackend:  # fmt: skip
     """The Self-Forcing / CausVid generator ``checkpoint`` with the VAE, UMT5 text encoder and tokenizer of the Wan
     2.1 diffusers folder ``path``. The options are Self-Forcing's config, ``denoising_steps``
-    (``denoising_step_list``), ``warp`` (``warp_denoising_step``), ``shift`` (``timestep_shift``) and
-    ``context_noise``, with ``configs/self_forcing_dmd.yaml``'s values by default; ``ema`` as its README's inference
-    command (``--use_ema``)."""
+    (``denoising_step_list``), ``warp`` (``warp_denoising_step``), ``shift`` (``timestep_shift``),
+    ``context_noise`` and ``context_mode`` (:func:`self_forcing_chunking`), with ``configs/self_forcing_dmd.yaml``'s
+    values by default; ``ema`` as its README's inference command (``--use_ema``)."""
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -321,7 +330,7 @@ def load_self_forcing(
             f"--model-options denoising_steps={given}: decreasing timesteps in (0, 1000] joined by commas, "
             "e.g. 1000,750,500,250"
         )
-    chunking = self_forcing_chunking(context_noise)
+    chunking = self_forcing_chunking(context_noise, context_mode)
     name = "self-forcing"
     if path and (not os.path.exists(str(path)) or os.path.isdir(str(path)) and not os.listdir(str(path))):
         # the folder first: a missing or empty --model-path is the mistake to name, not the checkpoint beside it

@@ -255,7 +255,7 @@ def check_rollout_training(backend, cfg: ScstConfig, settings: dict) -> None:
                 raise VpoError(f"--{name} {getattr(cfg, name)} needs an autoregressive model (chunks); --model "
                                f"{backend.info.name} makes every frame at once: drop the flag")  # fmt: skip
         return
-    if chunking.context_noise and cfg.estimator == "logp":
+    if chunking.context_noise and chunking.context_mode != "label" and cfg.estimator == "logp":
         raise VpoError(f"train-scst on --model {backend.info.name} needs a clean context; pass --model-options "
                        "addnoise=0")  # fmt: skip
     chunking.spans(backend.latent_shape(settings["frames"], settings["height"], settings["width"])[1])
