@@ -101,8 +101,12 @@ def test_loop_on_a_context_group_equals_one_process(tmp_path):
     the manifests), trains as one process, and the main process compares base and aligned alone."""
     import pandas as pd
 
+    from vpotool.prompts import load_prompts
+
+    val = tmp_path / "val.txt"  # two of world:val's prompts: the comparison's code path at a tenth of its cost
+    val.write_text("".join(f"{text}\n" for _, text in load_prompts("world:val")[:2]))
     args = ["loop", "--prompts", "world:train", "--iterations", 2, "--prompts-per-iter", 2, "--candidates", 2,
-            "--min-margin", 0, "--steps-per-iter", 1, "--reward", "world", "--eval-prompts", "world:val",
+            "--min-margin", 0, "--steps-per-iter", 1, "--reward", "world", "--eval-prompts", val,
             "--eval-seeds", 1, "--lr", 2e-3, "--guidance", 1.0, "--batch-size", 2, *FAST]  # fmt: skip
     launch(args, tmp_path / "one", 1)
     launch([*args, *CP], tmp_path / "two", 2)
