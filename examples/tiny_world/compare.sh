@@ -88,12 +88,13 @@ run online-dpo-k8 --candidates 8 --prompts-per-iter $((BUDGET / 8))
 run refl --algo refl
 run scst --algo scst --estimator logp
 # Forward-process policy optimisation on the same K candidates (no log-probabilities, ODE rollouts): DiffusionNFT
-# (the loop's default estimator), advantage-weighted flow matching, NFT with the leave-one-out baseline, and NFT
-# with a KL to the base model, and NFT whose old policy is the adapter that sampled the iteration's videos.
-run scst-nft --algo scst --estimator nft
+# without a trust region (its old policy the current one), advantage-weighted flow matching, NFT with the
+# leave-one-out baseline, NFT with a KL to the base model, and NFT whose old policy is the adapter that sampled the
+# iteration's videos (the loop's default).
+run scst-nft --algo scst --estimator nft --nft-old current
 run scst-awm --algo scst --estimator awm
-run scst-nft-loo --algo scst --estimator nft --baseline leave-one-out
-run scst-nft-kl --algo scst --estimator nft --kl-beta 1
+run scst-nft-loo --algo scst --estimator nft --nft-old current --baseline leave-one-out
+run scst-nft-kl --algo scst --estimator nft --nft-old current --kl-beta 1
 run scst-nft-old --algo scst --estimator nft --nft-old sampler
 # SCST with the greedy baseline (the deterministic sample from the same noise) is not a loop option: train-scst
 # runs it on the same prompts and reward with the loop's learning rate, LoRA rank and train fraction. Budget

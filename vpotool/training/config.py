@@ -180,9 +180,9 @@ class ScstLossOptions:
     timesteps: int = opt(2, "nft, awm: timesteps drawn per video and optimizer step.")
     share_noise: bool = opt(True, "nft, awm: a prompt's candidates share timestep and noise.")
     nft_beta: float = opt(1.0, "nft: how far the implicit policies lie from the old one (its beta; 1.0 or 0.1).")
-    nft_old: str = opt("current", "nft: the old policy v_old of the implicit ones: sampler (the policy that made "
-                       "the rollouts, frozen while they are trained on, as DiffusionNFT) or current (the policy "
-                       "itself, detached: no trust region).")  # fmt: skip
+    nft_old: str = opt("sampler", "nft: the old policy v_old of the implicit ones: sampler (default: the policy "
+                       "that made the rollouts, frozen while they are trained on, as DiffusionNFT; a trust region) "
+                       "or current (the policy itself, detached: no trust region).")  # fmt: skip
     self_normalize: bool = opt(False, "awm: divide each video's error by its mean absolute error (NFT's weight).")
 
     def check_scst(self) -> None:
