@@ -78,3 +78,28 @@ def test_another_process_holds_it_until_killed(tmp_path):
     assert lock_path(out).read_text() == f"{holder.pid}\n"  # killed: its file stays, its lock does not
     with acquire_output_lock(out) as lock:
         assert lock.path.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_terminated_stage_releases_its_lock_and_says_how_to_resume(tmp_path):
+    """SIGTERM (torchrun stopping the rest of a launch, SLURM preempting) unwinds a stage as Ctrl-C does: the lock
+    file goes, finished rows stay, and the line says to rerun."""
+    import signal
+    import time
+
+    from conftest import FAST
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vpotool", "sample", "--prompts", str(prompts), "--candidates", "8", "--batch-size",
+           "2", "--out", str(out), *FAST]  # fmt: skip
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) as run:
+        lock = lock_path(out / "samples.parquet")
+        deadline = time.monotonic() + 120
+        while not (out / "samples.parquet").exists() and time.monotonic() < deadline:  # the first batch is saved
+            time.sleep(0.05)
+        assert lock.exists()
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not lock.exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 import typer
@@ -52,6 +54,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Align text-to-video diffusion models with preference and reward feedback."""
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit status 2, never a traceback."""
     try:  # typer >= 0.26 raises its own bundled copy of click's exceptions
@@ -59,6 +65,10 @@ def main() -> None:
     except ImportError:
         from click import exceptions as click_errors
 
+    # SIGTERM (torchrun stopping a launch's other processes when one fails, SLURM preempting a job) unwinds as
+    # Ctrl-C does, so that locks and temporary files are released on the way out instead of left behind
+    if threading.current_thread() is threading.main_thread():  # (the only thread that may set a handler)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False, prog_name="vpotool")
     except VpoError as e:
