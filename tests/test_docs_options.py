@@ -1,4 +1,4 @@
-"""docs/ list the options of every model family, reward and judge as ``vpotool.options`` renders them from the
+"""docs/ list the options of every model family, reward and judge as ``vpotool.options_docs`` renders them from the
 tables the command line checks against (MODEL_OPTIONS, REWARD_OPTIONS, JUDGE_OPTIONS), so they cannot drift."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vpotool.errors import VpoError
-from vpotool.options import DOC_BLOCKS, doc_block, write_docs
+from vpotool.options_docs import DOC_BLOCKS, doc_block, write_docs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -19,7 +19,7 @@ def test_the_docs_options_tables_are_the_ones_the_tables_render(page):
     source, render = DOC_BLOCKS[page]
     text = (DOCS / page).read_text(encoding="utf-8")
     start, end = doc_block(text, source)
-    assert text[start:end] == render(), f"docs/{page}'s options table is stale: run python -m vpotool.options"
+    assert text[start:end] == render(), f"docs/{page}'s options table is stale: run python -m vpotool.options_docs"
 
 
 def test_the_tables_name_every_family_reward_and_judge():
