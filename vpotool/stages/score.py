@@ -114,11 +114,13 @@ def score_into(
     """The body of :func:`run_score` once ``out`` is checked and locked: score ``samples`` (this shard's rows of
     ``samples_path``, whose :func:`samples_identity` is ``identity``) with every reward of ``names``."""
     from vpotool.models import resolve_device
-    from vpotool.rewards import load_rewards, resolve_dtype
+    from vpotool.rewards import load_rewards, parse_weights, resolve_dtype
 
     device = resolve_device(cfg.device)
-    # the dtypes the rewards run in (--dtype auto resolved), so that a resume on another device is checked
-    dtypes = sorted({str(resolve_dtype(cfg.dtype, n, device)).removeprefix("torch.") for n in names})
+    # the dtypes the rewards run in (--dtype auto resolved, per part of a composite), so that a resume on another
+    # device is checked
+    parts = [p for n in names for p in (parse_weights(n) if ":" in n else [n])]
+    dtypes = sorted({str(resolve_dtype(cfg.dtype, p, device)).removeprefix("torch.") for p in parts})
     compare = {"samples": identity, "dtype": ",".join(dtypes)}
     compare |= {f"reward {n}": reward_identity(cfg, n) for n in names}
     meta = cfg.to_dict()
